@@ -1,0 +1,1 @@
+"""clearsight: hallucination mitigation for vision-language models."""

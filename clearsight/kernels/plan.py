@@ -1,0 +1,525 @@
+"""The AttentionPlan: the one contract between mitigations and attention backends.
+
+A plan is built once per request batch (B rows, prompt length L0 after left padding) and read by
+every attention call of the language model, at prefill and at every decode step. It holds only
+small vectors (per key, per head, per row), never an L x L tensor, so that a fused kernel can read
+it. Mitigations write it through the ``add_* / set_*`` methods, each naming the rows it owns, so
+one plan serves a batch of unrelated requests: every row keeps its own edits.
+
+Semantics, per layer l, row b, head h, query row i (key index q_i), key j (segment g_j):
+
+1. ``s = scaling * q.k`` (float32).
+2. ``s += bias[b, h, g_j]``                                   (constant key-class bias)
+3. ``s += abs_bias[b, h, g_j] * |s_raw|`` where ``q_i >= abs_from[b]``   (PAI / PAINT: the raw score)
+4. mask: key j allowed iff it is not padding and ``k_rank[b, j] <= q_limit[b, i]`` (causal by default)
+5. ``a = softmax(s)``
+6. counterfactual (CausalMM branches): on image keys the distribution is replaced by a uniform,
+   random, shuffled or reversed one, keeping the row's image mass (see ``counterfactual_weights``).
+7. redistribute (VAR, Kang et al. 2025, Sec. 4): for query rows ``q_i >= rows_from[b]`` whose image
+   mass ``M_img >= min_image_mass`` and non-sink image share ``M_ns / M_img >= rho``: sink keys keep
+   ``1 - p``; the removed mass ``p * M_sink`` goes to non-sink image keys in proportion to their
+   weight. Equivalent to adding ``log(1-p)`` / ``log(1 + p M_sink / M_ns)`` to the scores, so the
+   row sum is preserved exactly.
+8. ``out = a @ v``; ``out[b, h] *= head_scale[b, h]`` (VHR).
+
+Generated keys (index >= L0) are TEXT and causal. ``position_ids`` overrides (CCA) do not reach the
+kernel: the decoding loop feeds them to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+# ranks and limits of generated tokens live above every prompt rank
+GENERATED_RANK_OFFSET = 1 << 30
+
+
+class Segment(enum.IntEnum):
+    """Key classes. Values index the last dimension of ``bias`` / ``abs_bias``."""
+
+    TEXT = 0
+    IMAGE = 1
+    IMAGE_SINK = 2
+    TEXT_SINK = 3
+
+
+NUM_SEGMENTS = len(Segment)
+IMAGE_SEGMENTS = (Segment.IMAGE, Segment.IMAGE_SINK)
+SINK_SEGMENTS = (Segment.IMAGE_SINK, Segment.TEXT_SINK)
+
+
+class QueryRows(enum.StrEnum):
+    """Which query rows an edit touches, resolved per row to a key-index threshold."""
+
+    ALL = "all"  # every row, prompt included
+    LAST = "last"  # the last prompt row and every generated row (the row that predicts a token)
+    GENERATED = "generated"  # generated rows only
+    AFTER_IMAGE = "after_image"  # rows after the last image token (VAR at prefill)
+
+
+class Counterfactual(enum.IntEnum):
+    NONE = 0
+    UNIFORM = 1
+    RANDOM = 2
+    SHUFFLED = 3
+    REVERSED = 4
+
+
+class PlanConflictError(ValueError):
+    """Two mitigations wrote the same exclusive plan field for the same row."""
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where things are in one row, in key coordinates (left padding included)."""
+
+    pad: int
+    image_spans: tuple[tuple[int, int], ...] = ()  # [start, end) per image
+    grids: tuple[tuple[int, int], ...] = ()  # (rows, cols) of each image's token grid
+
+    @property
+    def image_end(self) -> int:
+        return max((e for _, e in self.image_spans), default=self.pad)
+
+
+@dataclass
+class Redistribute:
+    p_move: torch.Tensor  # [B] fraction of sink mass moved (0 = row untouched)
+    rho: torch.Tensor  # [B] minimum non-sink share of the image mass
+    min_image_mass: torch.Tensor  # [B]
+    rows_from: torch.Tensor  # [B] int64: query rows with key index >= this are candidates
+
+
+@dataclass
+class CounterfactualEdit:
+    kind: torch.Tensor  # [B] int64, Counterfactual codes (NONE = row untouched)
+    seed: torch.Tensor  # [B] int64
+    source: torch.Tensor  # [B, L0] int64: key j takes the weight of key source[j] (SHUFFLED)
+
+
+@dataclass
+class LayerEdit:
+    bias: torch.Tensor | None = None  # [B, H, S]
+    abs_bias: torch.Tensor | None = None  # [B, H, S]
+    abs_from: torch.Tensor | None = None  # [B] int64
+    redistribute: Redistribute | None = None
+    counterfactual: CounterfactualEdit | None = None
+    head_scale: torch.Tensor | None = None  # [B, H]
+    segment: torch.Tensor | None = None  # [B, L0] int8 override of the plan's segments
+
+
+@dataclass
+class StatsRequest:
+    """What attention statistics to record instead of attention maps."""
+
+    segment_mass: bool = False  # per (layer, row, head, query) mass on each segment
+    last_row: bool = False  # the last query row's attention over all keys, per head
+    layers: frozenset[int] | None = None  # None = every layer
+
+    def wants(self, layer: int) -> bool:
+        return (self.segment_mass or self.last_row) and (self.layers is None or layer in self.layers)
+
+
+@dataclass
+class PlanStats:
+    """Recorded statistics: per layer, one entry per forward call (prefill, then each step)."""
+
+    segment_mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # [B, H, Lq, S]
+    last_row: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # [B, H, Lk]
+
+    def clear(self) -> None:
+        self.segment_mass.clear()
+        self.last_row.clear()
+
+
+def uniform_hash(seed: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniform numbers in (0, 1], identical in every backend (lowbias32 mix).
+
+    Depends only on (seed, head, query index, key index), never on the batch row, so a branch
+    draws the same numbers alone and inside a batch. Arguments broadcast; int64 in, float32 out.
+    """
+    m = 0xFFFFFFFF
+    x = (seed * 0x9E3779B1 + head * 0x85EBCA77 + q * 0xC2B2AE3D + k * 0x27D4EB2F) & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    x = x ^ (x >> 16)
+    return ((x >> 8) + 1).to(torch.float32) / float(1 << 24)
+
+
+def counterfactual_weights(
+    a: torch.Tensor,
+    image_keys: torch.Tensor,
+    kind: torch.Tensor,
+    seed: torch.Tensor,
+    source: torch.Tensor,
+    q_index: torch.Tensor,
+) -> torch.Tensor:
+    """Replace the distribution over image keys, keeping each row's image mass.
+
+    a: [B, H, Lq, Lk] probabilities; image_keys: [B, 1, Lq, Lk] bool (image and allowed);
+    kind, seed: [B]; source: [B, Lk] (SHUFFLED gather index); q_index: [Lq] key index of each row.
+    Rows whose kind is NONE come back unchanged; a shuffle or reversal with no weight left on the
+    visible image keys (rows inside the image block) falls back to uniform. Counterfactual attention after CausalMM
+    (Zhou et al. 2025, Sec. 3.3): uniform, random U(0,1), a shuffle, and "max - a" reversal.
+    """
+    B, H, Lq, Lk = a.shape
+    img = image_keys.to(a.dtype)
+    mass = (a * img).sum(-1, keepdim=True)
+    count = img.sum(-1, keepdim=True).clamp_min(1.0)
+    kind_ = kind.view(B, 1, 1, 1)
+
+    uniform = img / count
+    heads = torch.arange(H, device=a.device).view(1, H, 1, 1)
+    keys = torch.arange(Lk, device=a.device).view(1, 1, 1, Lk)
+    u = uniform_hash(seed.view(B, 1, 1, 1), heads, q_index.view(1, 1, Lq, 1), keys) * img
+    random = u / u.sum(-1, keepdim=True).clamp_min(1e-30)
+    src = source[:, :Lk].view(B, 1, 1, Lk).expand(B, H, Lq, Lk)
+    shuffled = torch.gather(a, -1, src) * img
+    shuf_sum = shuffled.sum(-1, keepdim=True)
+    shuffled = torch.where(shuf_sum > 0, shuffled / shuf_sum.clamp_min(1e-30), uniform)
+    top = torch.where(image_keys, a, torch.zeros_like(a)).amax(-1, keepdim=True)
+    rev = (top - a) * img
+    rev_sum = rev.sum(-1, keepdim=True)
+    reversed_ = torch.where(rev_sum > 0, rev / rev_sum.clamp_min(1e-30), uniform)
+
+    d = torch.where(kind_ == Counterfactual.UNIFORM, uniform, torch.zeros_like(a))
+    d = torch.where(kind_ == Counterfactual.RANDOM, random, d)
+    d = torch.where(kind_ == Counterfactual.SHUFFLED, shuffled, d)
+    d = torch.where(kind_ == Counterfactual.REVERSED, reversed_, d)
+    replaced = torch.where(image_keys, mass * d, a)
+    return torch.where(kind_ != Counterfactual.NONE, replaced, a)
+
+
+def redistribution_factors(
+    masses: torch.Tensor, red: Redistribute, q_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-segment multipliers c_g for VAR and whether each row was edited.
+
+    masses: [B, H, Lq, S] post-softmax segment masses; q_index: [Lq]. Returns c: [B, H, Lq, S]
+    (1 where the row is not edited) and applied: [B, H, Lq, 1] bool.
+    """
+    B = masses.shape[0]
+    m_img = masses[..., Segment.IMAGE] + masses[..., Segment.IMAGE_SINK]
+    m_ns = masses[..., Segment.IMAGE]
+    m_sink = masses[..., Segment.IMAGE_SINK] + masses[..., Segment.TEXT_SINK]
+    p = red.p_move.view(B, 1, 1).to(masses.dtype)
+    rows = q_index.view(1, 1, -1) >= red.rows_from.view(B, 1, 1)
+    head_ok = (m_img >= red.min_image_mass.view(B, 1, 1)) & (m_ns >= red.rho.view(B, 1, 1) * m_img)
+    applied = rows & head_ok & (m_ns > 0) & (p > 0)
+    c = torch.ones_like(masses)
+    c[..., Segment.IMAGE_SINK] = 1.0 - p
+    c[..., Segment.TEXT_SINK] = 1.0 - p
+    c[..., Segment.IMAGE] = 1.0 + p * m_sink / m_ns.clamp_min(1e-30)
+    c = torch.where(applied.unsqueeze(-1), c, torch.ones_like(c))
+    return c, applied.unsqueeze(-1)
+
+
+def _as_rows(rows: list[int] | range | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(list(rows) if not isinstance(rows, torch.Tensor) else rows, dtype=torch.long)
+
+
+class AttentionPlan:
+    """Edits for one batch of rows. See the module docstring for the exact semantics."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_heads: int,
+        segment: torch.Tensor,
+        layouts: list[RowLayout],
+    ) -> None:
+        if segment.ndim != 2 or segment.shape[0] != len(layouts):
+            raise ValueError(f"segment must be [B, L0] with B = {len(layouts)} layouts, got {tuple(segment.shape)}")
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.segment = segment.to(torch.int8)
+        self.layouts = list(layouts)
+        self.device = segment.device
+        self.layers: dict[int, LayerEdit] = {}
+        self.k_rank: torch.Tensor | None = None  # [B, L0] int64
+        self.q_limit: torch.Tensor | None = None  # [B, L0] int64
+        self.position_ids: torch.Tensor | None = None  # [B, L0] int64 (fed to the model, not the kernel)
+        self.stats = StatsRequest()
+        self.stats_out = PlanStats()
+        self.capture_layer: int | None = None  # reference backend only: keep one layer's full maps
+        self.captured: list[torch.Tensor] = []
+        self._owners: dict[tuple[str, int, int], str] = {}
+        self._seg_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self.pad = torch.tensor([lay.pad for lay in layouts], dtype=torch.long, device=self.device)
+
+    # ----------------------------------------------------------------------------- shape facts
+    @property
+    def batch(self) -> int:
+        return self.segment.shape[0]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.segment.shape[1]
+
+    def rows_from(self, which: QueryRows | str) -> torch.Tensor:
+        """Key-index threshold per row for a query-row selection."""
+        which = QueryRows(which)
+        L0 = self.prompt_len
+        if which is QueryRows.ALL:
+            vals = [0] * self.batch
+        elif which is QueryRows.LAST:
+            vals = [L0 - 1] * self.batch
+        elif which is QueryRows.GENERATED:
+            vals = [L0] * self.batch
+        else:
+            vals = [lay.image_end for lay in self.layouts]
+        return torch.tensor(vals, dtype=torch.long, device=self.device)
+
+    def is_empty(self) -> bool:
+        return (
+            not self.layers
+            and self.k_rank is None
+            and self.position_ids is None
+            and not self.stats.segment_mass
+            and not self.stats.last_row
+            and self.capture_layer is None
+        )
+
+    @property
+    def has_custom_mask(self) -> bool:
+        return self.k_rank is not None
+
+    # ----------------------------------------------------------------------------- writing
+    def _claim(self, what: str, layer: int, rows: torch.Tensor, owner: str) -> None:
+        for r in rows.tolist():
+            key = (what, layer, r)
+            prev = self._owners.get(key)
+            if prev is not None and prev != owner:
+                where = f"layer {layer}, " if layer >= 0 else ""
+                raise PlanConflictError(
+                    f"'{owner}' and '{prev}' both set the attention {what} ({where}row {r}); "
+                    "they cannot be combined in one request: drop one of them"
+                )
+            self._owners[key] = owner
+
+    def edit(self, layer: int) -> LayerEdit:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range: the language model has {self.num_layers} layers")
+        return self.layers.setdefault(layer, LayerEdit())
+
+    def layer_edit(self, layer: int) -> LayerEdit | None:
+        return self.layers.get(layer)
+
+    def _zeros_bhs(self) -> torch.Tensor:
+        return torch.zeros(self.batch, self.num_heads, NUM_SEGMENTS, device=self.device)
+
+    @staticmethod
+    def _head_values(value: float | torch.Tensor, n_rows: int, num_heads: int) -> torch.Tensor:
+        v = torch.as_tensor(value, dtype=torch.float32)
+        if v.ndim == 0:
+            v = v.expand(num_heads)
+        if v.ndim == 1:
+            v = v.unsqueeze(0).expand(n_rows, -1)
+        if v.shape != (n_rows, num_heads):
+            raise ValueError(f"per-head values must be a scalar, [H] or [rows, H]; got {tuple(v.shape)}")
+        return v
+
+    def add_bias(self, layers, rows, segment: Segment, value: float | torch.Tensor) -> None:
+        """Constant additive bias on keys of ``segment`` (adds up with other mitigations)."""
+        r = _as_rows(rows)
+        vals = self._head_values(value, len(r), self.num_heads).to(self.device)
+        for layer in layers:
+            e = self.edit(layer)
+            if e.bias is None:
+                e.bias = self._zeros_bhs()
+            e.bias[r, :, int(segment)] += vals
+
+    def add_abs_bias(
+        self, layers, rows, segment: Segment, value: float | torch.Tensor, query_rows: QueryRows | str, owner: str
+    ) -> None:
+        """Score-dependent bias ``s += value * |s|`` on keys of ``segment`` for the selected query rows."""
+        r = _as_rows(rows)
+        vals = self._head_values(value, len(r), self.num_heads).to(self.device)
+        thresh = self.rows_from(query_rows)[r]
+        for layer in layers:
+            e = self.edit(layer)
+            if e.abs_bias is None:
+                e.abs_bias = self._zeros_bhs()
+                e.abs_from = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+            assert e.abs_from is not None
+            # several boosts may share a row (PAI + PAINT) only if they agree on the rows they edit
+            touched = e.abs_bias[r].abs().sum((1, 2)) > 0
+            clash = touched & (e.abs_from[r] != thresh)
+            if bool(clash.any()):
+                raise PlanConflictError(
+                    f"'{owner}' selects different query rows than an earlier abs-bias edit on layer {layer}"
+                )
+            e.abs_bias[r, :, int(segment)] += vals
+            e.abs_from[r] = thresh
+
+    def set_redistribute(
+        self,
+        layers,
+        rows,
+        *,
+        p_move: float,
+        rho: float,
+        min_image_mass: float,
+        query_rows: QueryRows | str,
+        owner: str,
+    ) -> None:
+        if not 0.0 <= p_move <= 1.0:
+            raise ValueError(f"p_move must be in [0, 1], got {p_move}")
+        r = _as_rows(rows)
+        thresh = self.rows_from(query_rows)[r]
+        for layer in layers:
+            self._claim("redistribution", layer, r, owner)
+            e = self.edit(layer)
+            if e.redistribute is None:
+                z = torch.zeros(self.batch, device=self.device)
+                e.redistribute = Redistribute(
+                    p_move=z.clone(), rho=z.clone(), min_image_mass=z.clone(),
+                    rows_from=torch.zeros(self.batch, dtype=torch.long, device=self.device),
+                )
+            e.redistribute.p_move[r] = p_move
+            e.redistribute.rho[r] = rho
+            e.redistribute.min_image_mass[r] = min_image_mass
+            e.redistribute.rows_from[r] = thresh
+
+    def set_counterfactual(self, layers, rows, kind: Counterfactual | str, seed: int, owner: str) -> None:
+        kind = Counterfactual[kind.upper()] if isinstance(kind, str) else Counterfactual(kind)
+        r = _as_rows(rows)
+        for layer in layers:
+            self._claim("counterfactual", layer, r, owner)
+            e = self.edit(layer)
+            if e.counterfactual is None:
+                L0 = self.prompt_len
+                e.counterfactual = CounterfactualEdit(
+                    kind=torch.zeros(self.batch, dtype=torch.long, device=self.device),
+                    seed=torch.zeros(self.batch, dtype=torch.long, device=self.device),
+                    source=torch.arange(L0, device=self.device).repeat(self.batch, 1),
+                )
+            cf = e.counterfactual
+            cf.kind[r] = int(kind)
+            cf.seed[r] = seed
+            if kind is Counterfactual.SHUFFLED:
+                for row in r.tolist():
+                    cf.source[row] = self._shuffle_source(row, seed, layer)
+
+    def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
+        """A seeded permutation of this row's image keys (identity elsewhere)."""
+        src = torch.arange(self.prompt_len, device=self.device)
+        for start, end in self.layouts[row].image_spans:
+            idx = torch.arange(start, end, device=self.device)
+            keys = uniform_hash(torch.tensor(seed), torch.tensor(layer), torch.tensor(-1), idx)
+            src[start:end] = idx[torch.argsort(keys)]
+        return src
+
+    def scale_heads(self, layer: int, rows, scale: float | torch.Tensor) -> None:
+        """Multiply per-head outputs (before o_proj); composes multiplicatively."""
+        r = _as_rows(rows)
+        vals = self._head_values(scale, len(r), self.num_heads).to(self.device)
+        e = self.edit(layer)
+        if e.head_scale is None:
+            e.head_scale = torch.ones(self.batch, self.num_heads, device=self.device)
+        e.head_scale[r] *= vals
+
+    def set_segments(self, layer: int, rows, segment: torch.Tensor, owner: str) -> None:
+        """Override the key segments of ``rows`` for one layer (VAR's per-layer sinks)."""
+        r = _as_rows(rows)
+        self._claim("segments", layer, r, owner)
+        e = self.edit(layer)
+        if e.segment is None:
+            e.segment = self.segment.clone()
+        e.segment[r] = segment.to(device=self.device, dtype=torch.int8)
+        self._seg_cache.clear()
+
+    def set_mask(self, rows, k_rank: torch.Tensor, q_limit: torch.Tensor, owner: str) -> None:
+        """Custom prompt mask: key j visible to query i iff k_rank[j] <= q_limit[i] (plus padding)."""
+        r = _as_rows(rows)
+        self._claim("mask", -1, r, owner)
+        if self.k_rank is None:
+            pos = torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1)
+            self.k_rank, self.q_limit = pos.clone(), pos.clone()
+        assert self.q_limit is not None
+        if k_rank.max() >= GENERATED_RANK_OFFSET or q_limit.max() >= GENERATED_RANK_OFFSET:
+            raise ValueError("prompt ranks and limits must stay below GENERATED_RANK_OFFSET")
+        self.k_rank[r] = k_rank.to(self.device, torch.long)
+        self.q_limit[r] = q_limit.to(self.device, torch.long)
+        self._mask_cache = None
+
+    def set_position_ids(self, rows, position_ids: torch.Tensor, owner: str) -> None:
+        r = _as_rows(rows)
+        self._claim("position ids", -1, r, owner)
+        if self.position_ids is None:
+            self.position_ids = default_position_ids(self.pad, self.prompt_len)
+        self.position_ids[r] = position_ids.to(self.device, torch.long)
+
+    # ----------------------------------------------------------------------------- reading (backends)
+    def segments(self, layer: int, num_keys: int) -> torch.Tensor:
+        """Key segments [B, Lk] (int64) for this layer; generated keys are TEXT."""
+        key = (layer if (e := self.layers.get(layer)) is not None and e.segment is not None else -1, num_keys)
+        hit = self._seg_cache.get(key)
+        if hit is not None:
+            return hit
+        base = self.segment if key[0] < 0 else self.layers[layer].segment
+        assert base is not None
+        seg = base.long()
+        if num_keys > seg.shape[1]:
+            extra = torch.full((self.batch, num_keys - seg.shape[1]), int(Segment.TEXT), device=self.device)
+            seg = torch.cat([seg, extra], 1)
+        seg = seg[:, :num_keys]
+        if len(self._seg_cache) > 64:
+            self._seg_cache.clear()
+        self._seg_cache[key] = seg
+        return seg
+
+    def _ranks(self, values: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Extend prompt ranks/limits to n keys: generated tokens rank above every prompt token."""
+        L0 = self.prompt_len
+        base = values if values is not None else torch.arange(L0, device=self.device).repeat(self.batch, 1)
+        if n <= L0:
+            return base[:, :n]
+        gen = torch.arange(L0, n, device=self.device) + GENERATED_RANK_OFFSET
+        return torch.cat([base, gen.repeat(self.batch, 1)], 1)
+
+    def allowed(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """Which keys each query may attend: [B, 1, Lq, Lk] bool (padding, causality, custom mask).
+
+        Padding query rows attend to themselves only, so no softmax row is empty (their outputs
+        are never read).
+        """
+        key = (num_queries, num_keys)
+        if self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        q_index = torch.arange(num_keys - num_queries, num_keys, device=self.device)
+        rank = self._ranks(self.k_rank, num_keys)  # [B, Lk]
+        limit = self._ranks(self.q_limit, num_keys)[:, num_keys - num_queries :]  # [B, Lq]
+        kv = torch.arange(num_keys, device=self.device)
+        valid_k = kv.view(1, -1) >= self.pad.view(-1, 1)  # [B, Lk]
+        allowed = (rank.unsqueeze(1) <= limit.unsqueeze(2)) & valid_k.unsqueeze(1)
+        pad_q = q_index.view(1, -1) < self.pad.view(-1, 1)  # [B, Lq]
+        self_key = q_index.view(1, -1, 1) == kv.view(1, 1, -1)
+        allowed = torch.where(pad_q.unsqueeze(2), self_key, allowed).unsqueeze(1)
+        self._mask_cache = (key, allowed)
+        return allowed
+
+
+def default_position_ids(pad: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions 0.. after each row's left padding (padding gets 1, as transformers' generate does)."""
+    pos = torch.arange(length, device=pad.device).view(1, -1) - pad.view(-1, 1)
+    return pos.masked_fill(pos < 0, 1)
+
+
+def segment_one_hot(seg: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, Lk] segments -> [B, Lk, S] one-hot."""
+    return torch.nn.functional.one_hot(seg.long(), NUM_SEGMENTS).to(dtype)
+
+
+def gather_key_values(per_segment: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """[B, H, S] per-segment values -> [B, H, 1, Lk] per-key values."""
+    B, H, _ = per_segment.shape
+    idx = seg.long().unsqueeze(1).expand(B, H, seg.shape[1])
+    return torch.gather(per_segment, 2, idx).unsqueeze(2)

@@ -1,0 +1,132 @@
+"""The torch backend: PyTorch SDPA, the fast path on CPU.
+
+- A layer the plan does not touch runs transformers' own ``sdpa_attention_forward`` with the mask
+  transformers built, so an empty plan costs one context-variable lookup per layer.
+- Constant biases and custom masks become one float mask for SDPA.
+- VAR's redistribution uses the two-pass trick: pass 1 is SDPA with the one-hot key segments as
+  values (giving each row's segment masses), pass 2 adds ``log c_segment`` to the mask. Exact, and
+  never materialises the probabilities.
+- Score-dependent edits (``abs_bias``, counterfactual) and last-row statistics run only the rows
+  they touch through the explicit path of the reference backend (at decode that is one row).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from clearsight.kernels.context import current_plan
+from clearsight.kernels.plan import (
+    AttentionPlan,
+    Counterfactual,
+    LayerEdit,
+    gather_key_values,
+    redistribution_factors,
+    segment_one_hot,
+)
+from clearsight.kernels.reference import explicit_probabilities, finish_output, repeat_kv
+
+
+def _first_explicit_row(plan: AttentionPlan, edit: LayerEdit | None, layer: int, Lq: int, Lk: int) -> int:
+    """Index of the first query row that needs the explicit path (Lq = none)."""
+    q0 = Lq
+    if edit is not None:
+        if edit.abs_bias is not None and edit.abs_from is not None:
+            active = edit.abs_bias.abs().sum((1, 2)) > 0
+            if bool(active.any()):
+                start = int(edit.abs_from[active].min()) - (Lk - Lq)
+                q0 = min(q0, max(start, 0))
+        if edit.counterfactual is not None and bool((edit.counterfactual.kind != Counterfactual.NONE).any()):
+            q0 = 0
+    if plan.stats.last_row and plan.stats.wants(layer):
+        q0 = min(q0, Lq - 1)
+    return q0
+
+
+def _sdpa_rows(
+    plan: AttentionPlan,
+    edit: LayerEdit | None,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    q_index: torch.Tensor,
+    scale: float,
+    want_masses: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    seg = plan.segments(layer, Lk)
+    if edit is not None and edit.bias is not None:
+        mask = mask + gather_key_values(edit.bias, seg).to(q.dtype)
+    red = edit.redistribute if edit is not None else None
+    masses = None
+    if red is not None or want_masses:
+        onehot = segment_one_hot(seg, q.dtype).unsqueeze(1).expand(B, H, Lk, -1)
+        masses = F.scaled_dot_product_attention(q, k, onehot, attn_mask=mask, scale=scale).float()
+    if red is not None:
+        assert masses is not None
+        c, _ = redistribution_factors(masses, red, q_index)
+        log_c = torch.log(c).to(q.dtype)  # [B, H, Lq, S]
+        mask = mask + torch.gather(log_c, 3, seg.view(B, 1, 1, Lk).expand(B, H, Lq, Lk))
+        masses = masses * c
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out, masses
+
+
+def torch_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    plan = current_plan()
+    layer = module.layer_idx
+    edit = plan.layer_edit(layer) if plan is not None else None
+    stats = plan is not None and plan.stats.wants(layer)
+    if plan is None or (edit is None and not plan.has_custom_mask and not stats):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+
+    B, H, Lq, D = query.shape
+    n_rep = H // key.shape[1]
+    k = repeat_kv(key, n_rep)
+    v = repeat_kv(value, n_rep)
+    Lk = k.shape[2]
+    scale = scaling if scaling is not None else D**-0.5
+    q_index = torch.arange(Lk - Lq, Lk, device=query.device)
+    allowed = plan.allowed(Lq, Lk)
+    q0 = _first_explicit_row(plan, edit, layer, Lq, Lk)
+
+    outs, masses, probs = [], [], None
+    if q0 > 0:
+        out, m = _sdpa_rows(
+            plan, edit, layer, query[:, :, :q0], k, v, allowed[:, :, :q0], q_index[:q0], scale,
+            want_masses=stats and plan.stats.segment_mass,
+        )
+        outs.append(out.float())
+        if m is not None:
+            masses.append(m)
+    if q0 < Lq:
+        scores = torch.matmul(query[:, :, q0:].float(), k.float().transpose(-1, -2)) * scale
+        probs = explicit_probabilities(plan, layer, scores, allowed[:, :, q0:], q_index[q0:])
+        outs.append(torch.matmul(probs, v.float()))
+        if stats and plan.stats.segment_mass:
+            seg = plan.segments(layer, Lk)
+            masses.append(torch.einsum("bhqk,bks->bhqs", probs, segment_one_hot(seg, probs.dtype)))
+    if stats:
+        if plan.stats.segment_mass:
+            plan.stats_out.segment_mass.setdefault(layer, []).append(torch.cat(masses, 2))
+        if plan.stats.last_row:
+            assert probs is not None
+            plan.stats_out.last_row.setdefault(layer, []).append(probs[:, :, -1, :].clone())
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    return finish_output(plan, layer, out).to(query.dtype), None

@@ -1,0 +1,214 @@
+"""Every plan feature, reference and torch backends vs the float64 loop oracle (oracle.py).
+
+Tolerance: 2e-5 absolute on outputs of unit-scale values (float32 backends vs float64 oracle).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import L0, NUM_LAYERS, PADS, D, make_plan, make_qkv
+from oracle import oracle_attention
+
+from clearsight.kernels.context import use_plan
+from clearsight.kernels.plan import Counterfactual, PlanConflictError, QueryRows, Segment
+from clearsight.kernels.reference import reference_attention
+from clearsight.kernels.torch_backend import torch_attention
+
+BACKENDS = {"reference": reference_attention, "torch": torch_attention}
+ATOL = 2e-5
+
+
+def _bias(plan):
+    plan.add_bias([1], [0, 2], Segment.IMAGE, torch.tensor([0.5, -0.3, 1.0, 0.0]))
+    plan.add_bias([1], [1], Segment.TEXT, 0.7)
+
+
+def _abs_last(plan):
+    plan.add_abs_bias([1], [0, 1], Segment.IMAGE, 0.4, QueryRows.LAST, owner="pai")
+
+
+def _abs_all(plan):
+    plan.add_abs_bias([1], [1, 2], Segment.IMAGE_SINK, torch.tensor([0.2, 0.5, 0.1, 0.9]), QueryRows.ALL, "x")
+
+
+def _redistribute(plan):
+    plan.set_redistribute([1], [0, 1, 2], p_move=0.6, rho=0.3, min_image_mass=0.1,
+                          query_rows=QueryRows.AFTER_IMAGE, owner="var")
+
+
+def _redistribute_partial(plan):
+    # row 1 untouched, row 2 with a strict head test that some heads fail
+    plan.set_redistribute([1], [0], p_move=1.0, rho=0.0, min_image_mass=0.0, query_rows="all", owner="var")
+    plan.set_redistribute([1], [2], p_move=0.3, rho=0.6, min_image_mass=0.3, query_rows="all", owner="var")
+
+
+def _head_scale(plan):
+    plan.scale_heads(1, [0, 2], torch.tensor([2.0, 1.0, 0.5, 3.0]))
+
+
+def _segments(plan):
+    seg = plan.segment[1].clone()
+    seg[PADS[1] + 5] = Segment.IMAGE_SINK
+    plan.set_segments(1, [1], seg, owner="var")
+    _redistribute(plan)
+
+
+def _mask(plan):
+    # concentric-style ranks inside the image block of row 0, image queries see later text in row 2
+    rank = torch.arange(L0).clone()
+    rank[2:8] = torch.tensor([2, 2, 3, 3, 2, 2])
+    limit = rank.clone()
+    plan.set_mask([0], rank.unsqueeze(0), limit.unsqueeze(0), owner="cca")
+    limit2 = torch.arange(L0).clone()
+    p = PADS[2]
+    limit2[p + 2 : p + 8] = L0 - 1
+    plan.set_mask([2], torch.arange(L0).unsqueeze(0), limit2.unsqueeze(0), owner="cca")
+
+
+def _counterfactual(kind):
+    def f(plan):
+        plan.set_counterfactual([1], [0, 2], kind, seed=7, owner="causalmm")
+    return f
+
+
+def _combined(plan):
+    _bias(plan)
+    _abs_last(plan)
+    _redistribute(plan)
+    _head_scale(plan)
+    _mask(plan)
+
+
+FEATURES = {
+    "empty": lambda plan: plan.add_bias([0], [0], Segment.TEXT, 0.0),  # edits another layer only
+    "bias": _bias,
+    "abs_bias_last": _abs_last,
+    "abs_bias_all": _abs_all,
+    "redistribute": _redistribute,
+    "redistribute_partial": _redistribute_partial,
+    "head_scale": _head_scale,
+    "segments": _segments,
+    "mask": _mask,
+    **{f"counterfactual_{k.name.lower()}": _counterfactual(k) for k in Counterfactual if k},
+    "combined": _combined,
+}
+
+
+def _run(fn, module, plan, q, k, v):
+    mask = plan.allowed(q.shape[2], k.shape[2])
+    with use_plan(plan):
+        out, weights = fn(module, q, k, v, mask, scaling=D**-0.5)
+    assert weights is None
+    return out
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_backend_matches_formula(backend, feature, phase, module):
+    plan = make_plan()
+    FEATURES[feature](plan)
+    Lk = L0 if phase == "prefill" else L0 + 3
+    Lq = L0 if phase == "prefill" else 1
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=hash(feature) % 1000)
+    out = _run(BACKENDS[backend], module, plan, q, k, v)
+    expect = oracle_attention(q, k, v, plan, layer=1, scale=D**-0.5)
+    assert out.shape == expect.shape
+    valid = torch.ones(len(PADS), Lq, dtype=torch.bool)
+    if phase == "prefill":  # padding query rows are never read
+        for b, p in enumerate(PADS):
+            valid[b, :p] = False
+    diff = (out.double() - expect).abs()[valid]
+    assert diff.max().item() < ATOL, f"{backend}/{feature}/{phase}: max diff {diff.max().item():.2e}"
+
+
+def test_edits_change_output(module):
+    """Guard against an oracle and backends that both ignore the plan."""
+    q, k, v = make_qkv(len(PADS), L0, L0)
+    base = _run(torch_attention, module, make_plan(), q, k, v)
+    for name, fn in FEATURES.items():
+        if name == "empty":
+            continue
+        plan = make_plan()
+        fn(plan)
+        out = _run(torch_attention, module, plan, q, k, v)
+        assert (out - base).abs().max() > 1e-3, name
+
+
+def test_redistribution_preserves_mass_and_moves_fraction(module):
+    plan = make_plan()
+    plan.set_redistribute([1], [0, 1, 2], p_move=0.6, rho=0.0, min_image_mass=0.0, query_rows="all", owner="var")
+    plan.stats.segment_mass = True
+    q, k, v = make_qkv(len(PADS), L0, L0, seed=3)
+    _run(reference_attention, module, plan, q, k, v)
+    after = plan.stats_out.segment_mass[1][0]
+    base = make_plan()
+    base.stats.segment_mass = True
+    _run(reference_attention, module, base, q, k, v)
+    before = base.stats_out.segment_mass[1][0]
+    for b, p in enumerate(PADS):
+        sink_before = before[b, :, p:, Segment.IMAGE_SINK] + before[b, :, p:, Segment.TEXT_SINK]
+        sink_after = after[b, :, p:, Segment.IMAGE_SINK] + after[b, :, p:, Segment.TEXT_SINK]
+        torch.testing.assert_close(after[b, :, p:].sum(-1), torch.ones_like(sink_after))  # row mass kept
+        rows = before[b, :, p:, Segment.IMAGE] > 0
+        torch.testing.assert_close(sink_after[rows], 0.4 * sink_before[rows])  # exactly 60 % moved
+        gained = after[b, :, p:, Segment.IMAGE] - before[b, :, p:, Segment.IMAGE]
+        torch.testing.assert_close(gained[rows], 0.6 * sink_before[rows])
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_torch_stats_match_reference(phase, module):
+    plan_r, plan_t = make_plan(), make_plan()
+    for plan in (plan_r, plan_t):
+        _combined(plan)
+        plan.stats.segment_mass = True
+        plan.stats.last_row = True
+    Lk = L0 if phase == "prefill" else L0 + 2
+    Lq = L0 if phase == "prefill" else 1
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=5)
+    _run(reference_attention, module, plan_r, q, k, v)
+    _run(torch_attention, module, plan_t, q, k, v)
+    for b, p in enumerate(PADS):
+        start = p if phase == "prefill" else 0
+        torch.testing.assert_close(plan_t.stats_out.segment_mass[1][0][b, :, start:],
+                                   plan_r.stats_out.segment_mass[1][0][b, :, start:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plan_t.stats_out.last_row[1][0], plan_r.stats_out.last_row[1][0], atol=1e-6, rtol=1e-5)
+
+
+def test_unedited_layer_is_stock_sdpa(module):
+    """A layer the plan does not touch returns exactly what transformers' SDPA returns."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plan = make_plan()
+    plan.add_bias([0], [0], Segment.IMAGE, 1.0)
+    q, k, v = make_qkv(len(PADS), L0, L0)
+    mask = plan.allowed(L0, L0)
+    stock, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D**-0.5)
+    assert torch.equal(_run(torch_attention, module, plan, q, k, v), stock)
+
+
+def test_conflicting_masks_rejected():
+    plan = make_plan()
+    _mask(plan)
+    with pytest.raises(PlanConflictError, match="'mma' and 'cca' both set the attention mask"):
+        plan.set_mask([0], torch.arange(L0).unsqueeze(0), torch.arange(L0).unsqueeze(0), owner="mma")
+
+
+def test_layer_out_of_range():
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        make_plan().add_bias([5], [0], Segment.IMAGE, 1.0)
+
+
+def test_uniform_hash_is_uniform():
+    from clearsight.kernels.plan import uniform_hash
+
+    u = uniform_hash(torch.tensor(3), torch.arange(4).view(-1, 1), torch.tensor(0), torch.arange(5000).view(1, -1))
+    assert 0 < u.min() and u.max() <= 1
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert abs(u.var().item() - 1 / 12) < 0.005
+    assert len(set(u.flatten().tolist())) > 19000  # no short cycles
+
+
+def test_layers_count():
+    assert NUM_LAYERS == 3

@@ -1,0 +1,1 @@
+"""Benchmark data: POPE question files and the built-in shapes world."""

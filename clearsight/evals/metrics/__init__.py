@@ -1,0 +1,1 @@
+"""Pure scoring functions: CHAIR and the CrossCheck aggregation."""

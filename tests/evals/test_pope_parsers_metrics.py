@@ -1,0 +1,97 @@
+"""POPE parsers against the table of reference/evals.md section 1.5, metrics against hand counts."""
+
+import pytest
+
+from clearsight.evals import EvalInputError, parse_negation, parse_pope, parse_strict, pope_metrics
+from clearsight.evals.datasets.pope import PopeQuestion, PopeSet, get_parser, score_pope
+
+# (output, POPE/LLaVA, OPERA-style "negation", lmms-eval-style "strict") from reference/evals.md 1.5.
+TABLE = [
+    ("Yes.", "yes", "yes", None),
+    ("No, there is no cat in the image.", "no", "no", None),
+    ("I don't see a cat.", "yes", "no", None),
+    ("There is a dog, but no cat. Yes, a cat sits on the sofa.", "no", "no", None),
+    ("NO", "yes", "no", "no"),
+    ("I cannot tell; its eyes are closed.", "yes", "yes", None),
+    ("Nothing like that appears.", "yes", "yes", None),
+    ("Unknown", "yes", "yes", None),
+    ("Yes, there is a cat and no dog.", "no", "no", None),
+]
+
+
+@pytest.mark.parametrize("text,pope,negation,strict", TABLE)
+def test_parser_table(text, pope, negation, strict):
+    assert parse_pope(text) == pope
+    assert parse_negation(text) == negation
+    assert parse_strict(text) == strict
+
+
+def test_parser_extra_cases():
+    # Official rule: only text before the first period counts.
+    assert parse_pope("Yes. No.") == "yes"
+    assert parse_negation("Yes. No.") == "no"
+    assert parse_strict("  YES \n") == "yes"
+    assert parse_strict("no") == "no"
+    with pytest.raises(EvalInputError, match="unknown POPE parser 'vcd'"):
+        get_parser("vcd")
+
+
+def test_metrics_hand_computed():
+    labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no", "yes", "no"]
+    preds = ["yes", "yes", "no", None, "yes", "no", "no", None, "yes", "yes"]
+    # TP = items 0,1,8 = 3; FN = item 2 + unparsed gold-yes item 3 = 2; FP = items 4,9 = 2; TN = 5,6 = 2
+    m = pope_metrics(labels, preds)
+    assert (m.tp, m.fn, m.fp, m.tn, m.unparsed, m.n) == (3, 2, 2, 2, 2, 10)
+    assert m.accuracy == pytest.approx(5 / 10)
+    assert m.precision == pytest.approx(3 / 5)
+    assert m.recall == pytest.approx(3 / 5)
+    assert m.f1 == pytest.approx(0.6)
+    assert m.yes_ratio == pytest.approx(5 / 10)
+
+
+def test_metrics_no_yes_predictions_is_zero_not_crash():
+    m = pope_metrics(["yes", "no"], ["no", "no"])
+    assert (m.precision, m.recall, m.f1, m.accuracy) == (0.0, 0.0, 0.0, 0.5)
+
+
+def _set(split, labels):
+    qs = [PopeQuestion(i + 1, f"im{i}.png", "q", lab, split) for i, lab in enumerate(labels)]
+    return PopeSet(split, qs, [])
+
+
+def test_score_pope_per_split_mean_and_pooled():
+    sets = {"random": _set("random", ["yes", "no"]),
+            "adversarial": _set("adversarial", ["yes", "no", "no", "yes"])}
+    answers = {"random": {1: "Yes.", 2: "No."},  # perfect: F1 = 1
+               "adversarial": {1: "Yes", 2: "Yes", 3: "no", 4: "No, there is not."}}
+    rep = score_pope(sets, answers, parser="pope")
+    # adversarial: TP=1 FP=1 TN=1 FN=1 -> P=R=F1=0.5
+    assert rep.splits["random"].f1 == 1.0
+    assert rep.splits["adversarial"].f1 == pytest.approx(0.5)
+    assert rep.mean_f1 == pytest.approx(0.75)
+    # pooled: TP=2 FP=1 TN=2 FN=1 -> P=R=2/3
+    assert rep.pooled.f1 == pytest.approx(2 / 3)
+    assert rep.pooled.n == 6
+    assert rep.parser == "pope"
+
+
+def test_score_pope_strict_reports_unparsed():
+    rep = score_pope([_set("popular", ["yes", "no", "yes"])], {"popular": {1: "yes", 2: "Nope.", 3: "Yes."}},
+                     parser="strict")
+    m = rep.splits["popular"]
+    assert m.unparsed == 2 and m.tp == 1 and m.fn == 1 and m.tn == 0 and m.fp == 0
+    assert m.accuracy == pytest.approx(1 / 3)
+
+
+def test_score_pope_mismatched_ids():
+    with pytest.raises(EvalInputError, match="question ids do not match.*1 missing, 1 unknown"):
+        score_pope([_set("random", ["yes", "no"])], {"random": {1: "yes", 7: "no"}})
+
+
+def test_score_pope_unknown_split_and_empty():
+    with pytest.raises(EvalInputError, match="unknown POPE split 'easy'"):
+        score_pope([_set("easy", ["yes"])], {"easy": {1: "yes"}})
+    with pytest.raises(EvalInputError, match="empty dataset"):
+        pope_metrics([], [])
+    with pytest.raises(EvalInputError, match="no POPE splits"):
+        score_pope([], {})

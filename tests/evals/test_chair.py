@@ -1,0 +1,172 @@
+"""CHAIR on a hand-made COCO-format annotation set; expected values computed by hand (see comments)."""
+
+import json
+
+import pytest
+
+from clearsight.evals import (
+    ChairVocabulary,
+    EvalInputError,
+    build_ground_truth,
+    compute_chair,
+    drop_incomplete_sentence,
+    load_captions_file,
+    sample_image_ids,
+)
+
+CATS = {1: "person", 3: "car", 5: "airplane", 7: "train", 18: "dog", 22: "elephant", 32: "tie",
+        46: "wine glass", 67: "dining table", 70: "toilet"}
+INSTANCES = {1: [18, 1], 2: [22], 3: [7], 4: [70], 5: [1], 6: [1, 32], 7: [67, 46], 8: []}
+HUMAN = {
+    1: "A man walks his dog.",
+    2: "A baby elephant in the grass.",  # "baby elephant" -> elephant: must not add person
+    3: "A passenger train on the train tracks.",
+    4: "A white toilet with the seat up.",  # toilet + seat: seat dropped, no chair
+    5: "A batter stands at home plate.",
+    6: "A man wearing a bow tie.",
+    7: "Two wine glasses on a table.",
+    8: "An empty street.",
+}
+GT = {1: {"dog", "person"}, 2: {"elephant"}, 3: {"train"}, 4: {"toilet"}, 5: {"person"},
+      6: {"person", "tie"}, 7: {"dining table", "wine glass"}, 8: set()}
+
+GENERATED = {
+    1: "Two dogs and a puppy play with a man. A cat sleeps.",  # dog, dog, person, cat* (repeats kept)
+    2: "A baby elephant and an adult elephant near a passenger jet.",  # elephant, elephant, airplane*
+    3: "A passenger train on train tracks next to a traffic light.",  # train, traffic light*
+    4: "The toilet seat is next to a sink and the seat is down.",  # toilet, sink*
+    5: "A player at home plate.",  # person
+    6: "A man in a suit.",  # person
+    7: "Two wine glasses and a hot dog on the dining table.",  # wine glass, hot dog*, dining table
+    8: "A street with no cars.",  # car*
+}
+
+
+@pytest.fixture()
+def coco(tmp_path):
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in INSTANCES]
+    anns = [{"id": 100 * i + k, "image_id": i, "category_id": c, "bbox": [0, 0, 1, 1]}
+            for i, cs in INSTANCES.items() for k, c in enumerate(cs)]
+    inst = {"images": images, "annotations": anns,
+            "categories": [{"id": k, "name": v} for k, v in CATS.items()]}
+    caps = {"images": images,
+            "annotations": [{"id": i, "image_id": i, "caption": c} for i, c in HUMAN.items()]}
+    ip, cp = tmp_path / "instances_val2014.json", tmp_path / "captions_val2014.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps(caps))
+    return ip, cp
+
+
+def test_ground_truth_from_instances_and_captions(coco):
+    ip, cp = coco
+    assert build_ground_truth([ip], [cp]) == GT
+
+
+def test_chair_hand_computed(coco):
+    ip, cp = coco
+    res = compute_chair(GENERATED, build_ground_truth([ip], [cp]))
+    # mentions per caption 4+3+2+2+1+1+3+1 = 17; hallucinated 1+1+1+1+0+0+1+1 = 6 (6 captions)
+    assert (res.n_mentions, res.n_hallucinated_mentions, res.n_hallucinated_captions) == (17, 6, 6)
+    assert res.chair_i == pytest.approx(6 / 17)
+    assert res.chair_s == pytest.approx(6 / 8)
+    # recall: distinct GT objects mentioned 2+1+1+1+1+1+2+0 = 9 of |GT| 2+1+1+1+1+2+2+0 = 10
+    assert res.recall == pytest.approx(9 / 10)
+    # words: 12+11+11+13+5+5+11+5 = 73
+    assert res.mean_length == pytest.approx(73 / 8)
+    per = {p["image_id"]: p for p in res.per_caption}
+    # (singularised word, node word), in order, repeats kept
+    assert per[1]["mentions"] == [("dog", "dog"), ("puppy", "dog"), ("man", "person"), ("cat", "cat")]
+    assert per[3]["recalled"] == ["train"] and per[8]["gt_objects"] == []
+    assert {i: p["hallucinated_words"] for i, p in per.items() if p["hallucinated_words"]} == {
+        1: ["cat"], 2: ["jet"], 3: ["traffic light"], 4: ["sink"], 7: ["hot dog"], 8: ["car"]}
+
+
+def test_special_rules_and_plurals():
+    v = ChairVocabulary.coco()
+    assert v.objects("A baby dog and an adult cat.") == ["dog", "cat"]  # no person from baby/adult
+    assert v.objects("A baby with a dog.") == ["person", "dog"]  # plain "baby" is a person
+    assert v.objects("A passenger jet and a passenger train.") == ["airplane", "train"]
+    assert v.objects("A passenger waits.") == ["person"]
+    assert v.objects("He wears a bow tie.") == ["tie"]  # one mention, not bow + tie
+    assert v.objects("The toilet seat is up.") == ["toilet"]
+    assert v.objects("A seat next to the toilet.") == ["toilet"]  # seat dropped when toilet present
+    assert v.objects("A seat by the window.") == ["chair"]
+    assert v.objects("A dog walks along the train tracks.") == ["dog"]  # train track is not a train
+    assert v.merge_phrases(["at", "home", "plate"]) == ["at", "home plate"]
+    assert v.objects("Buses, mice, knives and two women.") == ["bus", "mouse", "knife", "person"]
+    assert v.objects("Hot dogs by teddy bears and cell phones.") == ["hot dog", "teddy bear", "cell phone"]
+    assert v.objects("A stove top oven.") == ["oven"]  # three-word compound
+    assert v.objects("A dog, a dog and a puppy.") == ["dog", "dog", "dog"]
+
+
+def test_coco_vocabulary_package_data():
+    v = ChairVocabulary.coco()
+    assert len(v.categories) == 80
+    assert len({c.name for c in v.categories}) == 80
+    assert v.inverse["televison"] == "tv" and v.inverse["table"] == "dining table"
+    assert v.inverse["motor bike"] == "motorcycle" and v.inverse["iphone"] == "cell phone"
+    assert "train track" in v.compounds and "home plate" in v.compounds
+
+
+def test_truncation():
+    assert drop_incomplete_sentence("A cat sits. A dog is on the") == "A cat sits."
+    assert drop_incomplete_sentence("A cat sits! Done?  ") == "A cat sits! Done?"
+    assert drop_incomplete_sentence("no sentence end") == ""
+    gt = {1: {"cat"}}
+    full = compute_chair({1: "A cat sits. A dog is on the"}, gt)
+    short = compute_chair({1: "A cat sits. A dog is on the"}, gt, drop_incomplete=True)
+    assert (full.chair_s, short.chair_s) == (1.0, 0.0)
+    assert short.truncated and short.mean_length == 3
+
+
+def test_ground_truth_cache_is_reused_and_invalidated(coco, tmp_path):
+    ip, cp = coco
+    cache = tmp_path / "gt_cache.json"
+    gt = build_ground_truth([ip], [cp], image_ids=[1, 2], cache_path=cache)
+    assert gt == {1: GT[1], 2: GT[2]}
+    data = json.loads(cache.read_text())
+    assert data["objects"] == {"1": ["dog", "person"], "2": ["elephant"]}
+    data["objects"]["1"] = ["zebra"]  # tamper: a reused cache returns the tampered value
+    cache.write_text(json.dumps(data))
+    assert build_ground_truth([ip], [cp], image_ids=[1, 2], cache_path=cache)[1] == {"zebra"}
+    # Changing the annotation file changes the key: recomputed.
+    caps = json.loads(cp.read_text())
+    caps["annotations"].append({"id": 99, "image_id": 1, "caption": "A cat."})
+    cp.write_text(json.dumps(caps))
+    assert build_ground_truth([ip], [cp], image_ids=[1, 2], cache_path=cache)[1] == {"dog", "person", "cat"}
+
+
+def test_bad_inputs(coco, tmp_path):
+    ip, cp = coco
+    with pytest.raises(EvalInputError, match="COCO instance annotation file not found"):
+        build_ground_truth([tmp_path / "instances_train2014.json"], [cp])
+    with pytest.raises(EvalInputError, match="image id 999 .* is not in the annotation files"):
+        build_ground_truth([ip], [cp], image_ids=[1, 999])
+    with pytest.raises(EvalInputError, match="has no ground truth"):
+        compute_chair({5: "A dog."}, {1: {"dog"}})
+    with pytest.raises(EvalInputError, match="no captions"):
+        compute_chair({}, {1: {"dog"}})
+    bad = json.loads(ip.read_text())
+    bad["categories"].append({"id": 999, "name": "spaceship"})
+    bad["annotations"].append({"id": 5, "image_id": 1, "category_id": 999})
+    ip.write_text(json.dumps(bad))
+    with pytest.raises(EvalInputError, match="'spaceship'.*not in CHAIR vocabulary 'coco'"):
+        build_ground_truth([ip], [cp])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(EvalInputError, match=r"broken\.json: malformed JSON at line 1"):
+        build_ground_truth([broken], [cp])
+
+
+def test_caption_file_and_image_sampling(coco, tmp_path):
+    ip, _ = coco
+    f = tmp_path / "caps.jsonl"
+    f.write_text('{"image_id": 1, "caption": "A dog."}\n{"image_id": 2, "caption": "x"}\n')
+    assert load_captions_file(f) == [(1, "A dog."), (2, "x")]
+    f.write_text('{"image_id": 1, "caption": "A dog."}\n{"image_id": 2, "capt\n')
+    with pytest.raises(EvalInputError, match=r"caps\.jsonl: malformed JSON on line 2"):
+        load_captions_file(f)
+    ids = sample_image_ids(ip, n=3, seed=0)
+    assert ids == sample_image_ids(ip, n=3, seed=0) and len(set(ids)) == 3 and set(ids) <= set(INSTANCES)
+    with pytest.raises(EvalInputError, match="cannot sample 9"):
+        sample_image_ids(ip, n=9)

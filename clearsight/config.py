@@ -1,0 +1,89 @@
+"""Pydantic models shared by several layers: what model to load, how to decode, what to generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class ModelSpec(BaseModel):
+    """Which model to load: a local path, an HF id already in the local cache, or ``builtin:<name>``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="local path, cached HF id, or builtin:<name>")
+    dtype: DType = "auto"
+    device: str = "cpu"
+    backend: str | None = Field(None, description="attention backend: reference | torch | triton | sdpa; None = best")
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model source is empty: give a local path, a cached HF id or builtin:<name>")
+        return v.strip()
+
+
+class DecodeSpec(BaseModel):
+    """How to decode. Greedy unless ``do_sample``; sampling is seeded per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return (v,)
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return f"greedy, max_new_tokens={self.max_new_tokens}"
+        return (f"sampling T={self.temperature} top_p={self.top_p} seed={self.seed}, "
+                f"max_new_tokens={self.max_new_tokens}")
+
+
+class GenerationRequest(BaseModel):
+    """One prompt, with or without an image. ``image`` is a path or a PIL image."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    prompt: str
+    image: Any = None
+    id: str | None = None
+    seed: int | None = Field(None, description="sampling seed of this request (default: the decode seed)")
+    mitigations: list[Any] | None = Field(None, description="per-request mitigations (default: the call's)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt is empty: give the question or instruction to answer")
+        return v
+
+    @model_validator(mode="after")
+    def _image_kind(self) -> GenerationRequest:
+        from PIL import Image
+
+        if self.image is not None and not isinstance(self.image, str | Path | Image.Image):
+            raise ValueError(f"image must be a file path or a PIL image, got {type(self.image).__name__}")
+        return self

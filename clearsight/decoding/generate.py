@@ -1,0 +1,319 @@
+"""generate(): the decoding loop.
+
+All rows of all requests in a chunk (each request's main row plus its mitigations' branch rows)
+run through one batched forward per step, left-padded, with one KV cache. The chunk's
+AttentionPlan is bound around every forward, so the language model's attention executes it.
+Per step, each request's branch logits are combined by its mitigations (in the order given:
+each combiner receives the logits combined so far as ``"main"``), one token is chosen per request,
+and every row of that request is fed that token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import DynamicCache
+
+from clearsight.config import DecodeSpec, GenerationRequest
+from clearsight.decoding.sampling import find_stop, select_token
+from clearsight.errors import InputError, pydantic_message
+from clearsight.kernels.context import use_plan
+from clearsight.kernels.plan import AttentionPlan, StatsRequest
+from clearsight.mitigations import MAIN, Mitigation, RequestContext, parse_mitigations
+from clearsight.mitigations.base import SAME_IMAGE
+from clearsight.models.loader import LVLM
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt: str
+    id: str | None = None
+    mitigations: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason, "mitigations": self.mitigations, "timings": self.timings,
+        }
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token of one request; the request's last event carries its result."""
+
+    request: int
+    token_id: int
+    text: str  # the new text since the previous event of this request
+    result: GenerationResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
+def load_image(image: Any, field_name: str = "image") -> Image.Image:
+    """A PIL RGB image from a path or an image; a one-line error for anything else."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image).expanduser()
+    if not path.exists():
+        raise InputError(f"{field_name}: file '{image}' does not exist")
+    if not path.is_file():
+        raise InputError(f"{field_name}: '{image}' is not a file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{field_name}: '{image}' is not an image PIL can read ({exc.__class__.__name__})") from None
+
+
+def as_request(r: GenerationRequest | dict[str, Any] | str) -> GenerationRequest:
+    if isinstance(r, GenerationRequest):
+        return r
+    try:
+        if isinstance(r, str):
+            return GenerationRequest(prompt=r)
+        return GenerationRequest.model_validate(r)
+    except Exception as exc:  # pydantic ValidationError
+        raise InputError(pydantic_message(exc, "request")) from None
+
+
+@dataclass
+class _Row:
+    request: int
+    branch: str
+    prompt: str
+    image: Image.Image | None
+
+
+class _Chunk:
+    """The state of one batched generation: rows, plan, cache, per-request progress."""
+
+    def __init__(
+        self,
+        lvlm: LVLM,
+        requests: list[GenerationRequest],
+        indices: list[int],
+        mitigations: list[list[Mitigation]],
+        decode: DecodeSpec,
+        stats: StatsRequest | None,
+    ) -> None:
+        self.lvlm, self.requests, self.indices, self.mitigations, self.decode = (
+            lvlm, requests, indices, mitigations, decode)
+        adapter = lvlm.adapter
+        t0 = time.perf_counter()
+        images = [load_image(r.image, f"request {i}: image") if r.image is not None else None
+                  for i, r in zip(indices, requests)]
+        # rows: every request's main row, then its mitigations' branches
+        self.ctxs: list[RequestContext] = []
+        rows: list[_Row] = []
+        for k, (req, image, mits) in enumerate(zip(requests, images, mitigations)):
+            ctx = RequestContext(lvlm=lvlm, request=req, index=indices[k], rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
+                                 decode=decode, image=image)
+            ctx.rows[MAIN] = len(rows)
+            rows.append(_Row(k, MAIN, req.prompt, image))
+            for m in mits:
+                for br in m.branches(ctx):
+                    name = f"{m.name}.{br.name}"
+                    if name in ctx.rows:
+                        raise ValueError(f"mitigation {m.name} declared branch '{br.name}' twice")
+                    br_image = image if br.image == SAME_IMAGE else br.image
+                    if isinstance(br_image, str):
+                        br_image = load_image(br_image, f"{m.name} branch image")
+                    ctx.rows[name] = len(rows)
+                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image))
+            self.ctxs.append(ctx)
+        self.rows = rows
+        texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
+        batch = adapter.encode(texts, [r.image for r in rows])
+        self.batch = {k: v.to(lvlm.device) for k, v in batch.items()}
+        self.layouts = adapter.row_layouts(self.batch)
+        for r, lay in zip(rows, self.layouts):
+            if r.image is not None and not lay.image_spans:
+                raise InputError("the processor inserted no image tokens: the chat template lacks an image slot")
+        self.plan = AttentionPlan(num_layers=adapter.num_layers, num_heads=adapter.num_heads,
+                                  segment=adapter.segments(self.batch).to(lvlm.device), layouts=self.layouts)
+        if stats is not None:
+            self.plan.stats = stats
+        for ctx, mits in zip(self.ctxs, mitigations):
+            ctx.plan, ctx.layouts, ctx.inputs = self.plan, self.layouts, self.batch
+            for m in mits:
+                m.apply(ctx)
+        self.position_ids = adapter.prefill_position_ids(self.batch, self.layouts)
+        if self.plan.position_ids is not None:
+            if self.position_ids.ndim != 2:
+                raise InputError(f"position-id overrides are not supported for {adapter.family} (3-D M-RoPE)")
+            self.position_ids = self.plan.position_ids
+        self.generators = [torch.Generator().manual_seed(r.seed if r.seed is not None else decode.seed)
+                           for r in requests]
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.texts: list[str] = ["" for _ in requests]
+        self.finish: list[str | None] = [None for _ in requests]
+        self.timings = {"prepare_s": time.perf_counter() - t0, "prefill_s": 0.0, "decode_s": 0.0}
+        self.eos = adapter.eos_token_ids
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None,
+                extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, DynamicCache]:
+        with use_plan(self.plan):
+            out = self.lvlm.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=self.position_ids,
+                past_key_values=cache if cache is not None else DynamicCache(config=self.lvlm.model.config),
+                use_cache=True, logits_to_keep=1, **extra,
+            )
+        return out.logits[:, -1].float(), out.past_key_values
+
+    def combined_logits(self, logits: torch.Tensor, k: int, step: int) -> torch.Tensor:
+        ctx = self.ctxs[k]
+        current = logits[ctx.main_row]
+        for m in self.mitigations[k]:
+            prefix = m.name + "."
+            own = {name[len(prefix):]: logits[row] for name, row in ctx.rows.items() if name.startswith(prefix)}
+            new = m.combine({MAIN: current, **own}, step, ctx)
+            if new is not None:
+                current = new
+        return current
+
+    def run(self) -> Iterator[TokenEvent]:
+        lvlm, decode = self.lvlm, self.decode
+        tok = lvlm.adapter.tokenizer
+        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
+        t0 = time.perf_counter()
+        logits, cache = self.forward(ids, mask, None, lvlm.adapter.forward_inputs(self.batch))
+        self.timings["prefill_s"] = time.perf_counter() - t0
+        self._t_decode = time.perf_counter()
+        row_request = torch.tensor([r.request for r in self.rows])
+        for step in range(decode.max_new_tokens):
+            chosen = torch.full((len(self.requests),), lvlm.adapter.pad_token_id, dtype=torch.long)
+            for k in range(len(self.requests)):
+                if self.finish[k] is not None:
+                    continue
+                token = select_token(self.combined_logits(logits, k, step), decode, self.generators[k])
+                chosen[k] = token
+                yield from self._accept(k, token, tok)
+            if all(f is not None for f in self.finish):
+                break
+            if step == decode.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            self.position_ids = lvlm.adapter.next_position_ids(lvlm.adapter.last_positions(self.position_ids))
+            step_ids = chosen[row_request].view(-1, 1).to(lvlm.device)
+            logits, cache = self.forward(step_ids, mask, cache, {})
+        for k in range(len(self.requests)):  # requests still running when max_new_tokens ran out
+            if self.finish[k] is None:
+                self.finish[k] = "length"
+                yield TokenEvent(self.indices[k], -1, "", self._result(k))
+
+    def _accept(self, k: int, token: int, tok) -> Iterator[TokenEvent]:
+        if token in self.eos:
+            self.finish[k] = "eos"
+            yield TokenEvent(self.indices[k], token, "", self._result(k))
+            return
+        self.tokens[k].append(token)
+        text = tok.decode(self.tokens[k], skip_special_tokens=True)
+        cut = find_stop(text, self.decode.stop)
+        if cut is not None:
+            text = text[:cut]
+        delta = text[len(self.texts[k]):] if text.startswith(self.texts[k]) else text
+        self.texts[k] = text
+        if cut is not None:
+            self.finish[k] = "stop"
+            yield TokenEvent(self.indices[k], token, delta, self._result(k))
+        elif len(self.tokens[k]) >= self.decode.max_new_tokens:
+            self.finish[k] = "length"
+            yield TokenEvent(self.indices[k], token, delta, self._result(k))
+        else:
+            yield TokenEvent(self.indices[k], token, delta)
+
+    def _result(self, k: int) -> GenerationResult:
+        timings = dict(self.timings)
+        timings["decode_s"] = time.perf_counter() - self._t_decode
+        timings["new_tokens"] = float(len(self.tokens[k]))
+        # decode steps after the first token (which comes from the prefill logits)
+        steps = max(len(self.tokens[k]) - 1, 0)
+        timings["decode_tokens_per_s"] = steps / timings["decode_s"] if steps and timings["decode_s"] > 0 else 0.0
+        return GenerationResult(
+            text=self.texts[k].strip(), token_ids=list(self.tokens[k]), finish_reason=self.finish[k] or "length",
+            prompt=self.requests[k].prompt, id=self.requests[k].id,
+            mitigations=[m.describe() for m in self.mitigations[k]], timings=timings,
+            stats=self._stats(k),
+        )
+
+    def _stats(self, k: int) -> dict[str, Any] | None:
+        out = self.plan.stats_out
+        if not (out.segment_mass or out.last_row):
+            return None
+        row = self.ctxs[k].main_row
+        pad = self.layouts[row].pad
+        stats: dict[str, Any] = {"pad": pad, "layout": self.layouts[row]}
+        if out.segment_mass:
+            stats["segment_mass"] = {l: torch.cat([m[row] for m in ms], 1)[:, pad:].cpu()
+                                     for l, ms in out.segment_mass.items()}
+        if out.last_row:
+            stats["last_row"] = {l: [m[row, :, pad:].cpu() for m in ms] for l, ms in out.last_row.items()}
+        return stats
+
+
+def _prepare(
+    lvlm: LVLM, requests: Sequence[GenerationRequest | dict[str, Any] | str], mitigations: Sequence[Any],
+) -> tuple[list[GenerationRequest], list[list[Mitigation]]]:
+    reqs = [as_request(r) for r in requests]
+    if not reqs:
+        raise InputError("no requests: give at least one prompt")
+    default = parse_mitigations(list(mitigations))
+    mits = [parse_mitigations(r.mitigations) if r.mitigations is not None else default for r in reqs]
+    return reqs, mits
+
+
+def stream_generate(
+    lvlm: LVLM,
+    requests: Sequence[GenerationRequest | dict[str, Any] | str],
+    mitigations: Sequence[Any] = (),
+    decode: DecodeSpec | None = None,
+    *,
+    stats: StatsRequest | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield tokens as they are chosen; each request's last event carries its GenerationResult."""
+    decode = decode or DecodeSpec()
+    reqs, mits = _prepare(lvlm, requests, mitigations)
+    with torch.inference_mode():
+        for start in range(0, len(reqs), decode.batch_size):
+            idx = list(range(start, min(start + decode.batch_size, len(reqs))))
+            chunk = _Chunk(lvlm, [reqs[i] for i in idx], idx, [mits[i] for i in idx], decode, stats)
+            yield from chunk.run()
+
+
+def generate(
+    lvlm: LVLM,
+    requests: Sequence[GenerationRequest | dict[str, Any] | str] | GenerationRequest | str,
+    mitigations: Sequence[Any] = (),
+    decode: DecodeSpec | None = None,
+    *,
+    stats: StatsRequest | None = None,
+) -> list[GenerationResult]:
+    """Generate for every request; results in request order.
+
+    >>> from clearsight import load_model, generate
+    >>> lvlm = load_model("builtin:tiny-llava")
+    >>> [r.finish_reason for r in generate(lvlm, "describe the image", decode=DecodeSpec(max_new_tokens=3))]
+    ['length']
+    """
+    if isinstance(requests, GenerationRequest | str | dict):
+        requests = [requests]
+    results: dict[int, GenerationResult] = {}
+    for event in stream_generate(lvlm, requests, mitigations, decode, stats=stats):
+        if event.result is not None:
+            results[event.request] = event.result
+    return [results[i] for i in sorted(results)]

@@ -1,0 +1,30 @@
+"""Errors users see: one line naming the problem and the fix, never a deep traceback."""
+
+from __future__ import annotations
+
+
+class ClearsightError(Exception):
+    """Base class of every error clearsight raises on purpose."""
+
+
+class InputError(ClearsightError, ValueError):
+    """Bad user input: a file, a field, a name. The message says what and how to fix it."""
+
+
+class ModelNotFoundError(InputError):
+    """The model source is neither a builtin, a local path, nor in the local HF cache."""
+
+
+def pydantic_message(exc: Exception, what: str) -> str:
+    """Squash a pydantic ValidationError into one line: 'what: field: message; field: message'."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return f"{what}: {exc}"
+    parts = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown parameter"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{what}: " + "; ".join(parts)

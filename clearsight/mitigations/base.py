@@ -1,0 +1,94 @@
+"""The mitigation base class and the request context mitigations write into.
+
+A mitigation is a frozen pydantic model discriminated by ``name``. Given one request's context it
+may (1) write AttentionPlan edits for the request's rows, (2) ask for extra branch rows (input
+variants: no image, another image, another prompt) and combine the branches' next-token logits
+per step, (3) calibrate through the adapter's hooks. It never touches model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from clearsight.kernels.plan import AttentionPlan, RowLayout
+
+if TYPE_CHECKING:
+    from clearsight.config import DecodeSpec, GenerationRequest
+    from clearsight.models.loader import LVLM
+
+MAIN = "main"
+SAME_IMAGE = "same"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An extra row of a request, run in the same batched forward as its main row.
+
+    ``image``: ``"same"`` (the request's image), ``None`` (no image) or another PIL image.
+    ``prompt``: None keeps the request's prompt. Plan edits for the branch's row (for example a
+    counterfactual) are written by the mitigation in ``apply`` through ``ctx.rows[name]``.
+    """
+
+    name: str
+    image: Image.Image | str | None = SAME_IMAGE
+    prompt: str | None = None
+
+
+@dataclass
+class RequestContext:
+    """One request inside a batch: where its rows are and what they hold."""
+
+    lvlm: LVLM
+    request: GenerationRequest
+    index: int  # position of the request in the call
+    rows: dict[str, int]  # branch name -> batch row ("main" included)
+    layouts: list[RowLayout]  # of the whole batch
+    plan: AttentionPlan
+    decode: DecodeSpec
+    image: Image.Image | None
+    inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the batch's encoded inputs
+    state: dict[str, Any] = field(default_factory=dict)  # per-request scratch space of the mitigations
+
+    @property
+    def main_row(self) -> int:
+        return self.rows[MAIN]
+
+    @property
+    def all_rows(self) -> list[int]:
+        return sorted(self.rows.values())
+
+    def layout(self, branch: str = MAIN) -> RowLayout:
+        return self.layouts[self.rows[branch]]
+
+
+class Mitigation(BaseModel):
+    """Base class. Subclasses set ``name: Literal["..."]`` and the paper's defaults as fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    # one line shown by `clearsight mitigations`
+    summary: ClassVar[str] = ""
+    # "plan" (single-pass attention edit), "branch" (logits-level), or "baseline"
+    kind: ClassVar[str] = "plan"
+
+    def branches(self, ctx: RequestContext) -> list[Branch]:
+        """Extra rows this request needs (their names must be unique within the mitigation)."""
+        return []
+
+    def apply(self, ctx: RequestContext) -> None:
+        """Write plan edits for ``ctx.rows`` (called once per request, before prefill)."""
+
+    def combine(self, logits: dict[str, torch.Tensor], step: int, ctx: RequestContext) -> torch.Tensor | None:
+        """Combine next-token logits ([V] per branch, ``"main"`` = current combined logits); None = no change."""
+        return None
+
+    def describe(self) -> str:
+        params = self.model_dump(exclude={"name"})
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")

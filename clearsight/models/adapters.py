@@ -1,0 +1,373 @@
+"""One Adapter per model family: everything family-specific that the rest of clearsight needs.
+
+Mitigations and the decoding loop never reach into model internals; they ask the adapter for
+shapes, the image-token spans and grids, prompts in the model's chat template, forward inputs,
+position ids, and hooks on decoder-layer inputs and per-head attention outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2VLForConditionalGeneration,
+)
+
+from clearsight.errors import InputError
+from clearsight.kernels.plan import RowLayout, Segment, default_position_ids
+
+LayerInputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+HeadOutputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+class HookHandles:
+    """Removable group of torch hook handles (use as a context manager)."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> HookHandles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class Adapter:
+    """Base adapter for HF LVLMs whose language model is ``model.model.language_model``."""
+
+    family: ClassVar[str] = "base"
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    # VAR sink dimensions of the language model, keyed by hidden size (Kang et al. 2025, Table 6; reference notes)
+    sink_dimensions: ClassVar[dict[int, tuple[int, ...]]] = {}
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        return self.language_model.layers
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "image_token_id", None) or cfg.image_token_index)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.model.generation_config, self.model.config, self.text_config):
+            e = getattr(src, "eos_token_id", None)
+            if e is not None:
+                ids.update(e if isinstance(e, list | tuple) else [e])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else next(iter(self.eos_token_ids)))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "class": type(self.model).__name__,
+            "layers": self.num_layers,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
+
+    # ------------------------------------------------------------------ prompts and inputs
+    def chat_prompt(self, prompt: str, has_image: bool) -> str:
+        """The prompt in the model's chat template, ready for generation."""
+        content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+        """Tokenise a batch (left padding); images only for the rows that have one."""
+        present = [im for im in images if im is not None]
+        self.tokenizer.padding_side = "left"
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if present:
+            kwargs["images"] = present
+        batch = dict(self.processor(**kwargs))
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The prefill inputs beyond ids / mask / positions (pixel values and family extras)."""
+        return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+    # ------------------------------------------------------------------ image spans
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """(rows, cols) of each image's token grid, in the order images appear in the batch."""
+        side = int(self.vision_tower.config.image_size // self.vision_tower.config.patch_size)
+        n = len(batch.get("pixel_values", ()))
+        return [(side, side)] * n
+
+    def row_layouts(self, batch: dict[str, torch.Tensor]) -> list[RowLayout]:
+        ids = batch["input_ids"]
+        mask = batch["attention_mask"]
+        grids = iter(self.image_grid_shapes(batch))
+        layouts = []
+        for b in range(ids.shape[0]):
+            pad = int((mask[b] == 0).sum())
+            spans = _runs(ids[b] == self.image_token_id)
+            layouts.append(RowLayout(pad=pad, image_spans=tuple(spans), grids=tuple(next(grids) for _ in spans)))
+        return layouts
+
+    def segments(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seg = torch.full(batch["input_ids"].shape, int(Segment.TEXT), dtype=torch.int8)
+        seg[batch["input_ids"] == self.image_token_id] = int(Segment.IMAGE)
+        return seg
+
+    # ------------------------------------------------------------------ positions
+    def prefill_position_ids(self, batch: dict[str, torch.Tensor], layouts: list[RowLayout]) -> torch.Tensor:
+        pad = torch.tensor([lay.pad for lay in layouts], device=batch["input_ids"].device)
+        return default_position_ids(pad, batch["input_ids"].shape[1])
+
+    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
+        """Positions of the next token given the previous ones ([B, 1] or [3, B, 1])."""
+        return last + 1
+
+    @staticmethod
+    def last_positions(position_ids: torch.Tensor) -> torch.Tensor:
+        return position_ids[..., -1:]
+
+    # ------------------------------------------------------------------ hooks
+    def hook_layer_inputs(self, fn: LayerInputHook) -> HookHandles:
+        """Call ``fn(layer, hidden_states)`` before each decoder layer; a returned tensor replaces the input."""
+        handles = []
+        for i, layer in enumerate(self.decoder_layers):
+
+            def pre(module, args, kwargs, i=i):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                new = fn(i, hidden)
+                if new is None:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        return HookHandles(handles)
+
+    def hook_head_outputs(self, fn: HeadOutputHook) -> HookHandles:
+        """Call ``fn(layer, x)`` on each layer's per-head attention output ``x`` [B, L, H, D] before o_proj.
+
+        A returned tensor of the same shape replaces it (VHR measures and scales heads here).
+        """
+        H, D = self.num_heads, self.head_dim
+        handles = []
+        for i, layer in enumerate(self.decoder_layers):
+
+            def pre(module, args, i=i):
+                x = args[0]
+                new = fn(i, x.view(*x.shape[:-1], H, D))
+                if new is None:
+                    return None
+                return (new.reshape(x.shape), *args[1:])
+
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(pre))
+        return HookHandles(handles)
+
+    # ------------------------------------------------------------------ vision tower
+    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Attention maps of every vision-tower layer, [N, heads, T, T] each (CLS first for CLIP).
+
+        Runs the tower once more with eager attention on the vision side only (the language model
+        keeps its backend); used by the imbalanced-attention fix's token selection.
+        """
+        tower = self.vision_tower
+        cfg = tower.config
+        previous = cfg._attn_implementation
+        try:
+            cfg._attn_implementation = "eager"
+            with torch.no_grad():
+                out = tower(pixel_values.to(self.model.dtype), output_attentions=True)
+        finally:
+            cfg._attn_implementation = previous
+        if not out.attentions:
+            raise RuntimeError(f"{type(tower).__name__} returned no attention maps")
+        return tuple(out.attentions)
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool tensor."""
+    spans = []
+    start = None
+    for i, f in enumerate(flags.tolist()):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(flags)))
+    return spans
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, one square grid of patches."""
+
+    family = "llava"
+    model_classes = (LlavaForConditionalGeneration,)
+    sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
+
+
+class LlavaNextAdapter(Adapter):
+    """LLaVA-NeXT: each image is a base grid followed by anyres tiles with image-newline tokens.
+
+    The grid reported per image is the base grid (the first rows x cols tokens of the span); the
+    high-resolution part that follows has a newline token per row and is treated as image tokens.
+    """
+
+    family = "llava_next"
+    model_classes = (LlavaNextForConditionalGeneration,)
+    sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
+
+
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL: dynamic-resolution grids, 2x2 patch merging, 3-D M-RoPE position ids."""
+
+    family = "qwen2_vl"
+    model_classes = (Qwen2VLForConditionalGeneration,)
+    sink_dimensions = {3584: (458, 2570)}
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        thw = batch.get("image_grid_thw")
+        if thw is None:
+            return []
+        return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
+
+    def prefill_position_ids(self, batch: dict[str, torch.Tensor], layouts: list[RowLayout]) -> torch.Tensor:
+        """[3, B, L] M-RoPE positions from the model's own ``get_rope_index``."""
+        if batch.get("image_grid_thw") is None:
+            pos = super().prefill_position_ids(batch, layouts)
+            return pos.unsqueeze(0).expand(3, -1, -1).clone()
+        pos, _ = self.model.model.get_rope_index(
+            batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
+        )
+        return pos
+
+    @staticmethod
+    def last_positions(position_ids: torch.Tensor) -> torch.Tensor:
+        # the next text token continues after the largest position used so far in the row
+        return position_ids.amax(dim=(0, 2), keepdim=True).expand(3, -1, 1)
+
+    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise InputError(
+            "the imbalanced-attention token selection needs CLS->patch attention, which Qwen2-VL's vision "
+            "tower (no CLS token) does not have: use a LLaVA or LLaVA-NeXT model"
+        )
+
+
+class TextOnlyAdapter(Adapter):
+    """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
+
+    family = "text"
+    model_classes = ()
+
+    @property
+    def text_config(self):
+        return self.model.config
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        raise InputError(f"{type(self.model).__name__} is a text-only model: it has no vision tower")
+
+    @property
+    def image_token_id(self) -> int:
+        return -1  # matches no token
+
+    def chat_prompt(self, prompt: str, has_image: bool) -> str:
+        if has_image:
+            raise InputError(
+                f"{type(self.model).__name__} is a text-only model and cannot take an image: "
+                "drop the image or load a vision-language model"
+            )
+        return super().chat_prompt(prompt, has_image=False)
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        return []
+
+    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise InputError(f"{type(self.model).__name__} is a text-only model: it has no vision attention")
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+
+
+def adapter_for(model: PreTrainedModel, processor: ProcessorMixin) -> Adapter:
+    for cls in ADAPTERS:
+        if isinstance(model, cls.model_classes):
+            return cls(model, processor)
+    if not hasattr(model.config, "text_config") and hasattr(getattr(model, "model", None), "layers"):
+        return TextOnlyAdapter(model, processor)
+    supported = ", ".join(c.__name__ for a in ADAPTERS for c in a.model_classes)
+    raise InputError(f"unsupported model class {type(model).__name__}: clearsight supports {supported}")

@@ -1,0 +1,153 @@
+"""Builtin models: tiny random-weight LVLMs of each family, built from small configs in code.
+
+They exist for tests and examples: real transformers classes with real processors, seeded
+weights, nothing downloaded. ``builtin:shapes-llava`` (a trained demo model) is loaded from the
+package's own checkpoint folder through the same path as any HF checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from clearsight.models.processors import ImageOnlyQwen2VLProcessor
+from clearsight.models.tokenizer import LLAVA_SPECIALS, QWEN_SPECIALS, word_level_tokenizer
+
+TINY_WORDS = (
+    "a an the is are was there this that it in on of and or with to what which how many where who "
+    "describe image picture photo please detail details color colour shape object objects left right top "
+    "bottom middle center next near above below yes no not one two three four five red blue green yellow "
+    "purple orange black white circle square triangle star cross heart ring diamond moon arrow hexagon "
+    "pentagon house frame dog cat person car tree sky answer question word single using phrase small large "
+    "big little see can you do does I"
+).split()
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if m['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A Llama-style language model: 4 layers so that VAR's layers 2..L-2 exist; GQA (4 heads, 2 kv heads).
+TINY_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-6,
+)
+TINY_CLIP = dict(
+    model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, image_size=32, patch_size=8,
+)
+
+
+def _seeded(build: Callable[[], PreTrainedModel], seed: int) -> PreTrainedModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def _llava_tokenizer():
+    return word_level_tokenizer(TINY_WORDS, LLAVA_SPECIALS, image_token="<image>", bos="<s>", eos="</s>")
+
+
+def tiny_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
+    tok = _llava_tokenizer()
+    ip = CLIPImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False)
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaConfig(
+        vision_config=TINY_CLIP, text_config=dict(model_type="llama", vocab_size=len(tok), **TINY_TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=16,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    cfg.text_config.pad_token_id, cfg.text_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    cfg.text_config.bos_token_id = tok.bos_token_id
+    return _seeded(lambda: LlavaForConditionalGeneration(cfg), 1), proc
+
+
+def tiny_llava_next() -> tuple[PreTrainedModel, ProcessorMixin]:
+    tok = _llava_tokenizer()
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaNextConfig(
+        vision_config=TINY_CLIP, text_config=dict(model_type="llama", vocab_size=len(tok), **TINY_TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    cfg.text_config.pad_token_id, cfg.text_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    cfg.text_config.bos_token_id = tok.bos_token_id
+    return _seeded(lambda: LlavaNextForConditionalGeneration(cfg), 2), proc
+
+
+def tiny_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    text = dict(TINY_TEXT, vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text_config=dict(text, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    return _seeded(lambda: Qwen2VLForConditionalGeneration(cfg), 3), proc
+
+
+def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A text-only Llama (for judge roles and for the image-refused error path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clearsight.models.processors import TextOnlyProcessor
+
+    tok = _llava_tokenizer()
+    tok.chat_template = LLAVA_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **TINY_TEXT)
+    return _seeded(lambda: LlamaForCausalLM(cfg), 4), TextOnlyProcessor(tok)
+
+
+def shapes_llava_path() -> Path:
+    return Path(__file__).parent / "weights" / "shapes-llava"
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]] | None]] = {
+    "tiny-llava": ("random-weight LLaVA-1.5-style model (CLIP 32 px, 4x4 image grid, Llama 4 layers)", tiny_llava),
+    "tiny-llava-next": ("random-weight LLaVA-NeXT model (anyres tiles + image newline tokens)", tiny_llava_next),
+    "tiny-qwen2-vl": ("random-weight Qwen2-VL model (M-RoPE, merged 2x2 patches)", tiny_qwen2_vl),
+    "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
+    "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
+}

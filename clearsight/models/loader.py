@@ -1,0 +1,173 @@
+"""load_model(spec): builtins, local checkpoints and the local HF cache (never a download)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from clearsight.config import ModelSpec
+from clearsight.errors import InputError, ModelNotFoundError
+from clearsight.kernels.registry import attn_implementation, default_backend
+from clearsight.models.adapters import Adapter, adapter_for
+from clearsight.models.builtin import BUILTINS, shapes_llava_path
+from clearsight.models.processors import TextOnlyProcessor
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass
+class LVLM:
+    """A loaded vision-language model: the HF model, its processor, its adapter, the active backend."""
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    adapter: Adapter
+    spec: ModelSpec
+    backend: str = "torch"
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the language model's attention (reference | torch | triton | sdpa); the vision tower keeps its own."""
+        impl = attn_implementation(backend)
+        if hasattr(self.model.config, "text_config"):
+            self.model.set_attn_implementation({"text_config": impl})
+        else:  # a text-only model: its only attention is the language model's
+            self.model.set_attn_implementation(impl)
+        self.backend = backend
+
+    def fingerprint(self) -> str:
+        """A stable id of the weights and config, for caches keyed by model."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(self.spec.source.encode())
+            h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+            h.update(str(self.dtype).encode())
+            src = Path(self.spec.source)
+            if src.is_dir():
+                for f in sorted(src.glob("*.safetensors")):
+                    st = f.stat()
+                    h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source and not _looks_like_hub_id(source)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _load_processor(location: str) -> ProcessorMixin:
+    try:
+        return AutoProcessor.from_pretrained(location, local_files_only=True)
+    except (ImportError, AttributeError, ValueError, OSError, TypeError):
+        # Qwen2-VL's stock processor needs torchvision for its video processor; images need none
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from clearsight.models.processors import ImageOnlyQwen2VLProcessor
+
+        cfg = AutoConfig.from_pretrained(location, local_files_only=True)
+        if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        ip = Qwen2VLImageProcessorPil.from_pretrained(location, local_files_only=True)
+        return ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+
+
+def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    cfg = AutoConfig.from_pretrained(location, local_files_only=True)
+    if cfg.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        # a text-only language model (usable as a judge; images are refused with a clear error)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, local_files_only=True)
+        return model, TextOnlyProcessor(AutoTokenizer.from_pretrained(location, local_files_only=True))
+    model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype, local_files_only=True)
+    return model, _load_processor(location)
+
+
+def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
+    """Load an LVLM from ``builtin:<name>``, a local path, or an HF id already in the local cache.
+
+    >>> lvlm = load_model("builtin:tiny-llava")
+    >>> lvlm.adapter.family
+    'llava'
+    """
+    if isinstance(spec, str):
+        spec = ModelSpec(source=spec, **overrides)
+    elif overrides:
+        spec = spec.model_copy(update=overrides)
+    dtype = resolve_dtype(spec.dtype, spec.device)
+    source = spec.source
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise ModelNotFoundError(f"unknown builtin model '{name}': choose one of "
+                                     + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+        build = BUILTINS[name][1]
+        if build is None:
+            path = shapes_llava_path()
+            if not (path / "config.json").exists():
+                raise ModelNotFoundError(
+                    f"builtin:{name} weights are not in this install ({path}): "
+                    "train them with `python scripts/train_shapes_llava.py`"
+                )
+            model, processor = _from_pretrained(str(path), dtype)
+        else:
+            model, processor = build()
+            model = model.to(dtype)
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise ModelNotFoundError(f"model path '{source}' has no config.json: point to a saved HF checkpoint folder")
+            location = str(path)
+        elif _looks_like_path(source) or not _looks_like_hub_id(source):
+            raise ModelNotFoundError(f"model path '{source}' does not exist: give a checkpoint folder, a cached HF id "
+                                     "(org/name) or builtin:<name> (see `clearsight models`)")
+        else:
+            location = source
+        try:
+            model, processor = _from_pretrained(location, dtype)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"model '{source}' is not a local path and not in the local HF cache ({exc.__class__.__name__}); "
+                "nothing is downloaded here: fetch it where there is network (`hf download "
+                f"{source}`) or pass a local folder"
+            ) from None
+    model = model.to(spec.device).eval()
+    lvlm = LVLM(model=model, processor=processor, adapter=adapter_for(model, processor), spec=spec)
+    lvlm.set_backend(spec.backend or default_backend(spec.device))
+    return lvlm
+
+
+def describe_builtins() -> list[dict[str, str]]:
+    return [{"name": BUILTIN_PREFIX + n, "description": d} for n, (d, _) in BUILTINS.items()]

@@ -1,0 +1,42 @@
+"""Processor variants needed without torchvision."""
+
+from __future__ import annotations
+
+from transformers import ProcessorMixin, Qwen2VLProcessor
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without the video processor.
+
+    The stock class insists on a video processor, which needs torchvision; CPU-only installs have
+    none (there is no CPU torchvision wheel in this project's registries). Images work unchanged.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class TextOnlyProcessor:
+    """The processor interface (chat template + tokenizer call) for a text-only language model."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False) -> str:
+        if self.chat_template:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=tokenize)
+        # no template: the raw prompt text
+        parts = []
+        for m in messages:
+            content = m["content"]
+            parts.append(content if isinstance(content, str) else " ".join(c.get("text", "") for c in content))
+        return "\n".join(parts)
+
+    def __call__(self, text, return_tensors: str = "pt", padding: bool = True, **kwargs):
+        return self.tokenizer(text, return_tensors=return_tensors, padding=padding)

@@ -1,0 +1,120 @@
+"""Shapes world: determinism, partner co-occurrence, files readable by the POPE and CHAIR loaders."""
+
+import hashlib
+import json
+import re
+
+import pytest
+
+from clearsight.evals import (
+    EvalInputError,
+    ShapesWorldSpec,
+    compute_chair,
+    generate_scenes,
+    load_builtin_shapes,
+    partner_rate,
+    resolve_builtin,
+    write_shapes_world,
+)
+from clearsight.evals.datasets.shapes import PARTNER_PAIRS, SHAPES, render_scene, shapes_chair_vocabulary
+
+SMALL = ShapesWorldSpec(n_images=40, seed=7)
+
+
+def tree_hashes(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_bytes(tmp_path):
+    a = write_shapes_world(SMALL, tmp_path / "a")
+    b = write_shapes_world(SMALL, tmp_path / "b")
+    ha, hb = tree_hashes(a.root), tree_hashes(b.root)
+    assert ha == hb and len([k for k in ha if k.startswith("images/")]) == 40
+    c = write_shapes_world(ShapesWorldSpec(n_images=40, seed=8), tmp_path / "c")
+    assert tree_hashes(c.root) != ha
+
+
+def test_scene_layout_and_caption():
+    scenes = generate_scenes(SMALL)
+    spec = SMALL
+    for s in scenes:
+        names = s.object_names
+        assert spec.objects_per_scene[0] <= len(names) <= spec.objects_per_scene[1]
+        assert len(set(names)) == len(names) and set(names) <= set(SHAPES)
+        cells = [o.cell for o in s.objects]
+        assert cells == sorted(cells) and len(set(cells)) == len(cells)  # reading order, one per cell
+        for o in s.objects:
+            x, y, w, h = o.bbox
+            assert 18 <= w == h <= 22 and 0 <= x <= 96 - w and 0 <= y <= 96 - h
+            # the box centre lies within 2 px jitter (+1 rounding) of its cell centre
+            assert abs(x + w // 2 - (o.cell[1] * 24 + 12)) <= 3 and abs(y + h // 2 - (o.cell[0] * 24 + 12)) <= 3
+        expected = ", ".join(f"a {o.colour} {o.shape}" for o in s.objects[:-1])
+        last = f"a {s.objects[-1].colour} {s.objects[-1].shape}"
+        assert s.caption == (f"{expected} and {last}." if expected else f"{last}.")
+    img = render_scene(scenes[0], spec)
+    assert img.size == (96, 96)
+    o = scenes[0].objects[0]
+    x, y, w, _ = o.bbox
+    assert img.getpixel((x + w // 2, y + w // 2)) != spec.background or o.shape in ("ring", "frame")
+
+
+def test_partner_rate_near_spec():
+    scenes = generate_scenes(ShapesWorldSpec(n_images=3000, seed=0))
+    assert partner_rate(scenes, PARTNER_PAIRS) == pytest.approx(0.85, abs=0.04)
+    low = generate_scenes(ShapesWorldSpec(n_images=3000, seed=0, partner_probability=0.2))
+    assert partner_rate(low, PARTNER_PAIRS) < 0.3
+
+
+def test_noise_objects_training_only(tmp_path):
+    spec = ShapesWorldSpec(n_images=200, seed=1, noise_fraction=0.1)
+    objs = [o for s in generate_scenes(spec) for o in s.objects]
+    assert 0.05 < sum(o.noise for o in objs) / len(objs) < 0.15
+    with pytest.raises(EvalInputError, match="noise_fraction=0.1 but written worlds are evaluation data"):
+        write_shapes_world(spec, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_files_load_with_pope_and_chair_loaders(tmp_path):
+    w = write_shapes_world(SMALL, tmp_path / "w")
+    scenes = {s.image_id: s for s in generate_scenes(SMALL)}
+    sets = w.load_pope()  # also checks every image exists
+    eligible = [s for s in scenes.values() if len(s.objects) >= 3]
+    for split, ps in sets.items():
+        assert ps.n == 6 * len(eligible)
+        assert sum(q.label == "yes" for q in ps.questions) == ps.n // 2
+    by_file = {s.file_name: s for s in scenes.values()}
+    for q in sets["adversarial"].questions:
+        obj = re.fullmatch(r"Is there an? (\w+) in the image\?", q.text).group(1)
+        assert (obj in by_file[q.image].object_names) == (q.label == "yes")
+    gt = w.ground_truth()
+    assert gt == {i: set(s.object_names) for i, s in scenes.items()}
+    vocab = w.chair_vocabulary()
+    assert vocab == shapes_chair_vocabulary(SMALL)
+    # the GT captions themselves are never hallucinated; synonyms and "plus sign" map to the shape
+    res = compute_chair({i: s.caption for i, s in scenes.items()}, gt, vocab)
+    assert res.chair_i == 0.0 and res.recall == 1.0
+    assert vocab.objects("Two discs, a box and a plus sign.") == ["circle", "square", "cross"]
+    inst = json.loads(w.instances.read_text())
+    assert {c["name"] for c in inst["categories"]} == set(SHAPES)
+    assert len(json.loads(w.captions.read_text())["annotations"]) == 3 * len(scenes)
+
+
+def test_builtin_generated_once_and_reused(tmp_path):
+    spec = ShapesWorldSpec(n_images=12, seed=3)
+    a = load_builtin_shapes(tmp_path, spec)
+    assert a.root.name == f"shapes-{spec.digest()}" and (a.root / "spec.json").is_file()
+    marker = a.images_dir / spec.model_dump()["name"]
+    marker.write_text("x")  # a regenerated folder would not contain this file
+    b = load_builtin_shapes(tmp_path, spec)
+    assert b.root == a.root and marker.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [a.root.name]  # no temp folders left behind
+    with pytest.raises(EvalInputError, match="unknown built-in dataset 'builtin:coco'"):
+        resolve_builtin("builtin:coco", tmp_path)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="more than one partner pair"):
+        ShapesWorldSpec(partner_pairs=(("circle", "star"), ("circle", "moon")))
+    with pytest.raises(ValueError, match="objects_per_scene"):
+        ShapesWorldSpec(objects_per_scene=(3, 20))

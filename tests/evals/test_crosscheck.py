@@ -1,0 +1,131 @@
+"""CrossCheck scoring: splitting, aggregation (hand-computed), ranking, correlations."""
+
+import math
+
+import numpy as np
+import pytest
+
+from clearsight.evals import (
+    EmbeddingScorer,
+    EvalInputError,
+    PromptJudgeScorer,
+    SentenceScorer,
+    correlate,
+    crosscheck_explicit,
+    pearson,
+    rank_systems,
+    spearman,
+    split_sentences,
+)
+from clearsight.evals.metrics.crosscheck import (
+    aggregate_sample,
+    implicit_answer_to_score,
+    judge_answer_to_score,
+    rankdata,
+)
+
+
+class LastWordScorer:
+    """0 if the sentence's last word occurs in the evidence, else 1 (a transparent fake scorer)."""
+
+    name = "last-word"
+
+    def score(self, sentences, evidence):
+        words = set(evidence.replace(".", " ").lower().split())
+        return [0.0 if s.rstrip(".").split()[-1].lower() in words else 1.0 for s in sentences]
+
+
+OUTPUTS = {
+    "A": {"s1": "There is a red cat. There is a blue dog.", "s2": "I see a green car."},
+    "B": {"s1": "There is a red cat. Ok then.", "s2": "I see a green car."},
+    "C": {"s1": "There is a red cat. There is a blue dog.", "s2": "I see a green bus."},
+}
+
+
+def test_split_sentences_drops_short():
+    # "Ok then!" (2 tokens) and "Yes." (1) are dropped; "Is it a dog?" has 4 tokens and stays
+    assert split_sentences("A cat sits on a mat. Ok then! Is it a dog? Yes.") == [
+        "A cat sits on a mat.", "Is it a dog?"]
+    assert split_sentences("Is it a dog? Is it?") == ["Is it a dog?"]
+    assert split_sentences("one two three four. five six seven") == ["one two three four."]
+    assert split_sentences("   ") == []
+
+
+def test_explicit_aggregation_hand_computed():
+    assert isinstance(LastWordScorer(), SentenceScorer)
+    res = crosscheck_explicit(OUTPUTS, LastWordScorer())
+    # A: s1 cat (B 0, C 0) -> 0, dog (B 1, C 0) -> 0.5, sample 0.25; s2 car (B 0, C 1) -> 0.5; A = 0.375
+    # B: s1 cat -> 0 ("Ok then." dropped); s2 car (A 0, C 1) -> 0.5; B = 0.25
+    # C: s1 cat 0, dog (A 0, B 1) 0.5 -> 0.25; s2 bus (A 1, B 1) -> 1; C = 0.625
+    assert res.scores == pytest.approx({"A": 0.375, "B": 0.25, "C": 0.625})
+    assert res.ranking == ["B", "A", "C"]
+    assert res.n_sentences == {"A": 3, "B": 2, "C": 3}
+    assert res.skipped_samples == {"A": 0, "B": 0, "C": 0}
+    # restricted evidence pool: only B as evidence (B itself is then scored against nothing -> error)
+    with pytest.raises(EvalInputError, match="no evidence system other than 'B'"):
+        crosscheck_explicit(OUTPUTS, LastWordScorer(), evidence_systems=["B"])
+    res_b = crosscheck_explicit({"A": OUTPUTS["A"], "B": OUTPUTS["B"]}, LastWordScorer())
+    assert res_b.scores["A"] == pytest.approx(np.mean([np.mean([0, 1]), 0]))
+
+
+def test_aggregate_sample_order_of_means():
+    # mean over evidence first ([0, 1] -> 0.5; [1] -> 1), then over sentences -> 0.75 (not 2/3 pooled)
+    assert aggregate_sample([[0.0, 1.0], [1.0]]) == pytest.approx(0.75)
+    assert aggregate_sample([]) is None
+
+
+def test_ranking_and_correlations_hand_computed():
+    assert rank_systems({"x": 0.3, "y": 0.1, "z": 0.3}) == ["y", "x", "z"]
+    assert rank_systems({"x": 0.3, "y": 0.1}, higher_is_better=True) == ["x", "y"]
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 38 / 3))
+    assert list(rankdata([1, 2, 2, 3])) == [1, 2.5, 2.5, 4]
+    assert spearman([1, 2, 2, 3], [4, 3, 2, 1]) == pytest.approx(-4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    c = correlate({"A": 0.375, "B": 0.25, "C": 0.625, "D": 0.9}, {"A": 0.2, "B": 0.1, "C": 0.5}, "CHAIR_i")
+    assert c.systems == ["A", "B", "C"] and c.spearman == pytest.approx(1.0)
+    assert c.pearson == pytest.approx(np.corrcoef([0.375, 0.25, 0.625], [0.2, 0.1, 0.5])[0, 1])
+    with pytest.raises(EvalInputError, match="only 1 system"):
+        correlate({"A": 1.0}, {"A": 2.0})
+
+
+def test_embedding_scorer_with_fake_embedding():
+    vocab = ["cat", "dog", "car", "sits", "runs"]
+
+    def embed(texts):
+        return np.array([[t.lower().count(w) for w in vocab] for t in texts], dtype=float)
+
+    s = EmbeddingScorer(embed)
+    out = s.score(["The cat sits.", "The car runs."], "A dog runs. The cat sits.")
+    assert out[0] == pytest.approx(0.0)  # identical to an evidence sentence
+    assert out[1] == pytest.approx(1 - 1 / 2)  # cos((car, runs), (dog, runs)) = 1/2
+    assert s.score(["The cat sits."], "") == [1.0]
+    bad = EmbeddingScorer(lambda texts: np.zeros((1, 3)))
+    with pytest.raises(EvalInputError, match="one row per text"):
+        bad.score(["a b c d", "e f g h"], "x")
+
+
+def test_judge_mappings_and_prompt_scorer():
+    assert [judge_answer_to_score(a) for a in ["Yes.", " no", "Maybe"]] == [0.0, 1.0, 0.5]
+    assert [implicit_answer_to_score(a) for a in ["YES", "NO.", "unsure"]] == [1.0, 0.0, 0.5]
+    prompts = []
+
+    def gen(prompt):
+        prompts.append(prompt)
+        return "Yes" if "cat" in prompt.split("Sentence:")[1] else "No"
+
+    j = PromptJudgeScorer(gen)
+    assert j.score(["A cat is here.", "A dog is here."], "ctx") == [0.0, 1.0]
+    assert prompts[0].startswith("Context: ctx\nSentence: A cat is here.")
+
+
+def test_bad_inputs():
+    with pytest.raises(EvalInputError, match="at least 2 systems"):
+        crosscheck_explicit({"A": OUTPUTS["A"]}, LastWordScorer())
+    with pytest.raises(EvalInputError, match="cover different samples"):
+        crosscheck_explicit({"A": OUTPUTS["A"], "B": {"s1": "x"}}, LastWordScorer())
+    with pytest.raises(EvalInputError, match="evidence system 'Z' has no outputs"):
+        crosscheck_explicit(OUTPUTS, LastWordScorer(), evidence_systems=["Z"])
+    with pytest.raises(EvalInputError, match="no sample has a sentence"):
+        crosscheck_explicit({"A": {"1": "Ok."}, "B": {"1": "Fine."}}, LastWordScorer())
+    with pytest.raises(EvalInputError, match="empty dataset"):
+        crosscheck_explicit({"A": {}, "B": {}}, LastWordScorer())

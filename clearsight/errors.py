@@ -23,7 +23,7 @@ def pydantic_message(exc: Exception, what: str) -> str:
     parts = []
     for err in errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-        msg = err.get("msg", "invalid")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown parameter"
         parts.append(f"{loc}: {msg}" if loc else msg)

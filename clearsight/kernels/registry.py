@@ -13,6 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from clearsight.errors import InputError
 from clearsight.kernels.reference import reference_attention
 from clearsight.kernels.torch_backend import torch_attention
 
@@ -49,7 +50,7 @@ def attn_implementation(backend: str) -> str:
     if backend not in fns:
         known = ", ".join(sorted([*fns, "sdpa", "eager"]))
         hint = " (triton needs the triton package and a working compiler)" if backend == "triton" else ""
-        raise ValueError(f"unknown attention backend '{backend}'{hint}: choose one of {known}")
+        raise InputError(f"unknown attention backend '{backend}'{hint}: choose one of {known}")
     name = PREFIX + backend
     if name not in _registered:
         AttentionInterface.register(name, fns[backend])

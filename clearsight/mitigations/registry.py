@@ -34,7 +34,9 @@ def mitigation_type() -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """CLI values: lists as a|b|c, everything else left to pydantic's lax conversion."""
+    """CLI values: lists as a|b|c, none/null as None, everything else left to pydantic's lax conversion."""
+    if text.lower() in ("none", "null"):
+        return None
     if "|" in text:
         return [t for t in text.split("|") if t]
     return text

@@ -66,6 +66,15 @@ class LVLM:
         return self._fingerprint
 
 
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device '{device}' is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' asked for but no CUDA GPU is visible: use --device cpu")
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         if torch.device(device).type == "cuda":
@@ -125,6 +134,7 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
         spec = ModelSpec(source=spec, **overrides)
     elif overrides:
         spec = spec.model_copy(update=overrides)
+    check_device(spec.device)
     dtype = resolve_dtype(spec.dtype, spec.device)
     source = spec.source
     if source.startswith(BUILTIN_PREFIX):
@@ -148,7 +158,8 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
         path = Path(source).expanduser()
         if path.exists():
             if not (path / "config.json").exists():
-                raise ModelNotFoundError(f"model path '{source}' has no config.json: point to a saved HF checkpoint folder")
+                raise ModelNotFoundError(
+                    f"model path '{source}' has no config.json: point to a saved HF checkpoint folder")
             location = str(path)
         elif _looks_like_path(source) or not _looks_like_hub_id(source):
             raise ModelNotFoundError(f"model path '{source}' does not exist: give a checkpoint folder, a cached HF id "

@@ -1,0 +1,5 @@
+import sys
+
+from clearsight.cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""The ``clearsight`` command line (also ``python -m clearsight``).
+
+Every user error ends as one line on stderr (``error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+DEFAULT_MODEL = "builtin:tiny-llava"
+
+Command = Callable[[argparse.Namespace], int]
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def extra_command(add: Callable[[argparse._SubParsersAction], None]) -> Callable[[argparse._SubParsersAction], None]:
+    """Let other layers (evals, workers, dashboard) add subcommands without editing this file's parser."""
+    _EXTRA_COMMANDS.append(add)
+    return add
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--batch-size", type=int, default=8)
+
+
+def decode_spec_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from clearsight.config import DecodeSpec
+    from clearsight.errors import InputError, pydantic_message
+
+    try:
+        return DecodeSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), batch_size=args.batch_size)
+    except ValidationError as exc:
+        raise InputError(pydantic_message(exc, "decoding options")) from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help="local path, cached HF id, or builtin:<name> (default: %(default)s)")
+    p.add_argument("--backend", default=None, help="attention backend: torch | reference | triton | sdpa")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def model_spec_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from clearsight.config import ModelSpec
+    from clearsight.errors import InputError, pydantic_message
+
+    try:
+        return ModelSpec(source=args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    except ValidationError as exc:
+        raise InputError(pydantic_message(exc, "model")) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from clearsight.config import GenerationRequest
+    from clearsight.decoding import generate, stream_generate
+    from clearsight.decoding.generate import as_request
+    from clearsight.mitigations import parse_mitigations
+    from clearsight.models.loader import load_model
+
+    decode = decode_spec_from_args(args)
+    mitigations = parse_mitigations(args.mitigation)  # validate before loading anything
+    request: GenerationRequest = as_request({"prompt": args.prompt, "image": args.image})
+    if args.image is not None:
+        from clearsight.decoding.generate import load_image
+
+        load_image(args.image, "--image")
+    lvlm = load_model(model_spec_from_args(args))
+    if args.stream and not args.json:
+        for event in stream_generate(lvlm, [request], mitigations, decode):
+            print(event.text, end="", flush=True)
+        print()
+        return 0
+    result = generate(lvlm, [request], mitigations, decode)[0]
+    if args.json:
+        _print_json({**result.to_dict(), "model": lvlm.spec.source, "backend": lvlm.backend,
+                     "decode": decode.model_dump()})
+    else:
+        print(result.text)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from clearsight.models.adapters import ADAPTERS
+    from clearsight.models.loader import describe_builtins
+
+    info = {
+        "builtins": describe_builtins(),
+        "adapters": [{"family": a.family, "classes": [c.__name__ for c in a.model_classes], "doc": (a.__doc__ or "")
+                      .strip().splitlines()[0]} for a in ADAPTERS],
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    print("Builtin models:")
+    for b in info["builtins"]:
+        print(f"  {b['name']:<26} {b['description']}")
+    print("\nSupported families (load any checkpoint of these classes from a local path or the HF cache):")
+    for a in info["adapters"]:
+        print(f"  {a['family']:<12} {', '.join(a['classes'])}: {a['doc']}")
+    return 0
+
+
+def cmd_mitigations(args: argparse.Namespace) -> int:
+    from clearsight.mitigations import describe_mitigations
+
+    info = describe_mitigations()
+    if args.json:
+        _print_json(info)
+        return 0
+    for m in info:
+        print(f"{m['name']} ({m['kind']}): {m['summary']}")
+        for p in m["parameters"]:
+            desc = f"  {p['description']}" if p["description"] else ""
+            print(f"    {p['name']} = {p['default']!r} ({p['type']}){desc}")
+    print("\nUse as --mitigation NAME or --mitigation NAME:key=value,key=value (lists as a|b|c).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clearsight import __version__
+
+    parser = argparse.ArgumentParser(prog="clearsight", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"clearsight {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer one prompt about one image")
+    g.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--mitigation", "-m", action="append", default=[],
+                   help="mitigation, e.g. var or var:p=0.4 (repeatable; see `clearsight mitigations`)")
+    g.add_argument("--json", action="store_true", help="print the full result as JSON")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    add_model_arguments(g)
+    add_decode_arguments(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list builtin models and supported model families")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    mi = sub.add_parser("mitigations", help="list mitigations with their parameters and defaults")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(func=cmd_mitigations)
+
+    _load_extra_commands()
+    for add in _EXTRA_COMMANDS:
+        add(sub)
+    return parser
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for module in ("clearsight.evals.cli", "clearsight.workers.cli", "clearsight.dashboard.cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clearsight.errors import ClearsightError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ClearsightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

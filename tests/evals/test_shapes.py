@@ -119,3 +119,26 @@ def test_spec_validation():
         ShapesWorldSpec(partner_pairs=(("circle", "star"), ("circle", "moon")))
     with pytest.raises(ValueError, match="objects_per_scene"):
         ShapesWorldSpec(objects_per_scene=(3, 20))
+
+
+def test_adversarial_negatives_ask_for_absent_partners(tmp_path):
+    # When a positive's partner is absent from the image, the co-occurrence ranking makes adversarial POPE
+    # ask about exactly that partner (unless already asked): that is what makes it hard for a model with a
+    # co-occurrence prior. Random POPE picks it only by chance (about 1 in 13).
+    w = write_shapes_world(ShapesWorldSpec(n_images=150, seed=2), tmp_path / "w")
+    partner = {a: b for a, b in PARTNER_PAIRS} | {b: a for a, b in PARTNER_PAIRS}
+    scenes = generate_scenes(ShapesWorldSpec(n_images=150, seed=2))
+    present = {s.file_name: set(s.object_names) for s in scenes}
+    rate = {}
+    for split, ps in w.load_pope().items():
+        qs = ps.questions
+        hits = total = 0
+        for pos, neg in zip(qs[::2], qs[1::2]):
+            p = re.fullmatch(r"Is there an? (\w+) in the image\?", pos.text).group(1)
+            n = re.fullmatch(r"Is there an? (\w+) in the image\?", neg.text).group(1)
+            if partner[p] not in present[pos.image]:
+                total += 1
+                hits += n == partner[p]
+        rate[split] = hits / total
+    assert rate["adversarial"] > 0.9
+    assert rate["random"] < 0.25 and rate["popular"] < 0.5

@@ -40,6 +40,7 @@ class DecodeSpec(BaseModel):
     seed: int = 0
     stop: tuple[str, ...] = ()
     batch_size: int = Field(8, ge=1, le=1024)
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
 
     @field_validator("stop", mode="before")
     @classmethod

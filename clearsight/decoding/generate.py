@@ -217,7 +217,7 @@ class _Chunk:
                 yield TokenEvent(self.indices[k], -1, "", self._result(k))
 
     def _accept(self, k: int, token: int, tok) -> Iterator[TokenEvent]:
-        if token in self.eos:
+        if token in self.eos and not self.decode.ignore_eos:
             self.finish[k] = "eos"
             yield TokenEvent(self.indices[k], token, "", self._result(k))
             return

@@ -1,6 +1,11 @@
-"""Mitigations: one module per method, each registered under its name."""
+"""Mitigations: one module per method, each registering its spec class under its name.
 
-from clearsight.mitigations import none  # noqa: F401  (registers the baseline)
+Every module of this package is imported here, so adding a method is adding a file.
+"""
+
+import importlib
+import pkgutil
+
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import (
     REGISTRY,
@@ -10,6 +15,11 @@ from clearsight.mitigations.registry import (
     parse_mitigations,
     register,
 )
+
+_INFRASTRUCTURE = {"base", "registry"}
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _INFRASTRUCTURE and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
     "MAIN", "REGISTRY", "Branch", "Mitigation", "RequestContext", "describe_mitigations", "mitigation_type",

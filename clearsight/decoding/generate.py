@@ -166,7 +166,9 @@ class _Chunk:
         self.eos = adapter.eos_token_ids
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None,
-                extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, DynamicCache]:
+                extra: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, DynamicCache]:
+        for ctx in self.ctxs:
+            ctx.step = step
         with use_plan(self.plan):
             out = self.lvlm.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=self.position_ids,
@@ -187,11 +189,24 @@ class _Chunk:
         return current
 
     def run(self) -> Iterator[TokenEvent]:
+        installed = []
+        try:
+            for ctx, mits in zip(self.ctxs, self.mitigations):
+                for m in mits:
+                    handle = m.install(ctx)
+                    if handle is not None:
+                        installed.append(handle)
+            yield from self._loop()
+        finally:
+            for handle in installed:
+                handle.remove()
+
+    def _loop(self) -> Iterator[TokenEvent]:
         lvlm, decode = self.lvlm, self.decode
         tok = lvlm.adapter.tokenizer
         ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
         t0 = time.perf_counter()
-        logits, cache = self.forward(ids, mask, None, lvlm.adapter.forward_inputs(self.batch))
+        logits, cache = self.forward(ids, mask, None, lvlm.adapter.forward_inputs(self.batch), step=0)
         self.timings["prefill_s"] = time.perf_counter() - t0
         self._t_decode = time.perf_counter()
         row_request = torch.tensor([r.request for r in self.rows])
@@ -210,7 +225,7 @@ class _Chunk:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             self.position_ids = lvlm.adapter.next_position_ids(lvlm.adapter.last_positions(self.position_ids))
             step_ids = chosen[row_request].view(-1, 1).to(lvlm.device)
-            logits, cache = self.forward(step_ids, mask, cache, {})
+            logits, cache = self.forward(step_ids, mask, cache, {}, step=step + 1)
         for k in range(len(self.requests)):  # requests still running when max_new_tokens ran out
             if self.finish[k] is None:
                 self.finish[k] = "length"

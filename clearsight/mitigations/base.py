@@ -54,6 +54,7 @@ class RequestContext:
     image: Image.Image | None
     inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the batch's encoded inputs
     state: dict[str, Any] = field(default_factory=dict)  # per-request scratch space of the mitigations
+    step: int = 0  # the forward being run: 0 = prefill, t = decode step t (set by the loop)
 
     @property
     def main_row(self) -> int:
@@ -84,6 +85,15 @@ class Mitigation(BaseModel):
 
     def apply(self, ctx: RequestContext) -> None:
         """Write plan edits for ``ctx.rows`` (called once per request, before prefill)."""
+
+    def install(self, ctx: RequestContext) -> Any | None:
+        """Install forward hooks (through ``ctx.lvlm.adapter.hook_*``) for this request's generation.
+
+        Return an object with ``remove()`` (e.g. the adapter's HookHandles); the loop removes it when
+        the generation ends, also on errors. Hooks see the whole batch: touch only ``ctx.rows``, and
+        read ``ctx.step`` to know whether this is the prefill (0) or decode step t.
+        """
+        return None
 
     def combine(self, logits: dict[str, torch.Tensor], step: int, ctx: RequestContext) -> torch.Tensor | None:
         """Combine next-token logits ([V] per branch, ``"main"`` = current combined logits); None = no change."""

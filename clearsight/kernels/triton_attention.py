@@ -56,6 +56,36 @@ GEN_OFFSET: tl.constexpr = tl.constexpr(GENERATED_RANK_OFFSET)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+# Reductions are spelled tl.reduce(x, axis, <triton's own combine function>) and zeros tl.full, not
+# tl.sum / tl.max / tl.zeros: those are @triton.jit functions of triton's standard library, decorated
+# when triton is first imported, and the package import pulls triton in (through torch._dynamo)
+# before a test can set TRITON_INTERPRET=1; the interpreter cannot call a compiled-mode JIT function.
+# tl.reduce with _sum_combine / _elementwise_max is exactly what tl.sum / tl.max compile to, and the
+# interpreter maps these two combine functions to numpy reductions (never calling them).
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max2)
+
+
+@triton.jit
+def _rsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _rmax(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
 @triton.jit
 def _uniform_hash(seed, head, q, k):
     """plan.uniform_hash in uint32 arithmetic (lowbias32 mix): wraparound multiplication equals the
@@ -76,7 +106,7 @@ def _uniform_hash(seed, head, q, k):
 
 @triton.jit
 def _score_tile(
-    q, offs_n, n_ok, offs_m, qi, lim, is_padq, abs_rows, pad, L0, scale,
+    q, offs_n, n_ok, offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
     k_base, stride_kn, stride_kd, offs_d, d_ok,
     seg_base, bias_base, abs_base, rank_base,
     mask_base, stride_mq, stride_mk,
@@ -98,7 +128,7 @@ def _score_tile(
         # generated keys (index >= L0) are TEXT = 0
         seg = tl.load(seg_base + offs_n, mask=n_ok & in_prompt, other=0).to(tl.int32)
     else:
-        seg = tl.zeros_like(offs_n)
+        seg = offs_n * 0
     s = s_raw
     if HAS_BIAS:
         s = s + tl.load(bias_base + seg)[None, :]
@@ -121,6 +151,7 @@ def _score_tile(
         allowed = (rank[None, :] <= lim[:, None]) & (offs_n >= pad)[None, :] & n_ok[None, :]
         # padding query rows attend to themselves only (plan.allowed), so no softmax row is empty
         allowed = tl.where(is_padq[:, None], offs_n[None, :] == qi[:, None], allowed)
+    allowed = allowed & m_ok[:, None]  # rows past Lq: all -inf, so their dead lanes stay finite
     s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
     return s, seg, allowed
 
@@ -210,11 +241,11 @@ def _attn_kernel(
         lo = 0
     else:
         lo = (tl.minimum(pad, q_first) // BLOCK_N) * BLOCK_N  # keys before the padding never count
-    n_blocks = tl.cdiv(hi - lo, BLOCK_N)
-    per_split = tl.cdiv(n_blocks, SPLITS)
+    n_blocks = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_blocks + SPLITS - 1) // SPLITS
     start = lo + pid_s * per_split * BLOCK_N
     end = tl.minimum(hi, start + per_split * BLOCK_N)
-    max_lim = tl.max(tl.where(m_ok & ~is_padq, lim, -1), axis=0)
+    max_lim = _rmax(tl.where(m_ok & ~is_padq, lim, -1), axis=0)
     row_base = (pid_bh * SPLITS + pid_s) * Lq + offs_m  # row index into St / Acc
 
     if HAS_CF:
@@ -232,18 +263,18 @@ def _attn_kernel(
         for sp in tl.static_range(SPLITS):
             r = ((pid_bh * SPLITS + sp) * Lq + offs_m) * 16
             m_i = tl.maximum(m_i, tl.load(St + r + 0, mask=m_ok, other=NEG_BIG))
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        M0 = tl.zeros([BLOCK_M], tl.float32)
-        M1 = tl.zeros([BLOCK_M], tl.float32)
-        M2 = tl.zeros([BLOCK_M], tl.float32)
-        M3 = tl.zeros([BLOCK_M], tl.float32)
-        cnt1 = tl.zeros([BLOCK_M], tl.float32)
-        cnt2 = tl.zeros([BLOCK_M], tl.float32)
+        l_i = tl.full([BLOCK_M], 0, tl.float32)
+        M0 = tl.full([BLOCK_M], 0, tl.float32)
+        M1 = tl.full([BLOCK_M], 0, tl.float32)
+        M2 = tl.full([BLOCK_M], 0, tl.float32)
+        M3 = tl.full([BLOCK_M], 0, tl.float32)
+        cnt1 = tl.full([BLOCK_M], 0, tl.float32)
+        cnt2 = tl.full([BLOCK_M], 0, tl.float32)
         mx_img = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        rnd1 = tl.zeros([BLOCK_M], tl.float32)
-        rnd2 = tl.zeros([BLOCK_M], tl.float32)
-        sh1 = tl.zeros([BLOCK_M], tl.float32)
-        sh2 = tl.zeros([BLOCK_M], tl.float32)
+        rnd1 = tl.full([BLOCK_M], 0, tl.float32)
+        rnd2 = tl.full([BLOCK_M], 0, tl.float32)
+        sh1 = tl.full([BLOCK_M], 0, tl.float32)
+        sh2 = tl.full([BLOCK_M], 0, tl.float32)
         for sp in tl.static_range(SPLITS):
             r = ((pid_bh * SPLITS + sp) * Lq + offs_m) * 16
             alpha = tl.exp2(tl.load(St + r + 0, mask=m_ok, other=NEG_BIG) - m_i)
@@ -260,16 +291,16 @@ def _attn_kernel(
                 rnd2 += tl.load(St + r + 10, mask=m_ok, other=0.0)
                 sh1 += alpha * tl.load(St + r + 11, mask=m_ok, other=0.0)
                 sh2 += alpha * tl.load(St + r + 12, mask=m_ok, other=0.0)
-        inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
+        inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
         M0 = M0 * inv_l
         M1 = M1 * inv_l
         M2 = M2 * inv_l
         M3 = M3 * inv_l
         # counterfactual replacement over the visible image keys, keeping the row's image mass
         # (plan.counterfactual_weights; CausalMM, Zhou et al. 2025, Sec. 3.3)
-        ek = tl.zeros([BLOCK_M], tl.int32)
-        coef = tl.zeros([BLOCK_M], tl.float32)
-        top = tl.zeros([BLOCK_M], tl.float32)
+        ek = tl.full([BLOCK_M], 0, tl.int32)
+        coef = tl.full([BLOCK_M], 0, tl.float32)
+        top = tl.full([BLOCK_M], 0, tl.float32)
         if HAS_CF:
             mass = M1 + M2
             count = cnt1 + cnt2
@@ -277,7 +308,7 @@ def _attn_kernel(
             rnd = rnd1 + rnd2
             shf = (sh1 + sh2) * inv_l
             rev = top * count - mass  # sum over image keys of (top - a_j)
-            ek = tl.where(count > 0, kind, 0) + tl.zeros([BLOCK_M], tl.int32)
+            ek = tl.where(count > 0, kind, 0) + tl.full([BLOCK_M], 0, tl.int32)
             # a shuffle with no weight on the visible keys, or a reversal of a flat distribution
             # (one visible image key), falls back to uniform; rev is formed by cancellation, so
             # "zero" is tested relative to the mass
@@ -302,7 +333,7 @@ def _attn_kernel(
         c2 = tl.full([BLOCK_M], 1.0, tl.float32)
         c3 = tl.full([BLOCK_M], 1.0, tl.float32)
         if HAS_RED:
-            p = tl.load(RedP + b) + tl.zeros([BLOCK_M], tl.float32)
+            p = tl.load(RedP + b) + tl.full([BLOCK_M], 0, tl.float32)
             m_img = M1 + M2
             m_ns = M1
             m_sink = M2 + M3
@@ -323,28 +354,28 @@ def _attn_kernel(
                 tl.store(SegOut + so + 3, M3 * c3, mask=m_ok)
     else:
         m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        M0 = tl.zeros([BLOCK_M], tl.float32)
-        M1 = tl.zeros([BLOCK_M], tl.float32)
-        M2 = tl.zeros([BLOCK_M], tl.float32)
-        M3 = tl.zeros([BLOCK_M], tl.float32)
-        cnt1 = tl.zeros([BLOCK_M], tl.float32)
-        cnt2 = tl.zeros([BLOCK_M], tl.float32)
+        l_i = tl.full([BLOCK_M], 0, tl.float32)
+        M0 = tl.full([BLOCK_M], 0, tl.float32)
+        M1 = tl.full([BLOCK_M], 0, tl.float32)
+        M2 = tl.full([BLOCK_M], 0, tl.float32)
+        M3 = tl.full([BLOCK_M], 0, tl.float32)
+        cnt1 = tl.full([BLOCK_M], 0, tl.float32)
+        cnt2 = tl.full([BLOCK_M], 0, tl.float32)
         mx_img = tl.full([BLOCK_M], NEG_BIG, tl.float32)
-        rnd1 = tl.zeros([BLOCK_M], tl.float32)
-        rnd2 = tl.zeros([BLOCK_M], tl.float32)
-        sh1 = tl.zeros([BLOCK_M], tl.float32)
-        sh2 = tl.zeros([BLOCK_M], tl.float32)
-        inv_l = tl.zeros([BLOCK_M], tl.float32)
-        ek = tl.zeros([BLOCK_M], tl.int32)
-        coef = tl.zeros([BLOCK_M], tl.float32)
-        top = tl.zeros([BLOCK_M], tl.float32)
+        rnd1 = tl.full([BLOCK_M], 0, tl.float32)
+        rnd2 = tl.full([BLOCK_M], 0, tl.float32)
+        sh1 = tl.full([BLOCK_M], 0, tl.float32)
+        sh2 = tl.full([BLOCK_M], 0, tl.float32)
+        inv_l = tl.full([BLOCK_M], 0, tl.float32)
+        ek = tl.full([BLOCK_M], 0, tl.int32)
+        coef = tl.full([BLOCK_M], 0, tl.float32)
+        top = tl.full([BLOCK_M], 0, tl.float32)
         c0 = tl.full([BLOCK_M], 1.0, tl.float32)
         c1 = c0
         c2 = c0
         c3 = c0
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0, tl.float32)
 
     # ---- the key loop ---------------------------------------------------------------------------------
     for n0 in range(start, end, BLOCK_N):
@@ -360,21 +391,21 @@ def _attn_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < kvl
             s, seg, allowed = _score_tile(
-                q, offs_n, n_ok, offs_m, qi, lim, is_padq, abs_rows, pad, L0, scale,
+                q, offs_n, n_ok, offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
                 k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base, rank_base,
                 mask_base, stride_mq, stride_mk,
                 HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
             )
             if MODE == 0:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_new = tl.maximum(m_i, _rmax(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 pr = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(pr, axis=1)
+                l_i = l_i * alpha + _rsum(pr, axis=1)
                 if STATS_SEG:
-                    M0 = M0 * alpha + tl.sum(tl.where(seg[None, :] == 0, pr, 0.0), axis=1)
-                    M1 = M1 * alpha + tl.sum(tl.where(seg[None, :] == 1, pr, 0.0), axis=1)
-                    M2 = M2 * alpha + tl.sum(tl.where(seg[None, :] == 2, pr, 0.0), axis=1)
-                    M3 = M3 * alpha + tl.sum(tl.where(seg[None, :] == 3, pr, 0.0), axis=1)
+                    M0 = M0 * alpha + _rsum(tl.where(seg[None, :] == 0, pr, 0.0), axis=1)
+                    M1 = M1 * alpha + _rsum(tl.where(seg[None, :] == 1, pr, 0.0), axis=1)
+                    M2 = M2 * alpha + _rsum(tl.where(seg[None, :] == 2, pr, 0.0), axis=1)
+                    M3 = M3 * alpha + _rsum(tl.where(seg[None, :] == 3, pr, 0.0), axis=1)
                 v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0)
                 if UPCAST:
@@ -384,14 +415,14 @@ def _attn_kernel(
             else:
                 img = allowed & ((seg[None, :] == 1) | (seg[None, :] == 2))
                 s_src = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-                u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                u = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
                 if HAS_CF:
                     if kind == 3:
                         # SHUFFLED: key j takes the probability of key source[j]: re-score the gathered keys
                         src = tl.load(src_base + offs_n, mask=n_ok & (offs_n < L0), other=0).to(tl.int32)
                         src = tl.where(offs_n < L0, src, offs_n)
                         s_src, _seg_src, _al_src = _score_tile(
-                            q, src, n_ok & (src < kvl), offs_m, qi, lim, is_padq, abs_rows, pad, L0, scale,
+                            q, src, n_ok & (src < kvl), offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
                             k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base,
                             rank_base, mask_base, stride_mq, stride_mk,
                             HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
@@ -401,27 +432,27 @@ def _attn_kernel(
                 if MODE == 1:
                     # pass 1: running max over the row's scores (and the gathered shuffled scores, which
                     # are scores of visible keys of the same row, so the final max is unchanged)
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    m_new = tl.maximum(m_i, _rmax(s, axis=1))
                     if HAS_CF:
-                        m_new = tl.maximum(m_new, tl.max(tl.where(img, s_src, float("-inf")), axis=1))
+                        m_new = tl.maximum(m_new, _rmax(tl.where(img, s_src, float("-inf")), axis=1))
                     alpha = tl.exp2(m_i - m_new)
                     pr = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(pr, axis=1)
-                    M0 = M0 * alpha + tl.sum(tl.where(seg[None, :] == 0, pr, 0.0), axis=1)
-                    M1 = M1 * alpha + tl.sum(tl.where(seg[None, :] == 1, pr, 0.0), axis=1)
-                    M2 = M2 * alpha + tl.sum(tl.where(seg[None, :] == 2, pr, 0.0), axis=1)
-                    M3 = M3 * alpha + tl.sum(tl.where(seg[None, :] == 3, pr, 0.0), axis=1)
+                    l_i = l_i * alpha + _rsum(pr, axis=1)
+                    M0 = M0 * alpha + _rsum(tl.where(seg[None, :] == 0, pr, 0.0), axis=1)
+                    M1 = M1 * alpha + _rsum(tl.where(seg[None, :] == 1, pr, 0.0), axis=1)
+                    M2 = M2 * alpha + _rsum(tl.where(seg[None, :] == 2, pr, 0.0), axis=1)
+                    M3 = M3 * alpha + _rsum(tl.where(seg[None, :] == 3, pr, 0.0), axis=1)
                     if HAS_CF:
                         i1 = img & (seg[None, :] == 1)
                         i2 = img & (seg[None, :] == 2)
-                        cnt1 += tl.sum(i1.to(tl.float32), axis=1)
-                        cnt2 += tl.sum(i2.to(tl.float32), axis=1)
-                        mx_img = tl.maximum(mx_img, tl.max(tl.where(img, s, NEG_BIG), axis=1))
-                        rnd1 += tl.sum(tl.where(i1, u, 0.0), axis=1)
-                        rnd2 += tl.sum(tl.where(i2, u, 0.0), axis=1)
+                        cnt1 += _rsum(i1.to(tl.float32), axis=1)
+                        cnt2 += _rsum(i2.to(tl.float32), axis=1)
+                        mx_img = tl.maximum(mx_img, _rmax(tl.where(img, s, NEG_BIG), axis=1))
+                        rnd1 += _rsum(tl.where(i1, u, 0.0), axis=1)
+                        rnd2 += _rsum(tl.where(i2, u, 0.0), axis=1)
                         psrc = tl.exp2(s_src - m_new[:, None])
-                        sh1 = sh1 * alpha + tl.sum(tl.where(i1, psrc, 0.0), axis=1)
-                        sh2 = sh2 * alpha + tl.sum(tl.where(i2, psrc, 0.0), axis=1)
+                        sh1 = sh1 * alpha + _rsum(tl.where(i1, psrc, 0.0), axis=1)
+                        sh2 = sh2 * alpha + _rsum(tl.where(i2, psrc, 0.0), axis=1)
                     m_i = m_new
                 else:
                     # pass 2: every probability in closed form, no rescaling
@@ -468,7 +499,8 @@ def _attn_kernel(
     else:
         if SPLITS == 1:
             if MODE == 0:
-                inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # a fully masked row (dense mask) gives 0, not NaN
+                # a fully masked row (possible only with a dense mask) gives 0, not NaN
+                inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
                 out = acc * (inv * hs)[:, None]
                 if STATS_SEG:
                     so = ((b * H + h) * Lq + offs_m) * 4
@@ -517,23 +549,23 @@ def _merge_kernel(
     r = (bh * SPLITS + offs_s) * Lq + i
     acc = tl.load(Acc + r[:, None] * D + offs_d[None, :], mask=d_ok[None, :], other=0.0)
     if NORMALISED:
-        out = tl.sum(acc, axis=0)  # pass-2 partials already carry final weights and the head scale
+        out = _rsum(acc, axis=0)  # pass-2 partials already carry final weights and the head scale
     else:
         m_s = tl.load(St + r * 16 + 0)
-        m = tl.max(m_s, axis=0)
+        m = _rmax(m_s, axis=0)
         w = tl.exp2(m_s - m)
         l_s = tl.load(St + r * 16 + 1)
-        denom = tl.sum(w * l_s, axis=0)
-        inv = tl.where(denom > 0, 1.0 / denom, 0.0)
+        denom = _rsum(w * l_s, axis=0)
+        inv = tl.where(denom > 0, 1.0 / tl.maximum(denom, 1e-30), 0.0)
         if HAS_HS:
             hs = tl.load(HeadScale + bh)
         else:
             hs = 1.0
-        out = tl.sum(acc * w[:, None], axis=0) * (inv * hs)
+        out = _rsum(acc * w[:, None], axis=0) * (inv * hs)
         if STATS_SEG:
             for g in tl.static_range(4):
                 mg = tl.load(St + r * 16 + 2 + g)
-                tl.store(SegOut + row * 4 + g, tl.sum(w * mg, axis=0) * inv)
+                tl.store(SegOut + row * 4 + g, _rsum(w * mg, axis=0) * inv)
     tl.store(Out + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od,
              out.to(Out.dtype.element_ty), mask=d_ok)
 

@@ -600,21 +600,27 @@ class KernelPlan:
     want_last_row: bool = False
 
 
-_BLK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(k_rank) -> (weak reference, version, block size, per-block minima). Keyed by id with an identity
+# check: a WeakKeyDictionary would compare tensor keys with == (elementwise) on lookup.
+_BLK_CACHE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
 
 
 def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
-    """Smallest rank per key block [B, cdiv(L0, block_n)], cached per rank tensor and version."""
-    key = (block_n, k_rank._version)
-    per = _BLK_CACHE.get(k_rank)
-    if per is not None and key in per:
-        return per[key]
+    """Smallest rank per key block [B, cdiv(L0, block_n)], cached per rank tensor, version and block.
+
+    Computed once per plan (a few device ops, no host sync) and reused by every layer and step.
+    """
+    hit = _BLK_CACHE.get(id(k_rank))
+    if hit is not None and hit[0]() is k_rank and hit[1] == k_rank._version and hit[2] == block_n:
+        return hit[3]
     B, L0 = k_rank.shape
     nblk = triton.cdiv(L0, block_n)
     padded = torch.full((B, nblk * block_n), GENERATED_RANK_OFFSET, dtype=torch.long, device=k_rank.device)
     padded[:, :L0] = k_rank
     mins = padded.view(B, nblk, block_n).amin(-1).to(torch.int32).contiguous()
-    _BLK_CACHE[k_rank] = {key: mins}
+    for key in [key for key, val in _BLK_CACHE.items() if val[0]() is None]:
+        del _BLK_CACHE[key]  # plans that are gone
+    _BLK_CACHE[id(k_rank)] = (weakref.ref(k_rank), k_rank._version, block_n, mins)
     return mins
 
 

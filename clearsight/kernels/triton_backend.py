@@ -17,13 +17,17 @@ decode step needs no host synchronisation and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import AttentionPlan
 from clearsight.kernels.triton_attention import KernelPlan, fused_attention
 
-_KV_CACHE: list = [None, None]  # (mask, kv_valid) of the last forward: one mask serves every layer
+# (weak reference to the mask, kv_valid) of the last call: transformers builds one mask per forward
+# and hands it to every layer, so the reduction runs once per forward
+_KV_CACHE: list = [None, None]
 
 
 def valid_key_length(attention_mask: torch.Tensor, batch: int, num_keys: int) -> torch.Tensor:
@@ -32,8 +36,8 @@ def valid_key_length(attention_mask: torch.Tensor, batch: int, num_keys: int) ->
     A static cache hands over ``max_cache_len`` keys with the unwritten slots masked out: the last
     query row's last allowed key marks the end of the valid keys (reference/kernels.md §1.3).
     """
-    prev_mask, prev = _KV_CACHE
-    if prev_mask is attention_mask and prev is not None and prev.shape[0] == batch:
+    prev_ref, prev = _KV_CACHE
+    if prev_ref is not None and prev_ref() is attention_mask and prev.shape[0] == batch:
         return prev
     m = attention_mask[:, 0, -1, :num_keys]
     if m.dtype != torch.bool:
@@ -42,7 +46,7 @@ def valid_key_length(attention_mask: torch.Tensor, batch: int, num_keys: int) ->
     kv = torch.where(m, idx, torch.zeros_like(idx)).amax(-1).to(torch.int32)
     if kv.shape[0] != batch:
         kv = kv.expand(batch).contiguous()
-    _KV_CACHE[0], _KV_CACHE[1] = attention_mask, kv
+    _KV_CACHE[0], _KV_CACHE[1] = weakref.ref(attention_mask), kv
     return kv
 
 

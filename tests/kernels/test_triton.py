@@ -132,6 +132,10 @@ def test_block_skipping_skips():
     mins = ta.block_min_rank(plan.k_rank, 16)
     assert mins.shape == (len(PADS), 3)
     assert (mins[:, 1] > 15).all() and (mins[:, 2] > 31).all()  # tile 0 (ranks <= 15) skips blocks 1 and 2
+    assert ta.block_min_rank(plan.k_rank, 16) is mins  # computed once per plan, reused by layers and steps
+    q, k, v = make_qkv(len(PADS), 37, 37, seed=3)
+    first = _run(triton_attention, plan, q, k, v)
+    assert torch.equal(_run(triton_attention, plan, q, k, v), first)
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
@@ -281,3 +285,20 @@ def test_edits_change_triton_output():
         plan = make_plan(L=L)
         FEATURES[name](plan)
         assert (_run(triton_attention, plan, q, k, v) - base).abs().max() > 1e-3, name
+
+
+def test_benchmark_smoke_path():
+    """benchmarks/attention_kernels.py --smoke: every launch path at tiny shapes, ours vs flex vs eager."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_kernels.py"
+    if not script.exists():
+        pytest.skip("benchmarks/attention_kernels.py not present")
+    res = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--edits", "empty", "var", "cf_shuffled", "cca_mask", "stats"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "smoke: " in res.stdout and "FAILED" not in res.stdout

@@ -6,8 +6,10 @@ running a benchmark sees the cause without reading a traceback.
 
 from __future__ import annotations
 
+from clearsight.errors import InputError
 
-class EvalInputError(ValueError):
+
+class EvalInputError(InputError):
     """Bad input to an evaluation (missing file/image, malformed JSON line, unknown split, ...).
 
     Subclasses ``ValueError`` so callers that already catch ``ValueError`` keep working.

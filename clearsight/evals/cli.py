@@ -1,0 +1,203 @@
+"""CLI: ``clearsight eval run|pope|chair|crosscheck``, ``clearsight report DIR``, ``clearsight demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from clearsight.cli import extra_command
+
+DEMO_MODEL = "builtin:shapes-llava"
+
+
+def _systems(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--system`` values: mitigation specs joined by '+', optionally ``label=`` first ('none' = baseline)."""
+    raw = args.system or ["none"]
+    out = []
+    for s in raw:
+        label, eq, spec = s.partition("=")
+        if not eq:
+            label, spec = s, s
+        mits = [] if spec.strip() in ("", "none") else [m for m in spec.split("+") if m]
+        out.append({"name": label, "model": args.model, "backend": args.backend, "device": args.device,
+                    "mitigations": mits, **({"decode": _decode_overrides(args)} if _decode_overrides(args) else {})})
+    return out
+
+
+def _decode_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if args.sample:
+        d.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return d
+
+
+def _run(job_data: dict[str, Any], args: argparse.Namespace) -> int:
+    from clearsight.evals.job import parse_job
+    from clearsight.evals.runner import run_job
+
+    job = parse_job(job_data, where="eval options")
+    results = run_job(job, progress=None if args.no_progress else _progress())
+    print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
+    print(f"results: {Path(job.output).resolve()}")
+    return 0 if results is not None else 1
+
+
+def _progress():
+    from clearsight.evals.runner import _tqdm_progress
+
+    return _tqdm_progress
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from clearsight.evals.job import load_job
+    from clearsight.evals.runner import run_job
+
+    job = load_job(args.job)
+    update: dict[str, Any] = {}
+    if args.output:
+        update["output"] = args.output
+    if args.executor:
+        update["executor"] = args.executor
+    if args.address:
+        update.update(executor="ray", ray_address=args.address)
+    job = job.model_copy(update=update)
+    results = run_job(job, progress=None if args.no_progress else _progress(), generate_only=args.generate_only)
+    if results is not None:
+        print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
+    print(f"output: {Path(job.output).resolve()}")
+    return 0
+
+
+def cmd_eval_pope(args: argparse.Namespace) -> int:
+    bench: dict[str, Any] = {"kind": "pope", "parser": args.parser, "limit": args.limit, "splits": args.splits}
+    if args.files:
+        bench["files"] = dict(f.split("=", 1) for f in args.files)
+        bench["image_dir"] = args.image_dir
+        bench["data"] = None
+    else:
+        bench["data"] = args.data
+    return _run({"systems": _systems(args), "benchmarks": [bench], "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
+def _chair_bench(args: argparse.Namespace) -> dict[str, Any]:
+    bench: dict[str, Any] = {"kind": "chair", "n_images": args.n_images, "seed": args.seed,
+                             "max_new_tokens": args.max_new_tokens}
+    if args.instances:
+        bench.update(data=None, instances=args.instances, captions=args.captions, image_dir=args.image_dir)
+    else:
+        bench["data"] = args.data
+    return bench
+
+
+def cmd_eval_chair(args: argparse.Namespace) -> int:
+    return _run({"systems": _systems(args), "benchmarks": [_chair_bench(args)], "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
+def cmd_eval_crosscheck(args: argparse.Namespace) -> int:
+    benches = [_chair_bench(args), {"kind": "crosscheck", "scorer": args.scorer}]
+    return _run({"systems": _systems(args), "benchmarks": benches, "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clearsight.evals.errors import EvalInputError
+    from clearsight.evals.job import load_job
+    from clearsight.evals.runner import score_from_cache
+
+    folder = Path(args.dir)
+    if not (folder / "job.json").is_file():
+        raise EvalInputError(f"'{folder}' is not an eval output folder (no job.json): pass the folder a run wrote")
+    job = load_job(folder / "job.json").model_copy(update={"output": str(folder)})
+    score_from_cache(job)
+    print((folder / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clearsight.evals.demo import demo_job
+    from clearsight.evals.runner import run_job
+
+    job = demo_job(output=args.out, model=args.model, per_split=args.per_split, n_images=args.n_images)
+    print(f"demo: {len(job.systems)} systems on builtin:shapes with {job.systems[0].model} "
+          f"(POPE {args.per_split} questions x 3 splits, CHAIR {args.n_images} images)", file=sys.stderr)
+    run_job(job, progress=None if args.no_progress else _progress())
+    print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
+    print(f"report folder: {Path(job.output).resolve()}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, output: str) -> None:
+    from clearsight.cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--system", action="append", default=[],
+                   help="a system: mitigations joined by '+', optionally LABEL=..., e.g. none, var:p=0.4, var+vhr "
+                        "(repeatable; default: none)")
+    p.add_argument("--output", default=output)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample (temperature / top-p / seed) instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _chair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="builtin:shapes")
+    p.add_argument("--instances", nargs="*", default=[], help="COCO instances_*2014.json files (instead of --data)")
+    p.add_argument("--captions", nargs="*", default=[], help="COCO captions_*2014.json files")
+    p.add_argument("--image-dir", default=None)
+    p.add_argument("--n-images", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+
+@extra_command
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck) or a whole eval job")
+    es = ev.add_subparsers(dest="eval_command", required=True)
+
+    run = es.add_parser("run", help="run an EvalJob file (.toml / .yaml / .json); resumes from its cache")
+    run.add_argument("job")
+    run.add_argument("--output", default=None, help="override the job's output folder")
+    run.add_argument("--executor", choices=["local", "ray"], default=None)
+    run.add_argument("--address", default=None, help="Ray cluster address (implies --executor ray)")
+    run.add_argument("--generate-only", action="store_true", help="fill the cache, do not score")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(func=cmd_eval_run)
+
+    pope = es.add_parser("pope", help="POPE on builtin:shapes or official files")
+    _common(pope, "runs/pope")
+    pope.add_argument("--data", default="builtin:shapes")
+    pope.add_argument("--files", nargs="*", default=[], help="SPLIT=PATH official / SEEM files (instead of --data)")
+    pope.add_argument("--image-dir", default=None)
+    pope.add_argument("--splits", nargs="*", default=["random", "popular", "adversarial"])
+    pope.add_argument("--parser", choices=["pope", "negation", "strict"], default="pope")
+    pope.add_argument("--limit", type=int, default=None, help="questions per split")
+    pope.set_defaults(func=cmd_eval_pope)
+
+    chair = es.add_parser("chair", help="CHAIR captioning hallucination on builtin:shapes or COCO files")
+    _common(chair, "runs/chair")
+    _chair_args(chair)
+    chair.set_defaults(func=cmd_eval_chair)
+
+    cc = es.add_parser("crosscheck", help="CrossCheck ranking of systems from their captions (+ CHAIR)")
+    _common(cc, "runs/crosscheck")
+    _chair_args(cc)
+    cc.add_argument("--scorer", choices=["embedding", "judge", "implicit"], default="embedding")
+    cc.set_defaults(func=cmd_eval_crosscheck)
+
+    rep = sub.add_parser("report", help="re-score an eval output folder from its cache (no model) and print it")
+    rep.add_argument("dir")
+    rep.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo", help="the main job: POPE + CHAIR of the demo model, unmitigated and mitigated")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--model", default=None, help=f"default: {DEMO_MODEL}")
+    demo.add_argument("--per-split", type=int, default=60, help="POPE questions per split")
+    demo.add_argument("--n-images", type=int, default=40, help="CHAIR images")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)

@@ -1,0 +1,44 @@
+"""The demo job (``make demo``): POPE (3 splits) and CHAIR on held-out shapes scenes for the demo model,
+unmitigated and with every implemented mitigation at its defaults."""
+
+from __future__ import annotations
+
+import sys
+
+from clearsight.evals.job import EvalJob, parse_job
+
+DEMO_MODEL = "builtin:shapes-llava"
+FALLBACK_MODEL = "builtin:tiny-llava"
+
+
+def demo_model() -> str:
+    from clearsight.models.builtin import shapes_llava_path
+
+    if (shapes_llava_path() / "config.json").is_file():
+        return DEMO_MODEL
+    print(f"demo: {DEMO_MODEL} weights are not installed; using {FALLBACK_MODEL} (random weights)", file=sys.stderr)
+    return FALLBACK_MODEL
+
+
+def demo_systems(model: str) -> list[dict]:
+    from clearsight.mitigations import REGISTRY
+
+    systems = [{"name": "none", "model": model}]
+    for name, cls in sorted(REGISTRY.items()):
+        if name == "none" or name.startswith("test-"):
+            continue
+        systems.append({"name": name, "model": model, "mitigations": [name], **getattr(cls, "demo_overrides", {})})
+    return systems
+
+
+def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = 60, n_images: int = 40) -> EvalJob:
+    model = model or demo_model()
+    return parse_job({
+        "systems": demo_systems(model),
+        "benchmarks": [
+            {"kind": "pope", "data": "builtin:shapes", "limit": per_split},
+            {"kind": "chair", "data": "builtin:shapes", "n_images": n_images, "max_new_tokens": 48},
+        ],
+        "output": output,
+        "batch_size": 16,
+    }, where="demo job")

@@ -1,0 +1,198 @@
+"""EvalJob: what to evaluate (systems x benchmarks), as a pydantic spec loadable from TOML, YAML or JSON."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clearsight.config import DecodeSpec, DType, ModelSpec
+from clearsight.evals.datasets.pope import DEFAULT_PROMPT_SUFFIX, SPLITS
+from clearsight.evals.errors import EvalInputError
+
+CHAIR_PROMPT = "Please describe this image in detail."
+
+
+class SystemSpec(BaseModel):
+    """One system = a model + mitigations + decode overrides (applied on top of each benchmark's decode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    model: str = "builtin:tiny-llava"
+    dtype: DType = "auto"
+    device: str = "cpu"
+    backend: str | None = None
+    mitigations: list[str | dict[str, Any]] = Field(default_factory=list)
+    decode: dict[str, Any] = Field(default_factory=dict, description="DecodeSpec overrides, e.g. {do_sample: true}")
+
+    @field_validator("mitigations")
+    @classmethod
+    def _valid_mitigations(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        from clearsight.mitigations import parse_mitigations
+
+        parse_mitigations(v)  # raises a one-line InputError naming the bad mitigation / parameter
+        return v
+
+    @field_validator("decode")
+    @classmethod
+    def _valid_decode(cls, v: dict[str, Any]) -> dict[str, Any]:
+        DecodeSpec(**{k: val for k, val in v.items() if k != "max_new_tokens"})
+        return v
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        from clearsight.mitigations import parse_mitigations
+
+        mits = parse_mitigations(self.mitigations)
+        return "+".join(m.name for m in mits) or "none"
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(source=self.model, dtype=self.dtype, device=self.device, backend=self.backend)
+
+    def mitigation_config(self) -> list[dict[str, Any]]:
+        """Canonical mitigation parameters (defaults filled in): part of the cache key."""
+        from clearsight.mitigations import parse_mitigations
+
+        return [m.model_dump(mode="json") for m in parse_mitigations(self.mitigations)]
+
+    def decode_for(self, max_new_tokens: int) -> DecodeSpec:
+        data = {"max_new_tokens": max_new_tokens, **self.decode}
+        return DecodeSpec(**data)
+
+
+class PopeBenchmark(BaseModel):
+    """POPE: ``data = "builtin:shapes"``, or ``files`` (split -> official/SEEM file) + ``image_dir``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["pope"] = "pope"
+    data: str | None = "builtin:shapes"
+    files: dict[str, str] = Field(default_factory=dict)
+    image_dir: str | None = None
+    splits: list[str] = Field(default_factory=lambda: list(SPLITS))
+    parser: Literal["pope", "negation", "strict"] = "pope"
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX
+    max_new_tokens: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="questions per split (first N)")
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SPLITS]
+        if bad:
+            raise ValueError(f"unknown split {bad[0]!r}: choose from {', '.join(SPLITS)}")
+        if not v:
+            raise ValueError("no splits: give at least one of " + ", ".join(SPLITS))
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> PopeBenchmark:
+        if self.files:
+            missing = [s for s in self.splits if s not in self.files]
+            if missing:
+                raise ValueError(f"files: no file for split {missing[0]!r}; add it or drop it from splits")
+        elif not self.data:
+            raise ValueError("give data = 'builtin:shapes' or files = {split: path}")
+        return self
+
+
+class ChairBenchmark(BaseModel):
+    """CHAIR: ``data = "builtin:shapes"`` or COCO ``instances`` + ``captions`` files and ``image_dir``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["chair"] = "chair"
+    data: str | None = "builtin:shapes"
+    instances: list[str] = Field(default_factory=list)
+    captions: list[str] = Field(default_factory=list)
+    image_dir: str | None = None
+    vocabulary: str | None = Field(None, description="CHAIR vocabulary JSON (default: COCO, or the world's own)")
+    n_images: int = Field(500, ge=1)
+    seed: int = 0
+    prompt: str = CHAIR_PROMPT
+    max_new_tokens: int = Field(64, ge=1)
+    drop_incomplete: bool = Field(True, description="drop a final incomplete sentence (short-caption protocol)")
+
+    @model_validator(mode="after")
+    def _source(self) -> ChairBenchmark:
+        if not self.data and not (self.instances and self.captions and self.image_dir):
+            raise ValueError("give data = 'builtin:shapes', or instances, captions and image_dir for COCO")
+        return self
+
+
+class CrossCheckBenchmark(BaseModel):
+    """CrossCheck over the systems' CHAIR captions: explicit (embedding / judge) or implicit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["crosscheck"] = "crosscheck"
+    scorer: Literal["embedding", "judge", "implicit"] = "embedding"
+    judge_model: str | None = Field(None, description="model for the judge / implicit scorer (default: each system's)")
+    max_samples: int | None = Field(None, ge=1)
+
+
+Benchmark = Annotated[PopeBenchmark | ChairBenchmark | CrossCheckBenchmark, Field(discriminator="kind")]
+
+
+class EvalJob(BaseModel):
+    """Systems x benchmarks, an output folder, and run settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    systems: list[SystemSpec] = Field(min_length=1)
+    benchmarks: list[Benchmark] = Field(min_length=1)
+    output: str = "runs/eval"
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> EvalJob:
+        labels = [s.label for s in self.systems]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"two systems are both named {dupes[0]!r}: give each a unique name")
+        kinds = [b.kind for b in self.benchmarks]
+        if "crosscheck" in kinds and "chair" not in kinds:
+            raise ValueError("crosscheck scores the CHAIR captions: add a chair benchmark")
+        if "crosscheck" in kinds and len(self.systems) < 2:
+            raise ValueError("crosscheck needs at least 2 systems")
+        return self
+
+
+def load_job(path: str | Path) -> EvalJob:
+    """Read an EvalJob from .toml, .yaml/.yml or .json; errors name the file and the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvalInputError(f"job file '{path}' does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise EvalInputError(f"job file '{path}': unknown format {p.suffix!r}; use .toml, .yaml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise EvalInputError(f"job file '{path}' is not valid {p.suffix[1:].upper()}: {first}") from None
+    return parse_job(data, where=f"job file '{path}'")
+
+
+def parse_job(data: Any, where: str = "job") -> EvalJob:
+    from clearsight.errors import pydantic_message
+
+    try:
+        return EvalJob.model_validate(data)
+    except ValidationError as exc:
+        raise EvalInputError(pydantic_message(exc, where)) from None

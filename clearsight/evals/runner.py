@@ -1,0 +1,398 @@
+"""Run an EvalJob: generate (cached, resumable) -> score (pure, no model) -> report.
+
+The generation cache (``<output>/generations.jsonl``) is keyed by a stable hash of the system
+(model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt),
+flushed per record. A killed run loses at most the record being written and a rerun skips what is
+cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clearsight.evals.cache import GenerationCache
+from clearsight.evals.datasets.pope import PopeSet, build_prompt, load_pope_file
+from clearsight.evals.datasets.pope import score_pope as _score_pope
+from clearsight.evals.datasets.shapes import resolve_builtin
+from clearsight.evals.errors import EvalInputError
+from clearsight.evals.executor import Executor, LocalExecutor, WorkItem
+from clearsight.evals.job import ChairBenchmark, CrossCheckBenchmark, EvalJob, PopeBenchmark, SystemSpec
+from clearsight.evals.metrics.chair import (
+    ChairVocabulary,
+    build_ground_truth,
+    compute_chair,
+    sample_image_ids,
+)
+from clearsight.evals.metrics.crosscheck import (
+    IMPLICIT_PROMPT,
+    Correlation,
+    CrossCheckResult,
+    EmbeddingScorer,
+    PromptJudgeScorer,
+    aggregate_sample,
+    aggregate_system,
+    correlate,
+    crosscheck_explicit,
+    implicit_answer_to_score,
+    rank_systems,
+    split_sentences,
+)
+from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
+
+ProgressFactory = Callable[[int, str], Any]
+
+
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class PreparedPope:
+    bench: PopeBenchmark
+    sets: dict[str, PopeSet]
+    items: list[WorkItem]
+    where: dict[str, tuple[str, Any]]  # sample id -> (split, question id)
+
+
+@dataclass
+class PreparedChair:
+    bench: ChairBenchmark
+    vocab: ChairVocabulary
+    image_ids: list[int]
+    items: list[WorkItem]
+    image_of: dict[str, int]  # sample id -> image id
+    instances: list[str]
+    captions: list[str]
+    ground_truth: dict[int, set[str]] = field(default_factory=dict)
+
+
+def _prompt_tag(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:10]
+
+
+def prepare_pope(bench: PopeBenchmark) -> PreparedPope:
+    if bench.files:
+        sets = {s: load_pope_file(bench.files[s], split=s, image_dir=bench.image_dir) for s in bench.splits}
+        image_dir = Path(bench.image_dir) if bench.image_dir else None
+    else:
+        world = resolve_builtin(bench.data or "builtin:shapes")
+        sets = {s: load_pope_file(world.pope[s], split=s, image_dir=world.images_dir) for s in bench.splits}
+        image_dir = world.images_dir
+    items, where = [], {}
+    for split, pset in sets.items():
+        if not pset.questions:
+            raise EvalInputError(f"POPE split {split!r} has no questions: the file {pset.files[0].path} is empty")
+        if bench.limit is not None:
+            pset.questions = pset.questions[: bench.limit]
+        for q in pset.questions:
+            prompt = build_prompt(q.text, bench.prompt_suffix)
+            sid = f"pope/{split}/{q.question_id}/{_prompt_tag(prompt)}"
+            image = str(image_dir / q.image) if image_dir is not None else q.image
+            items.append(WorkItem(sid, prompt, image, bench.max_new_tokens))
+            where[sid] = (split, q.question_id)
+    return PreparedPope(bench, sets, items, where)
+
+
+def prepare_chair(bench: ChairBenchmark) -> PreparedChair:
+    if bench.data and not bench.instances:
+        world = resolve_builtin(bench.data)
+        instances, captions, image_dir = [str(world.instances)], [str(world.captions)], world.images_dir
+        vocab = ChairVocabulary.load(bench.vocabulary or world.vocabulary)
+    else:
+        instances, captions = list(bench.instances), list(bench.captions)
+        image_dir = Path(bench.image_dir or ".")
+        vocab = ChairVocabulary.load(bench.vocabulary) if bench.vocabulary else ChairVocabulary.coco()
+    ids = sample_image_ids(instances[0], n=bench.n_images, seed=bench.seed)
+    files = _image_files(instances)
+    items, image_of = [], {}
+    for image_id in ids:
+        path = image_dir / files[image_id]
+        if not path.is_file():
+            raise EvalInputError(f"CHAIR image {path} (id {image_id}) does not exist: check image_dir")
+        sid = f"chair/{image_id}/{_prompt_tag(bench.prompt)}"
+        items.append(WorkItem(sid, bench.prompt, str(path), bench.max_new_tokens))
+        image_of[sid] = image_id
+    return PreparedChair(bench, vocab, ids, items, image_of, instances, captions)
+
+
+def _image_files(instance_files: Sequence[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for f in instance_files:
+        with open(f, encoding="utf-8") as fh:
+            data = json.load(fh)
+        out.update({int(im["id"]): im["file_name"] for im in data.get("images", [])})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- keys
+def model_identity(system: SystemSpec) -> str:
+    """What identifies the weights, computed without loading them (so scoring needs no model)."""
+    from clearsight import __version__
+
+    src = system.model
+    if src.startswith("builtin:"):
+        return f"{src}@clearsight-{__version__}"
+    path = Path(src).expanduser()
+    if (path / "config.json").is_file():
+        h = hashlib.sha256((path / "config.json").read_bytes())
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        return f"{path.resolve()}#{h.hexdigest()[:16]}"
+    return src
+
+
+def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
+    decode = system.decode_for(max_new_tokens).model_dump(mode="json")
+    decode.pop("batch_size", None)  # batching does not change outputs
+    return {"model": model_identity(system), "dtype": system.dtype, "mitigations": system.mitigation_config(),
+            "decode": decode}
+
+
+# ------------------------------------------------------------------------------------------- run
+@dataclass
+class Prepared:
+    pope: PreparedPope | None = None
+    chair: PreparedChair | None = None
+    crosscheck: CrossCheckBenchmark | None = None
+
+    @property
+    def items(self) -> list[WorkItem]:
+        return [*(self.pope.items if self.pope else []), *(self.chair.items if self.chair else [])]
+
+
+def prepare(job: EvalJob) -> Prepared:
+    prep = Prepared()
+    for bench in job.benchmarks:
+        if isinstance(bench, PopeBenchmark):
+            prep.pope = prepare_pope(bench)
+        elif isinstance(bench, ChairBenchmark):
+            prep.chair = prepare_chair(bench)
+        else:
+            prep.crosscheck = bench
+    return prep
+
+
+def _tqdm_progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def pending_work(job: EvalJob, prep: Prepared, cache: GenerationCache) -> dict[str, list[WorkItem]]:
+    out = {}
+    for system in job.systems:
+        out[system.label] = [it for it in prep.items
+                             if not cache.has(system_config(system, it.max_new_tokens), it.sample_id)]
+    return out
+
+
+def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executor: Executor,
+                   progress: ProgressFactory | None = _tqdm_progress) -> int:
+    """Generate what the cache lacks; returns the number of new records."""
+    todo = pending_work(job, prep, cache)
+    total = sum(len(v) for v in todo.values())
+    bar = progress(total, "generate") if progress and total else None
+    written = 0
+    try:
+        for system in job.systems:
+            items = todo[system.label]
+            by_len: dict[int, list[WorkItem]] = {}
+            for it in items:
+                by_len.setdefault(it.max_new_tokens, []).append(it)
+            for max_new, group in by_len.items():
+                config = system_config(system, max_new)
+
+                def on_result(item: WorkItem, record: dict[str, Any], config=config, label=system.label) -> None:
+                    nonlocal written
+                    output = record.pop("output")
+                    if cache.put(config, item.sample_id, output, system=label, **record):
+                        written += 1
+                    if bar is not None:
+                        bar.set_postfix_str(label, refresh=False)
+                        bar.update(1)
+
+                executor.generate(system, system.decode_for(max_new), group, on_result)
+    finally:
+        if bar is not None:
+            bar.close()
+    return written
+
+
+def run_job(job: EvalJob, executor: Executor | None = None, progress: ProgressFactory | None = _tqdm_progress,
+            generate_only: bool = False) -> EvalResults | None:
+    """Generate (resuming from the cache), score and write the report into ``job.output``."""
+    prep = prepare(job)
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(job.model_dump_json(indent=2), encoding="utf-8")
+    cache = GenerationCache(out / "generations.jsonl")
+    own = executor is None
+    executor = executor or make_executor(job)
+    try:
+        generate_stage(job, prep, cache, executor, progress)
+        if generate_only:
+            return None
+        results = score_job(job, prep, cache, executor if isinstance(executor, LocalExecutor) else None)
+    finally:
+        if own:
+            executor.close()
+    write_report(results, out)
+    return results
+
+
+def make_executor(job: EvalJob) -> Executor:
+    if job.executor == "ray":
+        try:
+            from clearsight.workers.executor import RayExecutor
+        except ImportError as exc:
+            raise EvalInputError(f"executor 'ray' is not available ({exc}); install clearsight[serve]") from None
+        return RayExecutor(batch_size=job.batch_size, address=job.ray_address)
+    return LocalExecutor(batch_size=job.batch_size)
+
+
+# ------------------------------------------------------------------------------------------- score
+def _outputs(cache: GenerationCache, system: SystemSpec, items: Sequence[WorkItem]) -> dict[str, str]:
+    got = {}
+    missing = 0
+    for it in items:
+        rec = cache.get(system_config(system, it.max_new_tokens), it.sample_id)
+        if rec is None:
+            missing += 1
+        else:
+            got[it.sample_id] = rec["output"]
+    if missing:
+        raise EvalInputError(f"system {system.label!r}: {missing} of {len(items)} samples have no cached output in "
+                             f"{cache.path}; run the generation stage (clearsight eval run) first")
+    return got
+
+
+def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
+              model_source: LocalExecutor | None = None) -> EvalResults:
+    """Score every system from the cache. Needs no model, except the judge / implicit CrossCheck scorers."""
+    systems: list[SystemResult] = []
+    data_files: list[DataFile] = []
+    captions_by_system: dict[str, dict[int, str]] = {}
+    if prep.pope:
+        for pset in prep.pope.sets.values():
+            data_files += [DataFile.from_pope(f) for f in pset.files]
+    if prep.chair:
+        from clearsight.evals._io import sha256_file
+
+        for f in prep.chair.instances + prep.chair.captions:
+            data_files.append(DataFile(path=f, sha256=sha256_file(f), n=len(prep.chair.image_ids), layout="coco"))
+        prep.chair.ground_truth = build_ground_truth(
+            prep.chair.instances, prep.chair.captions, prep.chair.vocab, prep.chair.image_ids,
+            cache_path=Path(job.output) / "chair_ground_truth.json")
+    for system in job.systems:
+        res = SystemResult(name=system.label, config={"model": system.model, "mitigations": system.mitigations},
+                           decode=system.decode_for(1).model_dump(mode="json", exclude={"max_new_tokens"}))
+        if prep.pope:
+            outs = _outputs(cache, system, prep.pope.items)
+            answers: dict[str, dict[Any, str]] = {s: {} for s in prep.pope.sets}
+            for sid, text in outs.items():
+                split, qid = prep.pope.where[sid]
+                answers[split][qid] = text
+            res.pope = _score_pope(prep.pope.sets, answers, parser=prep.pope.bench.parser)
+        if prep.chair:
+            outs = _outputs(cache, system, prep.chair.items)
+            caps = {prep.chair.image_of[sid]: text for sid, text in outs.items()}
+            captions_by_system[system.label] = caps
+            res.chair = compute_chair(caps, prep.chair.ground_truth, prep.chair.vocab,
+                                      drop_incomplete=prep.chair.bench.drop_incomplete)
+        systems.append(res)
+    results = EvalResults(
+        systems=systems, data_files=data_files,
+        pope_parser=prep.pope.bench.parser if prep.pope else None,
+        chair_image_ids=prep.chair.image_ids if prep.chair else None,
+        chair_seed=prep.chair.bench.seed if prep.chair else None,
+        notes={"decode": {s.label: s.decode_for(1).describe().split(",")[0] for s in job.systems}},
+    )
+    if prep.crosscheck and prep.chair:
+        results.crosscheck = run_crosscheck(job, prep, captions_by_system, model_source or LocalExecutor())
+        results.correlations = _correlations(results)
+    return results
+
+
+def _correlations(results: EvalResults) -> list[Correlation]:
+    assert results.crosscheck is not None
+    scores = results.crosscheck.scores
+    out = []
+    refs = {"CHAIR_i": {s.name: s.chair.chair_i for s in results.systems if s.chair},
+            "POPE mean F1": {s.name: s.pope.mean_f1 for s in results.systems if s.pope}}
+    for name, ref in refs.items():
+        if len(ref) >= 2 and len(set(ref.values())) > 1 and len(set(scores.values())) > 1:
+            out.append(correlate(scores, ref, name))
+    return out
+
+
+def run_crosscheck(job: EvalJob, prep: Prepared, captions: Mapping[str, Mapping[int, str]],
+                   models: LocalExecutor) -> CrossCheckResult:
+    bench = prep.crosscheck
+    assert bench is not None and prep.chair is not None
+    ids = sorted(next(iter(captions.values())))
+    if bench.max_samples:
+        ids = ids[: bench.max_samples]
+    outputs = {name: {i: caps[i] for i in ids} for name, caps in captions.items()}
+    if bench.scorer == "embedding":
+        from clearsight.evals.embedding import minilm_embed
+
+        return crosscheck_explicit(outputs, EmbeddingScorer(minilm_embed, name="embedding:all-MiniLM-L6-v2"))
+    if bench.scorer == "judge":
+        judge_system = SystemSpec(model=bench.judge_model or job.systems[0].model)
+        lvlm = models.model(judge_system)
+
+        def ask(prompt: str) -> str:
+            from clearsight import DecodeSpec, generate
+
+            return generate(lvlm, [prompt], decode=DecodeSpec(max_new_tokens=4))[0].text
+
+        return crosscheck_explicit(outputs, PromptJudgeScorer(ask, name=f"judge:{judge_system.model}"))
+    return implicit_crosscheck(job, prep, outputs, models)
+
+
+def implicit_crosscheck(job: EvalJob, prep: Prepared, outputs: Mapping[str, Mapping[int, str]],
+                        models: LocalExecutor) -> CrossCheckResult:
+    """Each evidence system is asked, with the image, whether the target sentence contains an error."""
+    from clearsight import DecodeSpec, generate
+
+    assert prep.chair is not None
+    path_of = {prep.chair.image_of[it.sample_id]: it.image for it in prep.chair.items}
+    systems = list(outputs)
+    evidence = [s for s in job.systems if s.label in systems]
+    per_sentence: dict[tuple[str, int, int], list[float]] = {}
+    sentences = {(name, i): split_sentences(text) for name, texts in outputs.items() for i, text in texts.items()}
+    for ev in evidence:
+        lvlm = models.model(ev)
+        keys, reqs = [], []
+        for (name, i), sents in sentences.items():
+            for j, s in enumerate(sents):
+                keys.append((name, i, j))
+                reqs.append({"prompt": IMPLICIT_PROMPT.format(sentence=s), "image": path_of[i]})
+        results = generate(lvlm, reqs, ev.mitigations, DecodeSpec(max_new_tokens=4, batch_size=job.batch_size))
+        for key, r in zip(keys, results):
+            per_sentence.setdefault(key, []).append(implicit_answer_to_score(r.text))
+    scores, n_samples, n_sentences, skipped = {}, {}, {}, {}
+    for name in systems:
+        sample_scores = {}
+        for i in outputs[name]:
+            sents = sentences[(name, i)]
+            sample_scores[i] = aggregate_sample([per_sentence[(name, i, j)] for j in range(len(sents))])
+        scores[name] = aggregate_system(sample_scores)
+        n_samples[name] = sum(v is not None for v in sample_scores.values())
+        n_sentences[name] = sum(len(sentences[(name, i)]) for i in outputs[name])
+        skipped[name] = sum(v is None for v in sample_scores.values())
+    return CrossCheckResult(scorer="implicit", scores=scores, ranking=rank_systems(scores), n_samples=n_samples,
+                            n_sentences=n_sentences, skipped_samples=skipped)
+
+
+def score_from_cache(job: EvalJob) -> EvalResults:
+    """Re-score an existing output folder without loading any model (explicit scorers only)."""
+    prep = prepare(job)
+    cache = GenerationCache(Path(job.output) / "generations.jsonl")
+    if not len(cache):
+        raise EvalInputError(f"{cache.path} holds no generations: run the job first")
+    results = score_job(job, prep, cache)
+    write_report(results, job.output)
+    return results

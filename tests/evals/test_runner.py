@@ -1,0 +1,180 @@
+"""The eval runner end to end: tiny model x builtin:shapes, resume after SIGKILL, scoring without a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clearsight.evals.cache import GenerationCache
+from clearsight.evals.errors import EvalInputError
+from clearsight.evals.job import load_job, parse_job
+from clearsight.evals.runner import run_job, score_from_cache
+
+SYSTEMS = [
+    {"name": "base"},
+    {"name": "sampled", "decode": {"do_sample": True, "seed": 3, "temperature": 1.2}},
+    {"name": "next", "model": "builtin:tiny-llava-next"},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shapes_cache(tmp_path_factory):
+    """One shapes world for the module (and its subprocesses), generated on first use."""
+    root = tmp_path_factory.mktemp("shapes-cache")
+    old = os.environ.get("CLEARSIGHT_CACHE")
+    os.environ["CLEARSIGHT_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("CLEARSIGHT_CACHE")
+    else:
+        os.environ["CLEARSIGHT_CACHE"] = old
+
+
+def _job(out: Path, **kw):
+    data = {"systems": SYSTEMS, "output": str(out), "batch_size": 4,
+            "benchmarks": [{"kind": "pope", "limit": 6}, {"kind": "chair", "n_images": 6, "max_new_tokens": 16},
+                           {"kind": "crosscheck"}]}
+    data.update(kw)
+    return parse_job(data)
+
+
+def test_end_to_end_three_systems(tmp_path):
+    t0 = time.perf_counter()
+    results = run_job(_job(tmp_path), progress=None)
+    elapsed = time.perf_counter() - t0
+    assert {s.name for s in results.systems} == {"base", "sampled", "next"}
+    for s in results.systems:
+        assert set(s.pope.splits) == {"random", "popular", "adversarial"}
+        assert all(m.n == 6 for m in s.pope.splits.values())
+        assert s.chair.n_captions == 6
+    assert set(results.crosscheck.scores) == {"base", "sampled", "next"}
+    assert sorted(results.crosscheck.ranking) == ["base", "next", "sampled"]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "report.md", "generations.jsonl", "job.json", "pope_f1.png", "chair.png"} <= files
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["pope_parser"] == "pope" and len(data["chair_image_ids"]) == 6
+    assert all(len(f["sha256"]) == 64 for f in data["data_files"])
+    assert "torch" in data["package_versions"]
+    # 3 systems x (18 POPE + 6 CHAIR) generations, each cached exactly once
+    assert len(GenerationCache(tmp_path / "generations.jsonl")) == 72
+    print(f"end-to-end eval: {elapsed:.1f} s")
+
+
+def test_rerun_is_served_from_cache_and_rescoring_needs_no_model(tmp_path, monkeypatch):
+    job = _job(tmp_path, benchmarks=[{"kind": "pope", "limit": 3}, {"kind": "chair", "n_images": 3,
+                                                                       "max_new_tokens": 8}])
+    first = run_job(job, progress=None)
+    size = (tmp_path / "generations.jsonl").stat().st_size
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("clearsight.models.loader.load_model", no_model)
+    again = run_job(job, progress=None)  # everything cached: no model loads
+    assert (tmp_path / "generations.jsonl").stat().st_size == size
+    rescored = score_from_cache(job)
+    for a, b, c in zip(first.systems, again.systems, rescored.systems):
+        assert a.pope == b.pope == c.pope and a.chair == b.chair == c.chair
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_killed_run_resumes_to_the_same_cache_and_metrics(tmp_path):
+    job_data = {"systems": SYSTEMS[:2], "batch_size": 2,
+                "benchmarks": [{"kind": "pope", "limit": 10}, {"kind": "chair", "n_images": 6, "max_new_tokens": 12}]}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for d in (whole, killed):
+        d.mkdir()
+        (d / "job.json").write_text(json.dumps({**job_data, "output": str(d)}))
+    run_job(load_job(whole / "job.json"), progress=None)
+
+    cmd = [sys.executable, "-m", "clearsight", "eval", "run", str(killed / "job.json"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache_file = killed / "generations.jsonl"
+    deadline = time.time() + 120
+    while len(_lines(cache_file)) < 8 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(_lines(cache_file))
+    assert 8 <= n_before < 72, "the run was not killed in the middle"
+    with open(cache_file, "a") as f:  # the record being written when the process died
+        f.write('{"key": "abc", "system": {"model": "x"}, "sample_')
+    with pytest.warns(UserWarning, match="dropped truncated/invalid last line"):
+        run_job(load_job(killed / "job.json"), progress=None)
+
+    a = {json.loads(x)["key"]: json.loads(x)["output"] for x in _lines(whole / "generations.jsonl")}
+    rows = [json.loads(x) for x in _lines(cache_file)]
+    b = {r["key"]: r["output"] for r in rows}
+    assert len(rows) == len(b) == len(a)  # nothing missing, nothing duplicated
+    assert a == b
+    ra = json.loads((whole / "results.json").read_text())["systems"]
+    rb = json.loads((killed / "results.json").read_text())["systems"]
+    assert ra == rb
+
+
+def test_bad_input_errors_and_nothing_half_written(tmp_path, shapes_cache):
+    with pytest.raises(EvalInputError, match="unknown split 'bogus'"):
+        parse_job({"systems": [{}], "benchmarks": [{"kind": "pope", "splits": ["bogus"]}]})
+    with pytest.raises(EvalInputError, match="unknown mitigation 'nope'"):
+        parse_job({"systems": [{"mitigations": ["nope"]}], "benchmarks": [{"kind": "pope"}]})
+    with pytest.raises(EvalInputError, match="crosscheck scores the CHAIR captions"):
+        parse_job({"systems": [{}, {"name": "b"}], "benchmarks": [{"kind": "crosscheck"}]})
+    with pytest.raises(EvalInputError, match="both named 'none'"):
+        parse_job({"systems": [{}, {}], "benchmarks": [{"kind": "pope"}]})
+    bad = tmp_path / "job.toml"
+    bad.write_text("systems = [\n")
+    with pytest.raises(EvalInputError, match="is not valid TOML"):
+        load_job(bad)
+    # an empty POPE file: a one-line error, and no results written
+    empty = tmp_path / "coco_pope_random.json"
+    empty.write_text("")
+    out = tmp_path / "out"
+    job = parse_job({"systems": [{}], "output": str(out),
+                     "benchmarks": [{"kind": "pope", "data": None, "files": {"random": str(empty)},
+                                     "splits": ["random"]}]})
+    with pytest.raises(EvalInputError):
+        run_job(job, progress=None)
+    assert not (out / "results.json").exists()
+    # a POPE file naming an image that is not there
+    qfile = tmp_path / "coco_pope_popular.json"
+    qfile.write_text(json.dumps({"question_id": 1, "image": "missing.png", "text": "Is there a cat?",
+                                 "label": "yes"}) + "\n")
+    job = parse_job({"systems": [{}], "output": str(out),
+                     "benchmarks": [{"kind": "pope", "data": None, "files": {"popular": str(qfile)},
+                                     "image_dir": str(tmp_path), "splits": ["popular"]}]})
+    with pytest.raises(EvalInputError, match="missing.png"):
+        run_job(job, progress=None)
+    assert not (out / "results.json").exists()
+
+
+def test_job_files_in_three_formats(tmp_path):
+    data = {"systems": [{"name": "a"}], "benchmarks": [{"kind": "pope", "limit": 2}], "output": "x"}
+    (tmp_path / "j.json").write_text(json.dumps(data))
+    (tmp_path / "j.yaml").write_text("systems:\n  - name: a\nbenchmarks:\n  - kind: pope\n    limit: 2\noutput: x\n")
+    (tmp_path / "j.toml").write_text(
+        'output = "x"\n[[systems]]\nname = "a"\n[[benchmarks]]\nkind = "pope"\nlimit = 2\n')
+    jobs = [load_job(tmp_path / f"j.{ext}") for ext in ("json", "yaml", "toml")]
+    assert jobs[0] == jobs[1] == jobs[2]
+
+
+def test_cli_eval_and_report(tmp_path, capsys):
+    from clearsight.cli import main
+
+    out = tmp_path / "pope"
+    rc = main(["eval", "pope", "--limit", "2", "--output", str(out), "--system", "none", "--no-progress"])
+    assert rc == 0
+    assert "## POPE" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert "| none |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not an eval output folder" in capsys.readouterr().err

@@ -96,3 +96,46 @@ def test_mixed_batch_equals_solo_runs():
     solo = [generate(lvlm, [r], decode=DECODE)[0].token_ids for r in reqs]
     assert batched == solo
     assert generate(lvlm, reqs[:1], decode=DECODE)[0].mitigations == ["test-contrast:alpha=1.0"]
+
+
+class NoisedBranch(Mitigation):
+    """Test-only: a branch whose processed pixels are replaced; combine follows the branch."""
+
+    name: Literal["test-noised"] = "test-noised"
+    value: float = 0.0
+
+    def branches(self, ctx):
+        return [Branch("noised", pixel_transform=lambda px: torch.full_like(px, self.value))]
+
+    def combine(self, logits, step, ctx):
+        return logits["noised"]
+
+
+@pytest.mark.parametrize("family", ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl"])
+def test_pixel_transform_touches_only_its_row(family):
+    """A branch fed transformed pixels equals a request whose image already has those pixels."""
+    lvlm = tiny(family)
+    register(NoisedBranch)
+    try:
+        img = make_image(6)
+        req = {"prompt": PROMPT, "image": img}
+        followed = generate(lvlm, [req], ["test-noised:value=0.5"], decode=DECODE)[0].token_ids
+        # oracle: the processed pixels of a constant image equal the transform's output
+        texts = [lvlm.adapter.chat_prompt(PROMPT, True)]
+        batch = lvlm.adapter.encode(texts, [img])
+        batch["pixel_values"] = torch.full_like(batch["pixel_values"], 0.5)
+        lvlm.set_backend("sdpa")
+        with torch.inference_mode():
+            out = lvlm.model.generate(**batch, max_new_tokens=DECODE.max_new_tokens, do_sample=False,
+                                      pad_token_id=lvlm.adapter.pad_token_id)
+        lvlm.set_backend("torch")
+        expected = []
+        for t in out[0, batch["input_ids"].shape[1]:].tolist():
+            if t in lvlm.adapter.eos_token_ids:
+                break
+            expected.append(t)
+        assert followed == expected
+        plain = generate(lvlm, [req], decode=DECODE)[0].token_ids
+        assert plain != expected  # the transform made a difference
+    finally:
+        REGISTRY.pop("test-noised")

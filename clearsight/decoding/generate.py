@@ -97,6 +97,7 @@ class _Row:
     branch: str
     prompt: str
     image: Image.Image | None
+    pixel_transform: Any = None
 
 
 class _Chunk:
@@ -134,11 +135,12 @@ class _Chunk:
                     if isinstance(br_image, str):
                         br_image = load_image(br_image, f"{m.name} branch image")
                     ctx.rows[name] = len(rows)
-                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image))
+                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image, br.pixel_transform))
             self.ctxs.append(ctx)
         self.rows = rows
         texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
         batch = adapter.encode(texts, [r.image for r in rows])
+        self._transform_pixels(batch, rows)
         self.batch = {k: v.to(lvlm.device) for k, v in batch.items()}
         self.layouts = adapter.row_layouts(self.batch)
         for r, lay in zip(rows, self.layouts):
@@ -164,6 +166,20 @@ class _Chunk:
         self.finish: list[str | None] = [None for _ in requests]
         self.timings = {"prepare_s": time.perf_counter() - t0, "prefill_s": 0.0, "decode_s": 0.0}
         self.eos = adapter.eos_token_ids
+
+    def _transform_pixels(self, batch: dict[str, torch.Tensor], rows: list[_Row]) -> None:
+        """Apply branches' pixel transforms to their own image's processed pixels."""
+        if not any(r.pixel_transform for r in rows):
+            return
+        slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
+        pixels = batch["pixel_values"].clone()
+        for r in rows:
+            if r.image is None:
+                continue
+            sl = next(slices)
+            if r.pixel_transform is not None:
+                pixels[sl] = r.pixel_transform(pixels[sl])
+        batch["pixel_values"] = pixels
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None,
                 extra: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, DynamicCache]:

@@ -8,7 +8,7 @@ per step, (3) calibrate through the adapter's hooks. It never touches model code
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,13 +31,16 @@ class Branch:
     """An extra row of a request, run in the same batched forward as its main row.
 
     ``image``: ``"same"`` (the request's image), ``None`` (no image) or another PIL image.
-    ``prompt``: None keeps the request's prompt. Plan edits for the branch's row (for example a
-    counterfactual) are written by the mitigation in ``apply`` through ``ctx.rows[name]``.
+    ``prompt``: None keeps the request's prompt. ``pixel_transform``: applied to this row's processed
+    pixel values (the model's normalised input tensor for its image, e.g. VCD's diffusion noise).
+    Plan edits for the branch's row (for example a counterfactual) are written by the mitigation in
+    ``apply`` through ``ctx.rows[name]``.
     """
 
     name: str
     image: Image.Image | str | None = SAME_IMAGE
     prompt: str | None = None
+    pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

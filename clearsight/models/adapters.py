@@ -155,6 +155,11 @@ class Adapter:
         n = len(batch.get("pixel_values", ()))
         return [(side, side)] * n
 
+    def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
+        """Where each image's processed pixels sit along dim 0 of ``batch["pixel_values"]`` (in image order)."""
+        n = len(batch.get("pixel_values", ()))
+        return [slice(i, i + 1) for i in range(n)]
+
     def row_layouts(self, batch: dict[str, torch.Tensor]) -> list[RowLayout]:
         ids = batch["input_ids"]
         mask = batch["attention_mask"]
@@ -297,6 +302,17 @@ class Qwen2VLAdapter(Adapter):
         if thw is None:
             return []
         return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
+
+    def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
+        # pixel_values are the flattened patches of all images; each image has t * h * w of them
+        thw = batch.get("image_grid_thw")
+        if thw is None:
+            return []
+        out, start = [], 0
+        for t, h, w in thw.tolist():
+            out.append(slice(start, start + t * h * w))
+            start += t * h * w
+        return out
 
     def prefill_position_ids(self, batch: dict[str, torch.Tensor], layouts: list[RowLayout]) -> torch.Tensor:
         """[3, B, L] M-RoPE positions from the model's own ``get_rope_index``."""

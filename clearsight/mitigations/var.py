@@ -1,0 +1,215 @@
+"""VAR: Visual Attention Redistribution (Kang, Kim, Kim, Hwang, "See What You Are Told: Visual Attention
+Sink in Large Multimodal Models", ICLR 2025; code seilk/VisAttnSink).
+
+1. Sink tokens (paper Sec. 3, Eq. 2), per layer l in the chosen layers, found once at prefill from
+   the hidden state x entering layer l (the adapter's ``hook_layer_inputs``):
+   ``phi(x) = max_{d in D} |x_d / rms(x)|`` (weight-free RMS, eps 1e-6); a token is a sink iff
+   ``phi > tau`` (tau = 20). Image sinks become IMAGE_SINK, text sinks (BOS) TEXT_SINK in the
+   plan's per-layer segments; generated tokens are never sinks (the sets are reused at decode).
+   D comes from ``sink_dims``, else the adapter's per-family table (keyed by hidden size), else a
+   calibration on the request's own prefill (dimensions with massive activations on a few tokens,
+   see ``find_sink_dims``), reported with a warning and in ``ctx.state["var"]``.
+2. Image-centric heads (Sec. 4.1, Eq. 4), per (layer, head, query row), at prefill and every decode
+   step: image mass ``S_img >= 0.2`` and non-sink share ``S_ns / S_img >= rho`` (rho = 0.5). Only
+   rows after the image at prefill; layers 2..L-2 (the last layer excluded); a layer without any
+   visual sink is left untouched.
+3. Redistribution (Sec. 4.2, Eq. 5-6) on the selected rows: sinks keep ``1 - p`` of their weight,
+   the removed mass goes to the non-sink image keys in proportion to their weight; row mass is
+   preserved. Executed exactly by the plan's ``redistribute`` (the backends compute the segment
+   masses and add ``log(1-p)`` / ``log(1 + p S_sink / S_ns)`` to the scores; no attention map is
+   materialised).
+
+``p_semantics``: ``paper`` (p = fraction moved, default 0.6) or ``code`` (the released config's p is
+the fraction kept, author-confirmed in VisAttnSink issue #5: code p = 0.4 is paper p = 0.6).
+p = 0 (paper) writes nothing: the tokens are exactly the unmitigated ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from clearsight.errors import InputError
+from clearsight.kernels.plan import QueryRows, Segment
+from clearsight.mitigations.base import MAIN, Mitigation, RequestContext
+from clearsight.mitigations.pai import LayerList, boost_layers
+from clearsight.mitigations.registry import register
+
+EPS = 1e-6
+
+
+def var_layers(layers: list[int] | None, num_layers: int) -> list[int]:
+    """The paper's layers 2..L-2 (``except_last_layer``), or the user's list."""
+    if layers is not None:
+        return boost_layers(layers, num_layers)
+    return list(range(2, num_layers - 1))
+
+
+def normalized_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x / rms(x)| per token, weight-free RMSNorm with eps 1e-6: [..., hidden] -> [..., hidden]."""
+    x = x.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)).abs()
+
+
+def sink_scores(x: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """phi(x) = max over sink dimensions of |x_d / rms(x)|: [T, hidden] -> [T]."""
+    return normalized_abs(x)[..., list(dims)].amax(-1)
+
+
+def find_sink_dims(hidden: list[torch.Tensor], tau: float = 20.0, max_tokens: float = 0.1, max_dims: int = 4
+                   ) -> tuple[list[int], dict[int, int]]:
+    """Calibration: dimensions with massive activations on a few tokens (after Sun et al. 2024 and VAR Sec. 3).
+
+    hidden: the layer inputs [T, hidden] of some layers. A dimension is massive in a layer when
+    ``|x_d / rms(x)| > tau`` on at least one token and on at most ``max_tokens`` of the tokens (at
+    least one). Returns the dimensions massive in the most layers (ties: the larger activation
+    first), at most ``max_dims``, and the per-dimension layer counts.
+    """
+    counts: dict[int, int] = {}
+    peak: dict[int, float] = {}
+    for x in hidden:
+        z = normalized_abs(x)
+        over = z > tau
+        n = over.sum(0)
+        limit = max(1, int(max_tokens * z.shape[0]))
+        for d in torch.nonzero((n >= 1) & (n <= limit)).flatten().tolist():
+            counts[d] = counts.get(d, 0) + 1
+            peak[d] = max(peak.get(d, 0.0), float(z[:, d].max()))
+    ranked = sorted(counts, key=lambda d: (-counts[d], -peak[d]))
+    return ranked[:max_dims], counts
+
+
+@dataclass
+class SinkCalibration:
+    """What ``calibrate_sink_dims`` found: pass ``dims`` as ``var:sink_dims=a|b``."""
+
+    dims: list[int]
+    layer_counts: dict[int, int]
+    layers: list[int]
+    hidden_size: int
+    tau: float
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        if not self.dims:
+            return (f"no sink dimensions found (hidden size {self.hidden_size}, layers {self.layers}, tau {self.tau}, "
+                    f"{self.tokens} tokens): no massive activations, VAR will find no sinks")
+        per = ", ".join(f"{d} (massive in {self.layer_counts[d]}/{len(self.layers)} layers)" for d in self.dims)
+        return (f"sink dimensions for hidden size {self.hidden_size}: {per}; use var:sink_dims="
+                + "|".join(map(str, self.dims)))
+
+
+def calibrate_sink_dims(lvlm: Any, requests: list[Any], tau: float = 20.0, layers: list[int] | None = None,
+                        max_tokens: float = 0.1, max_dims: int = 4) -> SinkCalibration:
+    """Find VAR's sink dimensions of an unknown model from the prefill of a few requests (public API only)."""
+    from clearsight.config import DecodeSpec
+    from clearsight.decoding.generate import generate
+
+    adapter = lvlm.adapter
+    chosen = var_layers(layers, adapter.num_layers)
+    seen: list[torch.Tensor] = []
+    tokens = 0
+    for req in requests:
+        got: dict[int, torch.Tensor] = {}
+
+        def grab(layer: int, x: torch.Tensor, got: dict[int, torch.Tensor] = got) -> None:
+            if layer in chosen and layer not in got:
+                got[layer] = x[0].detach().clone()
+
+        with adapter.hook_layer_inputs(grab):
+            generate(lvlm, [req], decode=DecodeSpec(max_new_tokens=1))
+        seen.extend(got.values())
+        tokens += next(iter(got.values())).shape[0] if got else 0
+    dims, counts = find_sink_dims(seen, tau, max_tokens, max_dims)
+    return SinkCalibration(dims, counts, chosen, adapter.hidden_size, tau, tokens)
+
+
+class _Detect:
+    """Layer-input hook of one request: find the sinks of each layer at prefill and write the plan."""
+
+    def __init__(self, spec: VAR, ctx: RequestContext, layers: list[int], dims: list[int] | None):
+        self.spec, self.ctx, self.layers, self.dims = spec, ctx, set(layers), dims
+        self.handle: Any = None
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> None:
+        ctx, spec = self.ctx, self.spec
+        if ctx.step != 0 or layer not in self.layers:
+            return None
+        row = ctx.rows[MAIN]
+        layout = ctx.layouts[row]
+        x = hidden[row]
+        state = ctx.state.setdefault("var", {"sinks": {}})
+        if self.dims is None:  # unknown model: calibrate on this prefill, once, and say so
+            self.dims, _ = find_sink_dims([x[layout.pad:]], spec.tau)
+            state["sink_dims"] = list(self.dims)
+            state["calibrated"] = True
+            warnings.warn(
+                f"var: no sink-dimension table for hidden size {x.shape[-1]} ({ctx.lvlm.adapter.family}); "
+                f"calibrated on this prompt at layer {layer}: {self.dims or 'none found'}. "
+                "Fix them with var:sink_dims=a|b (see clearsight.mitigations.var.calibrate_sink_dims).",
+                stacklevel=2,
+            )
+        if not self.dims:
+            return None
+        sink = sink_scores(x, self.dims) > spec.tau
+        sink[: layout.pad] = False
+        seg = ctx.plan.segment[row].clone()
+        image = (seg == Segment.IMAGE) | (seg == Segment.IMAGE_SINK)
+        state["sinks"][layer] = torch.nonzero(sink).flatten().tolist()
+        if not bool((sink & image).any()):
+            return None  # Sec. 4.2: a layer without visual sinks is not modified
+        seg[sink & image] = Segment.IMAGE_SINK
+        seg[sink & ~image] = Segment.TEXT_SINK
+        ctx.plan.set_segments(layer, [row], seg, owner=spec.name)
+        ctx.plan.set_redistribute([layer], [row], p_move=spec.p_move, rho=spec.rho,
+                                  min_image_mass=spec.min_image_mass, query_rows=QueryRows.AFTER_IMAGE,
+                                  owner=spec.name)
+        return None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+@register
+class VAR(Mitigation):
+    name: Literal["var"] = "var"
+    summary = "VAR (Kang et al. 2025): move p of the sink attention to non-sink image keys on image-centric heads"
+    kind = "plan"
+
+    p: float = Field(0.6, ge=0.0, le=1.0, description="sink mass moved (paper) or kept (p_semantics=code)")
+    p_semantics: Literal["paper", "code"] = Field("paper", description="paper: p is moved; code: p is kept")
+    rho: float = Field(0.5, ge=0.0, le=1.0, description="head test: non-sink share of image mass >= rho")
+    min_image_mass: float = Field(0.2, ge=0.0, le=1.0, description="head test: image mass >= this")
+    tau: float = Field(20.0, gt=0.0, description="sink threshold on max_d |x_d / rms(x)|")
+    sink_dims: LayerList = Field(None, description="sink dimensions D (default: adapter table, else calibrate)")
+    layers: LayerList = Field(None, description="edited layers (default 2..L-2, the last layer excluded)")
+
+    @property
+    def p_move(self) -> float:
+        return self.p if self.p_semantics == "paper" else 1.0 - self.p
+
+    def install(self, ctx: RequestContext) -> Any | None:
+        if self.p_move == 0.0:
+            return None
+        adapter = ctx.lvlm.adapter
+        if self.tau >= adapter.hidden_size**0.5:
+            warnings.warn(f"var: tau={self.tau} cannot be reached: |x_d / rms(x)| <= sqrt(hidden size) = "
+                          f"{adapter.hidden_size**0.5:.1f}, so no token will be a sink; lower tau", stacklevel=2)
+        dims = self.sink_dims
+        if dims is None:
+            table = adapter.sink_dimensions.get(adapter.hidden_size)
+            dims = list(table) if table is not None else None
+        if dims is not None:
+            bad = [d for d in dims if not 0 <= d < adapter.hidden_size]
+            if bad:
+                raise InputError(f"var: sink_dims {bad} out of range for hidden size {adapter.hidden_size}")
+            ctx.state.setdefault("var", {"sinks": {}})["sink_dims"] = list(dims)
+        hook = _Detect(self, ctx, var_layers(self.layers, adapter.num_layers), dims)
+        hook.handle = adapter.hook_layer_inputs(hook)
+        return hook

@@ -1,30 +1,23 @@
+"""Fixtures only. Helpers live in importable modules with unique names (tinyworld.py,
+kernels/plan_cases.py): `from conftest import ...` breaks when several conftest files exist."""
+
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
+
 import pytest
 import torch
-from PIL import Image
+from tinyworld import make_image
 
 torch.set_num_threads(2)
 
-FAMILIES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
-_CACHE: dict[str, object] = {}
 
+@pytest.fixture
+def module():
+    """Stands in for a transformers attention module (layer 1, GQA 4 heads over 2 kv heads)."""
+    from plan_cases import HKV, H
 
-def tiny(name: str, backend: str = "torch"):
-    """A builtin tiny model (cached per session; the backend is reset on each call)."""
-    from clearsight import load_model
-
-    if name not in _CACHE:
-        _CACHE[name] = load_model(f"builtin:{name}")
-    lvlm = _CACHE[name]
-    lvlm.set_backend(backend)
-    return lvlm
-
-
-def make_image(seed: int, size=(40, 50)) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+    return SimpleNamespace(layer_idx=1, num_key_value_groups=H // HKV, is_causal=True)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 import pytest
 import torch
-from conftest import make_image, tiny
+from tinyworld import make_image, tiny
 
 from clearsight import DecodeSpec, generate
 from clearsight.mitigations import REGISTRY, Branch, Mitigation, register

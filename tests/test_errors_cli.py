@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny
+from tinyworld import tiny
 
 from clearsight import DecodeSpec, InputError, generate, load_model
 from clearsight.cli import main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, make_image, tiny
+from tinyworld import FAMILIES, make_image, tiny
 
 from clearsight import DecodeSpec, generate, stream_generate
 from clearsight.kernels.context import use_plan

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import L0, NUM_LAYERS, PADS, D, make_plan, make_qkv
 from oracle import oracle_attention
+from plan_cases import L0, NUM_LAYERS, PADS, D, make_plan, make_qkv
 
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import Counterfactual, PlanConflictError, QueryRows, Segment

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the triton backend cannot be tested")
 
-from conftest import PADS, D, H, make_plan, make_qkv  # noqa: E402
+from plan_cases import PADS, D, H, make_plan, make_qkv  # noqa: E402
 from test_backends import FEATURES as BASE_FEATURES  # noqa: E402
 from test_backends import _abs_last, _bias, _head_scale, _redistribute  # noqa: E402
 

@@ -1,15 +1,10 @@
+"""Shared plans and q/k/v for the kernel tests (imported by name: only tests/conftest.py is a conftest)."""
+
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from types import SimpleNamespace
-
-import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from clearsight.kernels.plan import AttentionPlan, RowLayout, Segment  # noqa: E402
+from clearsight.kernels.plan import AttentionPlan, RowLayout, Segment
 
 PADS = (0, 2, 3)
 L0 = 12
@@ -36,8 +31,3 @@ def make_qkv(B: int, Lq: int, Lk: int, seed: int = 0):
     k = torch.randn(B, HKV, Lk, D, generator=g) * 1.5
     v = torch.randn(B, HKV, Lk, D, generator=g)
     return q, k, v
-
-
-@pytest.fixture
-def module():
-    return SimpleNamespace(layer_idx=1, num_key_value_groups=H // HKV, is_causal=True)

@@ -25,6 +25,7 @@ from clearsight.kernels.plan import RowLayout, Segment, default_position_ids
 
 LayerInputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
 HeadOutputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+VisionAttentionHook = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 class HookHandles:
@@ -245,6 +246,36 @@ class Adapter:
         if not out.attentions:
             raise RuntimeError(f"{type(tower).__name__} returned no attention maps")
         return tuple(out.attentions)
+
+
+    def hook_vision_feature_attention(self, fn: VisionAttentionHook) -> HookHandles:
+        """Call ``fn(attn, hidden_states, output)`` at the self-attention of the vision layer the projector reads.
+
+        That layer is the one whose output is ``hidden_states[vision_feature_layer]`` (LLaVA: -2, the
+        penultimate layer). ``attn`` is the CLIP-style attention module (``q_proj``, ``k_proj``,
+        ``v_proj``, ``out_proj``, ``num_heads``, ``scale``), ``hidden_states`` [N, T, C] its input and
+        ``output`` [N, T, C] its output before the residual, N = the images (LLaVA-NeXT: their tiles) in
+        pixel-value order. A returned tensor replaces the output (CausalMM's vision-level counterfactual).
+        """
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)  # older transformers nest it
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        layer = getattr(self.model.config, "vision_feature_layer", None)
+        if layers is None or not hasattr(layers[0].self_attn, "q_proj") or not isinstance(layer, int):
+            raise InputError(f"{type(self.vision_tower).__name__} has no CLIP-style feature layer to hook "
+                             f"({self.family}): vision-level attention edits need a LLaVA / LLaVA-NeXT model")
+        index = (layer if layer >= 0 else len(layers) + 1 + layer) - 1  # hidden_states[0] = the embeddings
+        if not 0 <= index < len(layers):
+            raise InputError(f"vision_feature_layer {layer} selects no encoder layer")
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            first = output[0] if isinstance(output, tuple) else output
+            new = fn(module, hidden, first)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return HookHandles([layers[index].self_attn.register_forward_hook(hook, with_kwargs=True)])
 
 
 def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:

@@ -50,7 +50,9 @@ ST_CNT, ST_MAXIMG, ST_RND, ST_SHF = 6, 8, 9, 11  # per image segment (IMAGE, IMA
 NSTAT = 16
 
 LOG2E = 1.4426950408889634
-NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: exp2(-inf - NEG_BIG) = 0, never NaN
+# finite "minus infinity" for running maxima: exp2(-inf - NEG_BIG) = 0, never NaN (a constexpr: the
+# compiler only lets kernels read constexpr globals; the interpreter does not check)
+NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 # generated keys rank above every prompt limit (plan.GENERATED_RANK_OFFSET); a global the kernels read
 GEN_OFFSET: tl.constexpr = tl.constexpr(GENERATED_RANK_OFFSET)
 
@@ -624,18 +626,26 @@ def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
     return mins
 
 
-def default_blocks(Lq: int, Lk: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, SPLITS) from shapes only (never from values: CUDA-graph friendly)."""
+def default_blocks(Lq: int, Lk: int, head_dim: int, two_pass: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLITS, num_warps) from shapes only (never from values: CUDA-graph friendly).
+
+    GPU choices come from ahead-of-time sm_90 compiles of every mode at D = 128 (cuobjdump
+    -res-usage; docs/kernels.md): these are the largest tiles without register spills. The
+    two-pass modes carry ~15 per-row statistics, hence their narrower key tiles.
+    """
     if INTERPRET:
         # tiny tiles keep the interpreter fast; two splits still exercise the decode merge
-        return 16, 16, (2 if Lq <= 16 and Lk > 16 else 1)
+        return 16, 16, (2 if Lq <= 16 and Lk > 16 else 1), 4
     if Lq <= 16:
-        # decode: split-KV so that B*H programs fill the GPU (4-8 splits at 1k-4k keys)
+        # decode: split-KV so that B*H programs fill the GPU (4-8 splits at 1k-4k keys; flash-decoding)
+        block_n = 32 if two_pass else 64
         splits = 1
         while splits < 8 and Lk > splits * 256:
             splits *= 2
-        return 16, 64, splits
-    return (64 if head_dim <= 128 else 32), 64, 1
+        return 16, block_n, splits, 4
+    if head_dim > 128:
+        return 32, 32, 1, 8
+    return 64, (32 if two_pass else 64), 1, 8
 
 
 def fused_attention(
@@ -661,7 +671,8 @@ def fused_attention(
     if H % Hkv != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
     dev = query.device
-    bm0, bn0, sp0 = default_blocks(Lq, Lk, D)
+    two_pass = kp.cf_kind is not None or kp.red_p is not None or kp.want_last_row
+    bm0, bn0, sp0, num_warps = default_blocks(Lq, Lk, D, two_pass)
     BLOCK_M = block_m or bm0
     BLOCK_N = block_n or bn0
     SPLITS = splits or sp0
@@ -671,7 +682,6 @@ def fused_attention(
         SPLITS = 1  # split-KV is a decode schedule: one query tile per (row, head)
     BLOCK_D = max(16, triton.next_power_of_2(D))
 
-    two_pass = kp.cf_kind is not None or kp.red_p is not None or kp.want_last_row
     need_seg = (kp.bias is not None or kp.abs_bias is not None or two_pass or kp.want_segment_mass)
     if need_seg and kp.segment is None and kp.prompt_len > 0:
         raise ValueError("segment-dependent edits need KernelPlan.segment")
@@ -729,11 +739,12 @@ def fused_attention(
         *mask_args,
         H, H // Hkv, Lq, Lk, kp.prompt_len, D, float(scale),
     ]
+    launch = dict(num_warps=num_warps, num_stages=2)
     if two_pass:
-        _attn_kernel[grid](*args, MODE=MODE_STATS, **common)
-        _attn_kernel[grid](*args, MODE=MODE_OUTPUT, **common)
+        _attn_kernel[grid](*args, MODE=MODE_STATS, **common, **launch)
+        _attn_kernel[grid](*args, MODE=MODE_OUTPUT, **common, **launch)
     else:
-        _attn_kernel[grid](*args, MODE=MODE_ONLINE, **common)
+        _attn_kernel[grid](*args, MODE=MODE_ONLINE, **common, **launch)
     if SPLITS > 1:
         _merge_kernel[(B * H * Lq,)](
             acc, st, out, _f(masses), _f(kp.head_scale), *out.stride(), H, Lq, D,
@@ -749,4 +760,76 @@ def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> f
     return f / 2 if causal and Lq == Lk else f
 
 
-__all__ = ["INTERPRET", "KernelPlan", "attention_flops", "default_blocks", "fused_attention"]
+# ----------------------------------------------------------------------------------------------- AOT check
+_PTR_TYPES = {
+    "St": "*fp32", "Acc": "*fp32", "SegOut": "*fp32", "LastRow": "*fp32", "KvValid": "*i32", "Pad": "*i64",
+    "Seg": "*i8", "Rank": "*i64", "Limit": "*i64", "BlkMin": "*i32", "Bias": "*fp32", "AbsBias": "*fp32",
+    "AbsFrom": "*i64", "HeadScale": "*fp32", "CfKind": "*i64", "CfSeed": "*i64", "CfSource": "*i64",
+    "RedP": "*fp32", "RedRho": "*fp32", "RedMin": "*fp32", "RedFrom": "*i64", "Mask": "*i1",
+}
+
+
+def compile_check(arch: int = 90, dtype: str = "bf16") -> list[str]:
+    """Compile every kernel mode ahead of time for ``sm_<arch>`` (no GPU needed: triton ships ptxas).
+
+    The interpreter runs kernels as Python and misses compiled-mode errors (non-constexpr globals,
+    type promotion, layouts); this runs the real frontend and backend down to a cubin. Must be
+    called in a process without TRITON_INTERPRET=1. Returns the names of the compiled variants.
+    """
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRET:
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (the kernels are interpreted functions)")
+    target = GPUTarget("cuda", arch, 32)
+    flags = dict(
+        SPLITS=1, KV_PER_ROW=False, HAS_PAD=True, HAS_RANK=False, DENSE_MASK=False, HAS_BIAS=False,
+        HAS_ABS=False, HAS_HS=False, HAS_CF=False, HAS_RED=False, STATS_SEG=False, STATS_LAST=False,
+        UPCAST=dtype == "fp32", DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=128,
+    )
+    every = dict(HAS_BIAS=True, HAS_ABS=True, HAS_RANK=True, HAS_HS=True, HAS_CF=True, HAS_RED=True,
+                 STATS_SEG=True, STATS_LAST=True)
+    variants = {
+        "prefill/online": dict(MODE=0),
+        "prefill/online+mask+bias+stats": dict(MODE=0, HAS_BIAS=True, HAS_ABS=True, HAS_RANK=True, STATS_SEG=True),
+        "prefill/dense-mask": dict(MODE=0, DENSE_MASK=True, HAS_PAD=False, KV_PER_ROW=True),
+        "prefill/stats-pass": dict(MODE=1, **every),
+        "prefill/output-pass": dict(MODE=2, **every),
+        "decode/online-split": dict(MODE=0, SPLITS=8, KV_PER_ROW=True, STATS_SEG=True, HAS_HS=True),
+        "decode/stats-pass-split": dict(MODE=1, SPLITS=8, **every),
+        "decode/output-pass-split": dict(MODE=2, SPLITS=8, **every),
+    }
+    names = list(inspect.signature(_attn_kernel.fn).parameters)
+    done = []
+    for name, var in variants.items():
+        two_pass = var["MODE"] > 0
+        bm, bn, _, nw = (16, 32 if two_pass else 64, 8, 4) if name.startswith("decode") else (
+            64, 32 if two_pass else 64, 1, 8)
+        consts = {**flags, **var, "BLOCK_M": bm, "BLOCK_N": bn}
+        sig = {}
+        for n in names:
+            if n in consts:
+                sig[n] = "constexpr"
+            elif n in ("Q", "K", "V", "Out"):
+                sig[n] = "*" + dtype
+            elif n in _PTR_TYPES:
+                sig[n] = _PTR_TYPES[n]
+            else:
+                sig[n] = "fp32" if n == "scale" else "i32"
+        triton.compile(ASTSource(fn=_attn_kernel, signature=sig, constexprs=consts), target=target,
+                       options={"num_warps": nw, "num_stages": 2})
+        done.append(name)
+    msig = {"Acc": "*fp32", "St": "*fp32", "Out": "*" + dtype, "SegOut": "*fp32", "HeadScale": "*fp32"}
+    for n in list(inspect.signature(_merge_kernel.fn).parameters):
+        msig.setdefault(n, "i32")
+    for normalised in (False, True):
+        consts = dict(SPLITS=8, BLOCK_D=128, NORMALISED=normalised, HAS_HS=True, STATS_SEG=not normalised)
+        sig = {n: ("constexpr" if n in consts else t) for n, t in msig.items()}
+        triton.compile(ASTSource(fn=_merge_kernel, signature=sig, constexprs=consts), target=target)
+        done.append(f"merge/{'normalised' if normalised else 'lse'}")
+    return done
+
+
+__all__ = ["INTERPRET", "KernelPlan", "attention_flops", "compile_check", "default_blocks", "fused_attention"]

@@ -1,0 +1,631 @@
+#!/usr/bin/env python
+"""Train ``builtin:shapes-llava``: a small LLaVA on the shapes world (reference/demo-model.md recipe).
+
+Two stages, seeded and CPU-only (about 20 minutes on 2 cores with the defaults):
+
+1. vision pre-training: the CLIP vision tower alone, with a throw-away head that classifies the shape
+   and colour in each of the 4 x 4 grid cells, on scenes *without* partner pairs (so the co-occurrence
+   prior can only live in the language model);
+2. vision tower frozen; projector + Llama LM trained on scenes *with* the pair structure and 10%
+   near-invisible (but labelled) noise objects. Each image carries one caption turn and balanced yes/no
+   turns that share the image prefix through a 4D attention mask (positions restart per turn); the loss
+   is on the answer tokens and </s> only.
+
+Then the checkpoint is saved with ``save_pretrained`` (safetensors), reloaded through
+``clearsight.load_model`` (the same path as any HF checkpoint), evaluated on held-out scenes from a
+different seed with ``clearsight.generate`` (POPE random / popular / adversarial, CHAIR), and the scores
+are written to ``MODEL_CARD.md`` and ``scores.json`` beside the weights.
+
+    python scripts/train_shapes_llava.py                    # full run, writes the shipped checkpoint
+    python scripts/train_shapes_llava.py --quick --out /tmp/sl   # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from clearsight.evals.datasets.shapes import (  # noqa: E402
+    PARTNER_PAIRS,
+    Scene,
+    ShapesWorldSpec,
+    generate_scenes,
+    partner_rate,
+    render_scene,
+    shapes_chair_vocabulary,
+)
+from clearsight.models import shapes_llava as sl  # noqa: E402
+
+DEFAULT_OUT = ROOT / "clearsight" / "models" / "weights" / "shapes-llava"
+THRESHOLDS = {"pope_random_accuracy_min": 0.85, "chair_i_min_exclusive": 0.0, "chair_recall_min": 0.60}
+CAPTION_RE = re.compile(r"^a (\w+) (\w+)((, a \w+ \w+)* and a \w+ \w+)?\.$")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class Pixels:
+    """PIL scene -> normalised tensor, identical to the CLIP PIL image processor at 96 px (checked)."""
+
+    def __init__(self, proc):
+        ip = proc.image_processor
+        self.mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+        self.std = torch.tensor(ip.image_std).view(3, 1, 1)
+
+    def __call__(self, scenes: Sequence[Scene], spec: ShapesWorldSpec) -> torch.Tensor:
+        arr = np.stack([np.asarray(render_scene(s, spec)) for s in scenes])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+        return (x - self.mean) / self.std
+
+
+def cell_targets(scenes: Sequence[Scene], spec: ShapesWorldSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per grid cell: shape class (0 = empty) and colour class (0 = empty), row-major."""
+    shapes = {s: i + 1 for i, s in enumerate(spec.shapes)}
+    colours = {c: i + 1 for i, c in enumerate(spec.colours)}
+    g = spec.grid
+    ts = torch.zeros(len(scenes), g * g, dtype=torch.long)
+    tc = torch.zeros(len(scenes), g * g, dtype=torch.long)
+    for b, sc in enumerate(scenes):
+        for o in sc.objects:
+            k = o.cell[0] * g + o.cell[1]
+            ts[b, k] = shapes[o.shape]
+            tc[b, k] = colours[o.colour]
+    return ts, tc
+
+
+class Packer:
+    """Builds packed multi-turn rows: [<s> USER: <image>x64] + turn + turn + ..., each turn
+    "{question} ASSISTANT: {answer}</s>" attending to the image prefix and to itself only."""
+
+    def __init__(self, tok, n_image_tokens: int):
+        self.tok = tok
+        self.image_id = tok.convert_tokens_to_ids("<image>")
+        self.prefix = [tok.bos_token_id, *tok("USER:", add_special_tokens=False)["input_ids"]]
+        self.prefix += [self.image_id] * n_image_tokens
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def turn(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        q = self.ids(question + " ASSISTANT:")
+        a = self.ids(answer) + [self.tok.eos_token_id]
+        return q + a, [-100] * len(q) + a
+
+    def batch(self, rows: list[list[tuple[str, str]]]):
+        seqs, labs, turn_of = [], [], []
+        for turns in rows:
+            ids, lab, tid = list(self.prefix), [-100] * len(self.prefix), [0] * len(self.prefix)
+            for k, (q, a) in enumerate(turns, start=1):
+                i, l = self.turn(q, a)
+                ids += i
+                lab += l
+                tid += [k] * len(i)
+            seqs.append(ids)
+            labs.append(lab)
+            turn_of.append(tid)
+        T = max(len(s) for s in seqs)
+        B = len(seqs)
+        P = len(self.prefix)
+        input_ids = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        turn = torch.full((B, T), -1, dtype=torch.long)  # -1 = padding
+        for b in range(B):
+            n = len(seqs[b])
+            input_ids[b, :n] = torch.tensor(seqs[b])
+            labels[b, :n] = torch.tensor(labs[b])
+            turn[b, :n] = torch.tensor(turn_of[b])
+        # positions restart after the prefix for every turn
+        pos = torch.zeros(B, T, dtype=torch.long)
+        for b in range(B):
+            start = 0
+            for t in range(T):
+                if t < P:
+                    pos[b, t] = t
+                elif turn[b, t] != turn[b, t - 1]:
+                    start = t
+                    pos[b, t] = P
+                else:
+                    pos[b, t] = P + (t - start)
+        i = torch.arange(T)
+        causal = i[None, :] <= i[:, None]  # [T, T] key <= query
+        ti, tj = turn[:, :, None], turn[:, None, :]
+        allowed = causal[None] & ((tj == 0) | (ti == tj)) & (tj >= 0)
+        allowed |= torch.eye(T, dtype=torch.bool)[None]  # padding rows see themselves (no NaN)
+        mask = torch.zeros(B, 1, T, T)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        return input_ids, labels, pos, mask
+
+
+def make_turns(scene: Scene, spec: ShapesWorldSpec, rng: random.Random, n_qa: int) -> list[tuple[str, str]]:
+    """One caption turn and balanced yes/no turns (present objects vs random absent types)."""
+    present = list(dict.fromkeys(scene.object_names))
+    absent = [s for s in spec.shapes if s not in present]
+    k = min(n_qa, len(present), len(absent))
+    turns = [(rng.choice(sl.CAPTION_PROMPTS), scene.caption)]
+    for obj in rng.sample(present, k):
+        turns.append((sl.question(obj, suffix=rng.random() < 0.5), "Yes"))
+    for obj in rng.sample(absent, k):
+        turns.append((sl.question(obj, suffix=rng.random() < 0.5), "No"))
+    head, rest = turns[:1], turns[1:]
+    rng.shuffle(rest)
+    return head + rest
+
+
+# ----------------------------------------------------------------------------------------- model pieces
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Last vision layer patch features without CLS (vision_feature_layer=-1, strategy 'default')."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[-1][:, 1:]
+
+
+def packed_logits(model, input_ids, pos, mask, feats, image_id: int, only: torch.Tensor | None = None):
+    emb = model.model.language_model.embed_tokens(input_ids)
+    img = model.model.multi_modal_projector(feats).to(emb.dtype)
+    sel = (input_ids == image_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(sel, img.reshape(-1))
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    if only is not None:
+        hidden = hidden[only]
+    return model.lm_head(hidden)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def curve(losses: list[float], points: int = 10) -> list[float]:
+    """Loss curve summary: mean loss over ``points`` equal chunks of training."""
+    if not losses:
+        return []
+    n = len(losses)
+    out = []
+    for k in range(min(points, n)):
+        a, b = k * n // min(points, n), (k + 1) * n // min(points, n)
+        out.append(round(float(np.mean(losses[a:b])), 4))
+    return out
+
+
+def self_check(model, proc, packer: Packer, pixels: Pixels, spec: ShapesWorldSpec) -> None:
+    """Packed rows must give the same ids and logits as the chat-template prompt through the processor."""
+    scene = generate_scenes(ShapesWorldSpec(n_images=1, seed=99))[0]
+    turns = [("Describe the image.", scene.caption), (sl.question("star"), "No"), (sl.question("circle"), "Yes")]
+    ids, labels, pos, mask = packer.batch([turns])
+    pv = pixels([scene], spec)
+    model.eval()
+    with torch.no_grad():
+        full = packed_logits(model, ids, pos, mask, image_features(model, pv), packer.image_id)[0]
+        P = len(packer.prefix)
+        offset = P
+        for q, a in turns:
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+                    {"role": "assistant", "content": a}]
+            text = proc.apply_chat_template(msgs, tokenize=False)
+            b = proc(text=[text], images=[render_scene(scene, spec)], return_tensors="pt")
+            n = len(packer.turn(q, a)[0])
+            want = ids[0, :P].tolist() + ids[0, offset:offset + n].tolist()
+            if b["input_ids"][0].tolist() != want:
+                raise AssertionError(f"packed ids differ from the chat template for {q!r}")
+            if (b["pixel_values"] - pv).abs().max() > 1e-5:
+                raise AssertionError("pixel preprocessing differs from the processor")
+            ref = model(**b).logits[0]
+            got = torch.cat([full[:P], full[offset:offset + n]])
+            err = (ref - got).abs().max().item()
+            if err > 1e-3:
+                raise AssertionError(f"packed logits differ from the plain forward by {err}")
+            offset += n
+    log("self-check: packed rows == chat template ids, processor pixels and plain-forward logits")
+
+
+# ----------------------------------------------------------------------------------------- training
+def stage1(model, args, pixels: Pixels) -> list[float]:
+    spec = ShapesWorldSpec(n_images=args.stage1_steps * args.stage1_batch, seed=args.seed + 1,
+                           partner_pairs=(), captions_per_image=1, name="shapes-pretrain")
+    scenes = generate_scenes(spec)
+    vt = model.model.vision_tower
+    hid = vt.config.hidden_size
+    g = spec.grid
+    side = vt.config.image_size // vt.config.patch_size
+    n_out = len(spec.shapes) + 1 + len(spec.colours) + 1
+    head = torch.nn.Sequential(torch.nn.LayerNorm(hid), torch.nn.Linear(hid, n_out))
+    params = list(vt.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.stage1_lr, weight_decay=0.05)
+    vt.train()
+    losses: list[float] = []
+    t0 = time.time()
+    ns = len(spec.shapes) + 1
+    for step in range(args.stage1_steps):
+        batch = scenes[step * args.stage1_batch:(step + 1) * args.stage1_batch]
+        pv = pixels(batch, spec)
+        ts, tc = cell_targets(batch, spec)
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.stage1_steps, args.stage1_lr, max(1, args.stage1_steps // 12))
+        feats = image_features(model, pv)  # [B, side*side, H]
+        B = feats.shape[0]
+        f = feats.view(B, g, side // g, g, side // g, hid).mean(dim=(2, 4)).reshape(B, g * g, hid)
+        out = head(f)
+        loss = F.cross_entropy(out[..., :ns].reshape(-1, ns), ts.view(-1)) + \
+            F.cross_entropy(out[..., ns:].reshape(-1, out.shape[-1] - ns), tc.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.stage1_steps:
+            with torch.no_grad():
+                acc_s = (out[..., :ns].argmax(-1) == ts).float().mean().item()
+                acc_c = (out[..., ns:].argmax(-1) == tc).float().mean().item()
+            el = time.time() - t0
+            eta = el / (step + 1) * (args.stage1_steps - step - 1)
+            log(f"[stage1 {step + 1:4d}/{args.stage1_steps}] loss {np.mean(losses[-args.log_every:]):.4f} "
+                f"cell-shape acc {acc_s:.3f} cell-colour acc {acc_c:.3f}  {el:6.0f}s elapsed, eta {eta:4.0f}s")
+    vt.eval()
+    for p in vt.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+def stage2(model, args, pixels: Pixels, packer: Packer) -> tuple[list[float], dict[str, float]]:
+    spec = ShapesWorldSpec(n_images=args.stage2_steps * args.stage2_batch, seed=args.seed,
+                           noise_fraction=args.noise, captions_per_image=1, name="shapes-train")
+    scenes = generate_scenes(spec)
+    stats = {"partner_rate": round(partner_rate(scenes), 4), "n_scenes": len(scenes),
+             "noise_objects": round(float(np.mean([o.noise for s in scenes for o in s.objects])), 4)}
+    rng = random.Random(args.seed)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+    model.train()
+    model.model.vision_tower.eval()
+    losses: list[float] = []
+    t0 = time.time()
+    warmup = min(args.warmup, max(1, args.stage2_steps // 6))
+    for step in range(args.stage2_steps):
+        batch = scenes[step * args.stage2_batch:(step + 1) * args.stage2_batch]
+        rows = [make_turns(s, spec, rng, args.qa_per_image) for s in batch]
+        ids, labels, pos, mask = packer.batch(rows)
+        with torch.no_grad():
+            feats = image_features(model, pixels(batch, spec))
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.stage2_steps, args.lr, warmup)
+        # next-token targets: logits at t predict labels at t+1
+        tgt = torch.full_like(labels, -100)
+        tgt[:, :-1] = labels[:, 1:]
+        sel = tgt != -100
+        logits = packed_logits(model, ids, pos, mask, feats, packer.image_id, only=sel)
+        loss = F.cross_entropy(logits.float(), tgt[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.stage2_steps:
+            el = time.time() - t0
+            eta = el / (step + 1) * (args.stage2_steps - step - 1)
+            log(f"[stage2 {step + 1:4d}/{args.stage2_steps}] loss {np.mean(losses[-args.log_every:]):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} seq {ids.shape[1]}  {el:6.0f}s elapsed, eta {eta:4.0f}s")
+    model.eval()
+    return losses, stats
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate(out: Path, args) -> dict:
+    from clearsight import DecodeSpec, generate, load_model
+    from clearsight.evals.datasets.pope import (
+        PopeGenerationConfig,
+        build_prompt,
+        generate_pope_questions,
+        parse_pope,
+        pope_metrics,
+    )
+    from clearsight.evals.metrics.chair import compute_chair
+
+    lvlm = load_model(str(out), device="cpu", dtype="float32")
+    spec = ShapesWorldSpec(n_images=args.eval_images, seed=args.eval_seed, name="shapes-eval")
+    scenes = generate_scenes(spec)
+    images = {s.file_name: render_scene(s, spec) for s in scenes}
+    partner = {a: b for a, b in PARTNER_PAIRS} | {b: a for a, b in PARTNER_PAIRS}
+
+    def run(prompts: list[tuple[str, str]], max_new: int) -> list[str]:
+        reqs = [{"prompt": p, "image": images[f]} for f, p in prompts]
+        res = generate(lvlm, reqs, decode=DecodeSpec(max_new_tokens=max_new, batch_size=args.eval_batch))
+        return [r.text for r in res]
+
+    def metrics(qs, texts) -> dict:
+        preds = [parse_pope(t) for t in texts]
+        m = pope_metrics([q.label for q in qs], preds)
+        neg = [p for q, p in zip(qs, preds) if q.label == "no"]
+        invalid = sum(t.strip().rstrip(".") not in ("Yes", "No") for t in texts)
+        return {"accuracy": round(m.accuracy, 4), "precision": round(m.precision, 4),
+                "recall": round(m.recall, 4), "f1": round(m.f1, 4), "yes_ratio": round(m.yes_ratio, 4),
+                "false_positive_rate": round(sum(p == "yes" for p in neg) / max(1, len(neg)), 4),
+                "n": len(qs), "invalid_answers": invalid}
+
+    t0 = time.time()
+    gt = [{"image": s.file_name, "objects": s.object_names, "image_id": s.image_id} for s in scenes]
+    # scenes where some present object's partner is absent: where the prior and the image disagree
+    pa_images = {g["image"] for g in gt if any(partner[o] not in g["objects"] for o in g["objects"] if o in partner)}
+    pope, pope_pa = {}, {}
+    for split in ("random", "popular", "adversarial"):
+        qs = generate_pope_questions(gt, split, PopeGenerationConfig(img_num=None, seed=args.eval_seed,
+                                                                     dataset="shapes"))
+        texts = run([(q.image, build_prompt(q.text)) for q in qs], 3)
+        pope[split] = metrics(qs, texts)
+        sub = [(q, t) for q, t in zip(qs, texts) if q.image in pa_images]
+        pope_pa[split] = metrics([q for q, _ in sub], [t for _, t in sub])
+        for tag, m in (("all scenes", pope[split]), ("partner absent", pope_pa[split])):
+            log(f"POPE {tag:15s} {split:11s} acc {m['accuracy']:.3f} f1 {m['f1']:.3f} "
+                f"fp-rate {m['false_positive_rate']:.3f} yes-ratio {m['yes_ratio']:.3f} "
+                f"(n={m['n']}, invalid={m['invalid_answers']})")
+
+    cap_scenes = scenes[:args.caption_images]
+    caps = run([(s.file_name, sl.CAPTION_PROMPTS[0]) for s in cap_scenes], 64)
+    truth = {s.image_id: set(s.object_names) for s in cap_scenes}
+    ch = compute_chair({s.image_id: c for s, c in zip(cap_scenes, caps)}, truth, shapes_chair_vocabulary())
+    hall_total = hall_partner = 0
+    for s, pc in zip(cap_scenes, ch.per_caption):
+        names = set(s.object_names)
+        for _, node in pc["mentions"]:
+            if node not in names:
+                hall_total += 1
+                hall_partner += partner.get(node) in names
+    fluent = sum(bool(CAPTION_RE.match(c.strip())) for c in caps) / len(caps)
+    exact = sum(c.strip() == s.caption for s, c in zip(cap_scenes, caps)) / len(caps)
+    chair = {"chair_s": round(ch.chair_s, 4), "chair_i": round(ch.chair_i, 4), "recall": round(ch.recall, 4),
+             "mean_length": round(ch.mean_length, 2), "n": len(caps), "fluent_fraction": round(fluent, 4),
+             "exact_match": round(exact, 4),
+             "hallucinations_that_are_absent_partner": round(hall_partner / hall_total, 4) if hall_total else 0.0}
+    log(f"CHAIR  CHAIR_s {ch.chair_s:.3f} CHAIR_i {ch.chair_i:.3f} recall {ch.recall:.3f} "
+        f"len {ch.mean_length:.1f} fluent {fluent:.2f} exact {exact:.2f} "
+        f"partner-share {chair['hallucinations_that_are_absent_partner']}")
+    samples = [{"image_id": s.image_id, "truth": s.caption, "caption": c} for s, c in zip(cap_scenes[:6], caps)]
+    for smp in samples:
+        log(f"  truth: {smp['truth']}\n  model: {smp['caption']}")
+    log(f"evaluation took {time.time() - t0:.0f}s")
+    return {"pope": pope, "pope_partner_absent": pope_pa, "chair": chair, "caption_samples": samples,
+            "eval_seconds": round(time.time() - t0, 1)}
+
+
+def check_thresholds(scores: dict) -> dict[str, bool]:
+    p = scores["pope"]
+    c = scores["chair"]
+    return {
+        "pope_random_accuracy>=0.85": p["random"]["accuracy"] >= THRESHOLDS["pope_random_accuracy_min"],
+        "pope_adversarial<random": p["adversarial"]["accuracy"] < p["random"]["accuracy"],
+        "chair_i>0": c["chair_i"] > THRESHOLDS["chair_i_min_exclusive"],
+        "chair_recall>=0.60": c["recall"] >= THRESHOLDS["chair_recall_min"],
+    }
+
+
+# ----------------------------------------------------------------------------------------- model card
+def model_card(scores: dict, args) -> str:
+    tr = scores["training"]
+    p, pa, c = scores["pope"], scores["pope_partner_absent"], scores["chair"]
+
+    def rows(block):
+        return "\n".join(f"| {s} | {m['accuracy']:.3f} | {m['f1']:.3f} | {m['false_positive_rate']:.3f} | "
+                         f"{m['yes_ratio']:.3f} | {m['n']} |" for s, m in block.items())
+
+    samples = "\n".join(f"| {s['truth']} | {s['caption']} |" for s in scores["caption_samples"])
+    checks = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in scores["thresholds_met"].items())
+    return f"""# shapes-llava (`builtin:shapes-llava`)
+
+A small LLaVA (`LlavaForConditionalGeneration`) trained from scratch on the clearsight **shapes world**
+(`clearsight.evals.datasets.shapes`): 96 x 96 px images of 2-6 coloured shapes on a 4 x 4 grid. It is a
+model of a toy world, for trying the hallucination pipeline end to end on a laptop; it knows nothing
+about natural images. Scores and settings below are machine-readable in `scores.json`.
+
+## Model
+
+- Vision: CLIP vision tower, hidden 192, 4 layers, 4 heads, MLP 768, image 96 px, patch 12, so an
+  **8 x 8 grid = 64 image tokens**; `vision_feature_layer=-1`, CLS dropped.
+- Projector: LLaVA 2-layer GELU MLP. Language model: Llama, hidden 192, 4 layers, 6 heads, MLP 576,
+  tied embeddings. Total {tr['params_m']:.2f} M parameters, float32 safetensors.
+- Tokenizer: word level, {tr['vocab_size']} tokens (case-sensitive; unknown words map to `<unk>`), BOS added.
+- Prompt (the processor's chat template, as `clearsight generate` builds it):
+  `USER: <image>\\n{{question}} ASSISTANT: {{answer}}</s>`.
+- Answers: captions like "a yellow diamond, a blue ring and a yellow square." (objects in reading
+  order) and `Yes` / `No` to "Is there a/an {{shape}} in the image?" (with or without POPE's
+  "Answer the question using a single word or phrase.").
+
+## Data
+
+- Shape types: 16; colours: 5; 8 partner pairs ({', '.join(f'{a}-{b}' for a, b in PARTNER_PAIRS)}).
+- Stage 1 scenes: no partner pairs (independent shapes), seed {args.seed + 1}.
+- Stage 2 scenes: `ShapesWorldSpec(seed={args.seed}, noise_fraction={args.noise})`, measured
+  P(partner | member) = {tr['stage2_data']['partner_rate']}; {tr['stage2_data']['noise_objects']:.1%} of objects
+  are drawn nearly invisible but still named (training only). This keeps the co-occurrence structure,
+  so the language model learns the prior and hallucinates absent partners.
+- Each training image carries one caption turn and up to {args.qa_per_image} yes + {args.qa_per_image} no
+  questions (present objects vs uniformly random absent types).
+
+## Training (seed {args.seed}, {tr['threads']} CPU threads, torch {tr['torch']}, transformers {tr['transformers']})
+
+1. Vision pre-training: {args.stage1_steps} steps x batch {args.stage1_batch}, AdamW lr {args.stage1_lr},
+   cosine; a throw-away head classifies the shape and colour of each grid cell. {tr['stage1_seconds']:.0f} s.
+2. Vision frozen; projector + LM: {args.stage2_steps} steps x batch {args.stage2_batch}, AdamW lr {args.lr},
+   betas (0.9, 0.98), wd {args.wd}, {args.warmup} warm-up steps, cosine. Turns share the image prefix through
+   a 4D attention mask with positions restarting per turn; loss on answer tokens + `</s>`.
+   {tr['stage2_seconds']:.0f} s.
+
+Total training time: **{tr['train_seconds'] / 60:.1f} min**. Loss curves (mean per tenth of training):
+
+- stage 1: {tr['stage1_loss_curve']}
+- stage 2: {tr['stage2_loss_curve']}
+
+## Held-out scores (scenes from seed {args.eval_seed}, clean images, greedy, `clearsight.generate`)
+
+POPE (official recipe: first three listed objects as positives, parser `pope`), all
+{args.eval_images} held-out scenes:
+
+| split | accuracy | F1 | false-positive rate | yes-ratio | N |
+|---|---|---|---|---|---|
+{rows(p)}
+
+The same questions restricted to held-out scenes where a present object's partner is absent:
+
+| split | accuracy | F1 | false-positive rate | yes-ratio | N |
+|---|---|---|---|---|---|
+{rows(pa)}
+
+CHAIR ("{sl.CAPTION_PROMPTS[0]}", max 64 new tokens, {c['n']} images): CHAIR_s {c['chair_s']:.3f},
+CHAIR_i {c['chair_i']:.3f}, recall {c['recall']:.3f}, mean length {c['mean_length']} words; fluent
+(training grammar) {c['fluent_fraction']:.2f}, exact match {c['exact_match']:.2f}; share of hallucinated
+objects that are the absent partner of a present object: {c['hallucinations_that_are_absent_partner']:.2f}.
+
+| ground truth | model caption |
+|---|---|
+{samples}
+
+Targets:
+
+{checks}
+
+## Retrain
+
+```
+python scripts/train_shapes_llava.py --seed {args.seed}     # writes this folder
+python scripts/train_shapes_llava.py --quick --out /tmp/shapes-llava-smoke
+```
+"""
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint folder to write")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (weights and scenes)")
+    ap.add_argument("--eval-seed", type=int, default=None, help="held-out scene seed (default seed + 1000)")
+    ap.add_argument("--stage1-steps", type=int, default=160)
+    ap.add_argument("--stage1-batch", type=int, default=48)
+    ap.add_argument("--stage1-lr", type=float, default=2e-3)
+    ap.add_argument("--stage2-steps", type=int, default=450)
+    ap.add_argument("--stage2-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--qa-per-image", type=int, default=3, help="yes (and as many no) questions per image")
+    ap.add_argument("--noise", type=float, default=0.1, help="share of near-invisible training objects")
+    ap.add_argument("--eval-images", type=int, default=200)
+    ap.add_argument("--caption-images", type=int, default=150)
+    ap.add_argument("--eval-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch CPU threads (use 1 when other jobs share the cores: OpenMP spins when oversubscribed)")
+    ap.add_argument("--stage1-cache", type=Path, default=None,
+                    help="save the stage-1 vision tower here, or load it if the file exists (skips stage 1)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: a few steps, tiny evaluation")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.stage1_steps, args.stage1_batch = 4, 8
+        args.stage2_steps, args.stage2_batch = 4, 4
+        args.eval_images, args.caption_images, args.log_every = 12, 4, 2
+    if args.eval_seed is None:
+        args.eval_seed = args.seed + 1000
+    if args.eval_seed == args.seed:
+        ap.error("--eval-seed must differ from --seed (held-out scenes)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    tok = sl.build_tokenizer()
+    proc = sl.build_processor(tok)
+    model = sl.build_model(tok)
+    model.set_attn_implementation("sdpa")
+    pixels = Pixels(proc)
+    packer = Packer(tok, sl.GRID * sl.GRID)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"shapes-llava: {n_params / 1e6:.2f} M params, vocab {len(tok)}, seed {args.seed}, "
+        f"threads {args.threads}, out {args.out}")
+    self_check(model, proc, packer, pixels, ShapesWorldSpec())
+
+    t0 = time.time()
+    cache = args.stage1_cache
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, map_location="cpu")
+        model.model.vision_tower.load_state_dict(saved["state"])
+        model.model.vision_tower.requires_grad_(False).eval()
+        l1 = saved["losses"]
+        log(f"stage 1: loaded the pre-trained vision tower from {cache}")
+    else:
+        log(f"stage 1: vision pre-training, {args.stage1_steps} steps x {args.stage1_batch}")
+        l1 = stage1(model, args, pixels)
+        if cache is not None:
+            torch.save({"state": model.model.vision_tower.state_dict(), "losses": l1}, cache)
+    t1 = time.time()
+    log(f"stage 2: projector + LM, {args.stage2_steps} steps x {args.stage2_batch}")
+    l2, data_stats = stage2(model, args, pixels, packer)
+    t2 = time.time()
+    log(f"training done in {(t2 - t0) / 60:.1f} min (stage 1 {t1 - t0:.0f}s, stage 2 {t2 - t1:.0f}s)")
+    log(f"stage 1 loss curve: {curve(l1)}")
+    log(f"stage 2 loss curve: {curve(l2)}")
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.safetensors", "scores.json", "MODEL_CARD.md"):
+        (out / stale).unlink(missing_ok=True)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    log(f"saved {out} (model.safetensors {size_mb:.1f} MB)")
+
+    training = {
+        "seed": args.seed, "eval_seed": args.eval_seed, "threads": args.threads, "quick": args.quick,
+        "params_m": round(n_params / 1e6, 3), "vocab_size": len(tok), "safetensors_mb": round(size_mb, 2),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "stage1_steps": args.stage1_steps, "stage1_batch": args.stage1_batch,
+        "stage2_steps": args.stage2_steps, "stage2_batch": args.stage2_batch, "lr": args.lr,
+        "noise_fraction": args.noise, "qa_per_image": args.qa_per_image,
+        "stage1_seconds": round(t1 - t0, 1), "stage2_seconds": round(t2 - t1, 1), "train_seconds": round(t2 - t0, 1),
+        "stage1_loss_curve": curve(l1), "stage2_loss_curve": curve(l2), "stage2_data": data_stats,
+    }
+    if args.no_eval:
+        (out / "scores.json").write_text(json.dumps({"training": training}, indent=1) + "\n")
+        return 0
+    scores = evaluate(out, args)
+    scores["training"] = training
+    scores["thresholds"] = THRESHOLDS
+    scores["thresholds_met"] = check_thresholds(scores)
+    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    (out / "MODEL_CARD.md").write_text(model_card(scores, args))
+    log(f"thresholds: {scores['thresholds_met']}")
+    log(f"wrote {out / 'MODEL_CARD.md'} and {out / 'scores.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

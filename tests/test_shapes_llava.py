@@ -1,0 +1,94 @@
+"""builtin:shapes-llava: the shipped demo checkpoint loads like any HF checkpoint, answers a fixed
+scene correctly, and its model card records held-out scores that meet the targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from clearsight import DecodeSpec, generate, load_model
+from clearsight.evals.datasets.pope import parse_pope
+from clearsight.evals.datasets.shapes import PARTNER_PAIRS, SHAPES, ShapesWorldSpec, generate_scenes, render_scene
+from clearsight.models.builtin import shapes_llava_path
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = shapes_llava_path()
+SCENE_SEED, SCENE_INDEX = 4242, 0  # a fixed held-out scene (training used seeds 0 and 1)
+PARTNER = {a: b for a, b in PARTNER_PAIRS} | {b: a for a, b in PARTNER_PAIRS}
+
+
+@pytest.fixture(scope="module")
+def lvlm():
+    return load_model("builtin:shapes-llava")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    spec = ShapesWorldSpec(n_images=SCENE_INDEX + 1, seed=SCENE_SEED)
+    sc = generate_scenes(spec)[SCENE_INDEX]
+    return sc, render_scene(sc, spec)
+
+
+def _ask(lvlm, image, prompt: str, max_new_tokens: int = 4) -> str:
+    return generate(lvlm, [{"prompt": prompt, "image": image}], decode=DecodeSpec(max_new_tokens=max_new_tokens))[0].text
+
+
+def test_checkpoint_files_and_size():
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "processor_config.json", "MODEL_CARD.md", "scores.json"):
+        assert (WEIGHTS / name).is_file(), name
+    assert (WEIGHTS / "chat_template.jinja").is_file() or "chat_template" in (WEIGHTS / "processor_config.json").read_text()
+    assert (WEIGHTS / "model.safetensors").stat().st_size <= 25 * 1024 * 1024
+    assert not list(WEIGHTS.glob("*.bin")) and not list(WEIGHTS.glob("*.pt"))
+
+
+def test_loads_as_llava_with_8x8_grid(lvlm):
+    assert type(lvlm.model).__name__ == "LlavaForConditionalGeneration"
+    assert lvlm.adapter.family == "llava"
+    vc = lvlm.model.config.vision_config
+    assert (vc.image_size, vc.patch_size) == (96, 12)
+    assert lvlm.model.config.image_seq_length == 64
+    assert lvlm.model.config.text_config.model_type == "llama"
+    q = "Is there a star in the image?"
+    assert lvlm.adapter.chat_prompt(q, has_image=True) == f"USER: <image>\n{q} ASSISTANT:"
+
+
+def test_fixed_scene_yes_no_and_caption(lvlm, scene):
+    sc, image = scene
+    present = sc.object_names[0]
+    absent = next(s for s in SHAPES if s not in sc.object_names and PARTNER[s] not in sc.object_names)
+    yes = _ask(lvlm, image, f"Is there a {present} in the image?\nAnswer the question using a single word or phrase.")
+    no = _ask(lvlm, image, f"Is there a {absent} in the image?\nAnswer the question using a single word or phrase.")
+    assert yes == "Yes" and parse_pope(yes) == "yes", (present, yes)
+    assert no == "No" and parse_pope(no) == "no", (absent, no)
+    cap = _ask(lvlm, image, "Please describe this image in detail.", max_new_tokens=40)
+    assert cap.startswith("a ") and cap.endswith("."), cap
+    assert any(name in cap for name in sc.object_names), (sc.caption, cap)
+
+
+def test_model_card_scores_meet_targets():
+    scores = json.loads((WEIGHTS / "scores.json").read_text())
+    pope, chair, tr = scores["pope"], scores["chair"], scores["training"]
+    assert tr["eval_seed"] != tr["seed"] and not tr["quick"]
+    assert pope["random"]["accuracy"] >= 0.85
+    assert pope["adversarial"]["accuracy"] < pope["random"]["accuracy"]
+    assert chair["chair_i"] > 0
+    assert chair["recall"] >= 0.60
+    assert all(scores["thresholds_met"].values())
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    assert f"{pope['random']['accuracy']:.3f}" in card and f"CHAIR_i {chair['chair_i']:.3f}" in card
+
+
+def test_quick_training_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_shapes_llava", ROOT / "scripts" / "train_shapes_llava.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sl"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "processor_config.json", "scores.json", "MODEL_CARD.md"):
+        assert (out / name).is_file(), name
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["training"]["quick"] and set(scores["pope"]) == {"random", "popular", "adversarial"}

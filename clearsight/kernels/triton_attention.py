@@ -610,10 +610,15 @@ _BLK_CACHE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
 def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
     """Smallest rank per key block [B, cdiv(L0, block_n)], cached per rank tensor, version and block.
 
-    Computed once per plan (a few device ops, no host sync) and reused by every layer and step.
+    Computed once per plan (a few device ops, no host sync) and reused by every layer and step;
+    recomputed per call for inference-mode tensors, which have no version counter to validate a cache.
     """
+    try:
+        version = k_rank._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter: recompute (tiny, no sync)
+        version = None
     hit = _BLK_CACHE.get(id(k_rank))
-    if hit is not None and hit[0]() is k_rank and hit[1] == k_rank._version and hit[2] == block_n:
+    if version is not None and hit is not None and hit[0]() is k_rank and hit[1] == version and hit[2] == block_n:
         return hit[3]
     B, L0 = k_rank.shape
     nblk = triton.cdiv(L0, block_n)
@@ -622,7 +627,8 @@ def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
     mins = padded.view(B, nblk, block_n).amin(-1).to(torch.int32).contiguous()
     for key in [key for key, val in _BLK_CACHE.items() if val[0]() is None]:
         del _BLK_CACHE[key]  # plans that are gone
-    _BLK_CACHE[id(k_rank)] = (weakref.ref(k_rank), k_rank._version, block_n, mins)
+    if version is not None:
+        _BLK_CACHE[id(k_rank)] = (weakref.ref(k_rank), version, block_n, mins)
     return mins
 
 

@@ -23,7 +23,7 @@ import torch
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import AttentionPlan
-from clearsight.kernels.triton_attention import KernelPlan, fused_attention
+from clearsight.kernels.triton_attention import INTERPRET, KernelPlan, fused_attention
 
 # (weak reference to the mask, kv_valid) of the last call: transformers builds one mask per forward
 # and hands it to every layer, so the reduction runs once per forward
@@ -93,6 +93,12 @@ def triton_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """AttentionInterface function of the triton backend (inference only: ``dropout`` is ignored)."""
+    if query.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            "the triton attention backend needs a CUDA device; on the CPU it runs only under the Triton "
+            "interpreter: export TRITON_INTERPRET=1 before starting Python (it is read when the kernels are "
+            "defined), or use the torch backend"
+        )
     plan = current_plan()
     layer = module.layer_idx
     B, H, Lq, D = query.shape

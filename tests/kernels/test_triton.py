@@ -136,6 +136,10 @@ def test_block_skipping_skips():
     q, k, v = make_qkv(len(PADS), 37, 37, seed=3)
     first = _run(triton_attention, plan, q, k, v)
     assert torch.equal(_run(triton_attention, plan, q, k, v), first)
+    with torch.inference_mode():  # plans built in inference mode: ranks without a version counter
+        plan_inf = make_plan(L=37)
+        _mask(plan_inf)
+        assert torch.equal(_run(triton_attention, plan_inf, q, k, v), first)
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])

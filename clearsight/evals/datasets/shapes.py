@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import inflect
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from clearsight.evals._inflect import inflect_engine
 from clearsight.evals._io import atomic_write_bytes, atomic_write_text, canonical_json, sha256_text
 from clearsight.evals.datasets.pope import (
     SPLITS,
@@ -45,7 +45,6 @@ from clearsight.evals.datasets.pope import (
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.metrics.chair import ChairVocabulary, build_ground_truth
 
-_INFLECT = inflect.engine()
 GENERATOR_VERSION = 1  # bump when drawing/sampling changes so cached builtin folders are regenerated
 
 SHAPES: tuple[str, ...] = (
@@ -254,7 +253,7 @@ def reference_captions(objects: Sequence[ShapeObject], spec: ShapesWorldSpec,
         return rng.choice(spec.synonyms[shape])
 
     def a(phrase: str) -> str:
-        return _INFLECT.a(phrase)  # "an hourglass", "a yellow ring"
+        return inflect_engine().a(phrase)  # "an hourglass", "a yellow ring"
 
     styles = [
         lambda objs: _join([a(f"{o.colour} {syn(o.shape)}") for o in objs]) + ".",

@@ -28,9 +28,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import inflect
 from pydantic import BaseModel, ConfigDict, Field
 
+from clearsight.evals._inflect import inflect_engine
 from clearsight.evals._io import (
     atomic_write_json,
     canonical_json,
@@ -48,7 +48,6 @@ DEFAULT_PROMPT = "Please describe this image in detail."
 # Punctuation stays a token so that phrases never merge across it ("a baby, dog" is not "baby dog").
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _WORD_RE = re.compile(r"[a-z0-9]")
-_INFLECT = inflect.engine()
 
 
 class ChairCategory(BaseModel):
@@ -151,7 +150,7 @@ class ChairVocabulary(BaseModel):
     def singularize(self, token: str) -> str:
         if token in self.protected or not token.isalpha():
             return token
-        return _INFLECT.singular_noun(token) or token  # False when already singular
+        return inflect_engine().singular_noun(token) or token  # False when already singular
 
     def merge_phrases(self, tokens: Sequence[str]) -> list[str]:
         """Longest-first phrase merging (the original merged pairs: see the module docstring)."""

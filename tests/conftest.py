@@ -3,10 +3,17 @@ kernels/plan_cases.py): `from conftest import ...` breaks when several conftest 
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # CPU: Triton kernels run under the interpreter; it is read when a kernel is defined, so set it
+    # before anything imports clearsight.kernels.triton_attention
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from tinyworld import make_image
 
 torch.set_num_threads(2)

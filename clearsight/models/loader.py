@@ -44,6 +44,12 @@ class LVLM:
     def set_backend(self, backend: str) -> None:
         """Switch the language model's attention (reference | torch | triton | sdpa); the vision tower keeps its own."""
         impl = attn_implementation(backend)
+        if backend == "triton" and self.device.type != "cuda":
+            from clearsight.kernels.triton_attention import INTERPRET
+
+            if not INTERPRET:
+                raise InputError("the triton backend runs on CUDA GPUs (on a CPU only under TRITON_INTERPRET=1, "
+                                 "for tests): use --backend torch here")
         if hasattr(self.model.config, "text_config"):
             self.model.set_attn_implementation({"text_config": impl})
         else:  # a text-only model: its only attention is the language model's

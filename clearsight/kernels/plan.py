@@ -109,6 +109,15 @@ class LayerEdit:
     counterfactual: CounterfactualEdit | None = None
     head_scale: torch.Tensor | None = None  # [B, H]
     segment: torch.Tensor | None = None  # [B, L0] int8 override of the plan's segments
+    # host-side facts kept up to date by the plan's writers, so backends never sync on tensors
+    abs_rows_from: int | None = None  # smallest abs_from over rows with a non-zero abs_bias
+    counterfactual_active: bool = False  # some row has a counterfactual kind other than NONE
+
+    @property
+    def edits_scores(self) -> bool:
+        """Whether anything changes the probabilities (head_scale and segments alone do not)."""
+        return (self.bias is not None or self.abs_rows_from is not None or self.redistribute is not None
+                or self.counterfactual_active)
 
 
 @dataclass
@@ -252,6 +261,7 @@ class AttentionPlan:
         self._owners: dict[tuple[str, int, int], str] = {}
         self._seg_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._float_mask_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
         self.pad = torch.tensor([lay.pad for lay in layouts], dtype=torch.long, device=self.device)
 
     # ----------------------------------------------------------------------------- shape facts
@@ -358,6 +368,9 @@ class AttentionPlan:
                 )
             e.abs_bias[r, :, int(segment)] += vals
             e.abs_from[r] = thresh
+            if bool((vals != 0).any()):
+                low = int(thresh.min())
+                e.abs_rows_from = low if e.abs_rows_from is None else min(e.abs_rows_from, low)
 
     def set_redistribute(
         self,
@@ -403,6 +416,7 @@ class AttentionPlan:
                 )
             cf = e.counterfactual
             cf.kind[r] = int(kind)
+            e.counterfactual_active = e.counterfactual_active or kind is not Counterfactual.NONE
             cf.seed[r] = seed
             if kind is Counterfactual.SHUFFLED:
                 for row in r.tolist():
@@ -449,6 +463,7 @@ class AttentionPlan:
         self.k_rank[r] = k_rank.to(self.device, torch.long)
         self.q_limit[r] = q_limit.to(self.device, torch.long)
         self._mask_cache = None
+        self._float_mask_cache = None
 
     def set_position_ids(self, rows, position_ids: torch.Tensor, owner: str) -> None:
         r = _as_rows(rows)
@@ -505,6 +520,22 @@ class AttentionPlan:
         allowed = torch.where(pad_q.unsqueeze(2), self_key, allowed).unsqueeze(1)
         self._mask_cache = (key, allowed)
         return allowed
+
+
+    def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """``allowed`` as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every layer of a forward."""
+        key = (num_queries, num_keys, dtype)
+        if self._float_mask_cache is not None and self._float_mask_cache[0] == key:
+            return self._float_mask_cache[1]
+        allowed = self.allowed(num_queries, num_keys)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
+        self._float_mask_cache = (key, mask)
+        return mask
+
+    def only_generated_queries(self, num_queries: int, num_keys: int) -> bool:
+        """True at decode: every query is a generated token, which sees every non-padding key before it,
+        whatever the custom prompt mask says (generated tokens rank above every prompt rank)."""
+        return num_keys - num_queries >= self.prompt_len
 
 
 def default_position_ids(pad: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The torch backend: PyTorch SDPA, the fast path on CPU.
 
-- A layer the plan does not touch runs transformers' own ``sdpa_attention_forward`` with the mask
-  transformers built, so an empty plan costs one context-variable lookup per layer.
+- A layer whose probabilities the plan does not change runs transformers' own ``sdpa_attention_forward``
+  with the mask transformers built (then ``head_scale``, if any), so an empty plan costs one
+  context-variable lookup per layer. A custom prompt mask matters only while prompt rows are queries:
+  decode steps of unedited layers take the stock path too.
 - Constant biases and custom masks become one float mask for SDPA.
 - VAR's redistribution uses the two-pass trick: pass 1 is SDPA with the one-hot key segments as
   values (giving each row's segment masses), pass 2 adds ``log c_segment`` to the mask. Exact, and
@@ -19,7 +21,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
     AttentionPlan,
-    Counterfactual,
     LayerEdit,
     gather_key_values,
     redistribution_factors,
@@ -29,15 +30,12 @@ from clearsight.kernels.reference import explicit_probabilities, finish_output, 
 
 
 def _first_explicit_row(plan: AttentionPlan, edit: LayerEdit | None, layer: int, Lq: int, Lk: int) -> int:
-    """Index of the first query row that needs the explicit path (Lq = none)."""
+    """Index of the first query row that needs the explicit path (Lq = none). No host synchronisation."""
     q0 = Lq
     if edit is not None:
-        if edit.abs_bias is not None and edit.abs_from is not None:
-            active = edit.abs_bias.abs().sum((1, 2)) > 0
-            if bool(active.any()):
-                start = int(edit.abs_from[active].min()) - (Lk - Lq)
-                q0 = min(q0, max(start, 0))
-        if edit.counterfactual is not None and bool((edit.counterfactual.kind != Counterfactual.NONE).any()):
+        if edit.abs_rows_from is not None:
+            q0 = min(q0, max(edit.abs_rows_from - (Lk - Lq), 0))
+        if edit.counterfactual_active:
             q0 = 0
     if plan.stats.last_row and plan.stats.wants(layer):
         q0 = min(q0, Lq - 1)
@@ -51,14 +49,14 @@ def _sdpa_rows(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    allowed: torch.Tensor,
+    mask: torch.Tensor,
     q_index: torch.Tensor,
     scale: float,
     want_masses: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA over these query rows; ``mask`` is the plan's additive mask for them [B, 1, Lq, Lk]."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
     seg = plan.segments(layer, Lk)
     if edit is not None and edit.bias is not None:
         mask = mask + gather_key_values(edit.bias, seg).to(q.dtype)
@@ -91,10 +89,17 @@ def torch_attention(
     layer = module.layer_idx
     edit = plan.layer_edit(layer) if plan is not None else None
     stats = plan is not None and plan.stats.wants(layer)
-    if plan is None or (edit is None and not plan.has_custom_mask and not stats):
-        return sdpa_attention_forward(
+    if plan is None or not (
+        stats
+        or (edit is not None and edit.edits_scores)
+        or (plan.has_custom_mask and not plan.only_generated_queries(query.shape[2], key.shape[2]))
+    ):
+        out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+        if edit is not None and edit.head_scale is not None:
+            out = out * edit.head_scale.to(out.dtype).view(out.shape[0], 1, -1, 1)
+        return out, None
 
     B, H, Lq, D = query.shape
     n_rep = H // key.shape[1]
@@ -109,7 +114,8 @@ def torch_attention(
     outs, masses, probs = [], [], None
     if q0 > 0:
         out, m = _sdpa_rows(
-            plan, edit, layer, query[:, :, :q0], k, v, allowed[:, :, :q0], q_index[:q0], scale,
+            plan, edit, layer, query[:, :, :q0], k, v, plan.float_mask(Lq, Lk, query.dtype)[:, :, :q0], q_index[:q0],
+            scale,
             want_masses=stats and plan.stats.segment_mass,
         )
         outs.append(out.float())

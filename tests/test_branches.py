@@ -139,3 +139,63 @@ def test_pixel_transform_touches_only_its_row(family):
         assert plain != expected  # the transform made a difference
     finally:
         REGISTRY.pop("test-noised")
+
+
+class StopEarly(Mitigation):
+    """Test-only: forces end-of-sequence at a given step."""
+
+    name: Literal["test-stop"] = "test-stop"
+    at: int = 1
+
+    def combine(self, logits, step, ctx):
+        if step < self.at:
+            return None
+        out = torch.full_like(logits["main"], -1e9)
+        out[next(iter(ctx.lvlm.adapter.eos_token_ids))] = 0.0
+        return out
+
+
+class PrefillOnlyBranch(Mitigation):
+    """Test-only: a no-image branch needed at the prefill only; records the batch size of each forward."""
+
+    name: Literal["test-prefill-branch"] = "test-prefill-branch"
+    keep: bool = False
+    sizes: ClassVar[list[int]] = []
+
+    def branches(self, ctx):
+        return [Branch("noimg", image=None, until_step=None if self.keep else 0)]
+
+    def install(self, ctx):
+        return ctx.lvlm.adapter.hook_layer_inputs(
+            lambda layer, h: PrefillOnlyBranch.sizes.append(h.shape[0]) if layer == 0 else None)
+
+    def combine(self, logits, step, ctx):
+        if step == 0:
+            return logits["main"] - 0.5 * logits["noimg"]
+        return None
+
+
+def test_finished_requests_and_expired_branches_leave_the_batch():
+    lvlm = tiny("tiny-llava")
+    register(StopEarly)
+    register(PrefillOnlyBranch)
+    try:
+        reqs = [
+            {"prompt": PROMPT, "image": make_image(7), "mitigations": ["test-prefill-branch"]},
+            {"prompt": "describe the image please", "image": make_image(8), "mitigations": ["test-stop:at=1"]},
+            {"prompt": "is there a red circle?", "image": make_image(9), "mitigations": []},
+        ]
+        PrefillOnlyBranch.sizes.clear()
+        batched = generate(lvlm, reqs, decode=DECODE)
+        sizes = list(PrefillOnlyBranch.sizes)
+        assert batched[1].finish_reason == "eos" and len(batched[1].token_ids) == 1
+        # prefill: 4 rows; step 1: the branch has left; after step 1: the stopped request too
+        assert sizes[:3] == [4, 3, 2], sizes
+        solo = [generate(lvlm, [r], decode=DECODE)[0].token_ids for r in reqs]
+        assert [r.token_ids for r in batched] == solo
+        # the branch's logits are used at step 0 only, so dropping it changes nothing
+        kept = generate(lvlm, [{**reqs[0], "mitigations": ["test-prefill-branch:keep=true"]}], decode=DECODE)[0]
+        assert kept.token_ids == batched[0].token_ids
+    finally:
+        REGISTRY.pop("test-stop")
+        REGISTRY.pop("test-prefill-branch")

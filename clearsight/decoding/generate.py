@@ -98,6 +98,7 @@ class _Row:
     prompt: str
     image: Image.Image | None
     pixel_transform: Any = None
+    until_step: int | None = None
 
 
 class _Chunk:
@@ -135,7 +136,7 @@ class _Chunk:
                     if isinstance(br_image, str):
                         br_image = load_image(br_image, f"{m.name} branch image")
                     ctx.rows[name] = len(rows)
-                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image, br.pixel_transform))
+                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
             self.ctxs.append(ctx)
         self.rows = rows
         texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
@@ -238,6 +239,10 @@ class _Chunk:
                 break
             if step == decode.max_new_tokens - 1:
                 break
+            keep = self._rows_to_keep(step)
+            if len(keep) < len(self.rows):
+                mask, cache = self._select_rows(keep, mask, cache)
+                row_request = torch.tensor([r.request for r in self.rows])
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             self.position_ids = lvlm.adapter.next_position_ids(lvlm.adapter.last_positions(self.position_ids))
             step_ids = chosen[row_request].view(-1, 1).to(lvlm.device)
@@ -246,6 +251,31 @@ class _Chunk:
             if self.finish[k] is None:
                 self.finish[k] = "length"
                 yield TokenEvent(self.indices[k], -1, "", self._result(k))
+
+    def _rows_to_keep(self, step: int) -> list[int]:
+        """Rows still needed after this step: not of a finished request, not a branch past its until_step.
+
+        Statistics are recorded per forward with the batch's row numbers, so with statistics every row stays.
+        """
+        if self.plan.stats.segment_mass or self.plan.stats.last_row:
+            return list(range(len(self.rows)))
+        return [i for i, r in enumerate(self.rows)
+                if self.finish[r.request] is None and (r.until_step is None or r.until_step > step)]
+
+    def _select_rows(self, keep: list[int], mask: torch.Tensor, cache: DynamicCache
+                     ) -> tuple[torch.Tensor, DynamicCache]:
+        """Drop the other rows from the batch: KV cache, mask, positions, plan, and each request's row map."""
+        idx = torch.tensor(keep, device=mask.device)
+        cache.batch_select_indices(idx)
+        self.position_ids = self.position_ids.index_select(self.position_ids.ndim - 2, idx)
+        self.plan.select_rows(keep)
+        new_index = {old: new for new, old in enumerate(keep)}
+        self.rows = [self.rows[i] for i in keep]
+        self.layouts = self.plan.layouts
+        for ctx in self.ctxs:
+            ctx.rows = {name: new_index[row] for name, row in ctx.rows.items() if row in new_index}
+            ctx.layouts = self.layouts
+        return mask.index_select(0, idx), cache
 
     def _accept(self, k: int, token: int, tok) -> Iterator[TokenEvent]:
         if token in self.eos and not self.decode.ignore_eos:

@@ -472,6 +472,36 @@ class AttentionPlan:
             self.position_ids = default_position_ids(self.pad, self.prompt_len)
         self.position_ids[r] = position_ids.to(self.device, torch.long)
 
+    def select_rows(self, keep: list[int]) -> None:
+        """Keep only these rows (in this order), e.g. when finished requests leave the batch mid-generation."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        old_to_new = {old: new for new, old in enumerate(keep)}
+
+        def sel(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, idx)
+
+        self.segment = sel(self.segment)
+        self.layouts = [self.layouts[i] for i in keep]
+        self.pad = sel(self.pad)
+        self.k_rank, self.q_limit, self.position_ids = sel(self.k_rank), sel(self.q_limit), sel(self.position_ids)
+        for e in self.layers.values():
+            e.bias, e.abs_bias, e.abs_from = sel(e.bias), sel(e.abs_bias), sel(e.abs_from)
+            e.head_scale, e.segment = sel(e.head_scale), sel(e.segment)
+            if e.redistribute is not None:
+                r = e.redistribute
+                e.redistribute = Redistribute(sel(r.p_move), sel(r.rho), sel(r.min_image_mass), sel(r.rows_from))
+            if e.counterfactual is not None:
+                c = e.counterfactual
+                e.counterfactual = CounterfactualEdit(sel(c.kind), sel(c.seed), sel(c.source))
+                e.counterfactual_active = bool((e.counterfactual.kind != Counterfactual.NONE).any())
+            if e.abs_bias is not None and e.abs_from is not None:
+                active = e.abs_bias.abs().sum((1, 2)) > 0
+                e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None
+        self._owners = {(w, l, old_to_new[r]): o for (w, l, r), o in self._owners.items() if r in old_to_new}
+        self._seg_cache.clear()
+        self._mask_cache = None
+        self._float_mask_cache = None
+
     # ----------------------------------------------------------------------------- reading (backends)
     def segments(self, layer: int, num_keys: int) -> torch.Tensor:
         """Key segments [B, Lk] (int64) for this layer; generated keys are TEXT."""

@@ -33,7 +33,9 @@ class Branch:
     ``image``: ``"same"`` (the request's image), ``None`` (no image) or another PIL image.
     ``prompt``: None keeps the request's prompt. ``pixel_transform``: applied to this row's processed
     pixel values (the model's normalised input tensor for its image, e.g. VCD's diffusion noise).
-    Plan edits for the branch's row (for example a counterfactual) are written by the mitigation in
+    ``until_step``: the branch leaves the batch after this step (0 = it runs in the prefill only, as
+    VHR's text-only row); None keeps it for the whole generation. Plan edits for the branch's row (for
+    example a counterfactual) are written by the mitigation in
     ``apply`` through ``ctx.rows[name]``.
     """
 
@@ -41,6 +43,7 @@ class Branch:
     image: Image.Image | str | None = SAME_IMAGE
     prompt: str | None = None
     pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    until_step: int | None = None
 
 
 @dataclass

@@ -103,7 +103,8 @@ class VHR(Mitigation):
         return self.alpha != 1.0
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
-        return [Branch(NOIMG, image=None)] if self._active() and self.text_pass == "branch" else []
+        # the no-image row is needed for the measurement at the prefill only; it then leaves the batch
+        return [Branch(NOIMG, image=None, until_step=0)] if self._active() and self.text_pass == "branch" else []
 
     def apply(self, ctx: RequestContext) -> None:
         # the probe runs here, before any request of the batch installs its hooks

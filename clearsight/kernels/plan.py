@@ -112,6 +112,7 @@ class LayerEdit:
     # host-side facts kept up to date by the plan's writers, so backends never sync on tensors
     abs_rows_from: int | None = None  # smallest abs_from over rows with a non-zero abs_bias
     counterfactual_active: bool = False  # some row has a counterfactual kind other than NONE
+    counterfactual_kinds: frozenset[int] = frozenset()  # the kinds some row uses
 
     @property
     def edits_scores(self) -> bool:
@@ -147,8 +148,9 @@ class PlanStats:
 def uniform_hash(seed: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Counter-based uniform numbers in (0, 1], identical in every backend (lowbias32 mix).
 
-    Depends only on (seed, head, query index, key index), never on the batch row, so a branch
-    draws the same numbers alone and inside a batch. Arguments broadcast; int64 in, float32 out.
+    Depends only on (seed, head, query position, key position), with positions counted from the row's
+    first non-padding token, never on the batch row or its padding, so a branch draws the same numbers
+    alone and inside a batch. Arguments broadcast; int64 in, float32 out.
     """
     m = 0xFFFFFFFF
     x = (seed * 0x9E3779B1 + head * 0x85EBCA77 + q * 0xC2B2AE3D + k * 0x27D4EB2F) & m
@@ -167,11 +169,14 @@ def counterfactual_weights(
     seed: torch.Tensor,
     source: torch.Tensor,
     q_index: torch.Tensor,
+    pad: torch.Tensor,
+    kinds: frozenset[int] | None = None,
 ) -> torch.Tensor:
     """Replace the distribution over image keys, keeping each row's image mass.
 
     a: [B, H, Lq, Lk] probabilities; image_keys: [B, 1, Lq, Lk] bool (image and allowed);
-    kind, seed: [B]; source: [B, Lk] (SHUFFLED gather index); q_index: [Lq] key index of each row.
+    kind, seed, pad: [B]; source: [B, Lk] (SHUFFLED gather index); q_index: [Lq] key index of each row;
+    kinds: the kinds present (None = any), so only those distributions are built.
     Rows whose kind is NONE come back unchanged; a shuffle or reversal with no weight left on the
     visible image keys (rows inside the image block) falls back to uniform. Counterfactual attention after CausalMM
     (Zhou et al. 2025, Sec. 3.3): uniform, random U(0,1), a shuffle, and "max - a" reversal.
@@ -183,23 +188,26 @@ def counterfactual_weights(
     kind_ = kind.view(B, 1, 1, 1)
 
     uniform = img / count
-    heads = torch.arange(H, device=a.device).view(1, H, 1, 1)
-    keys = torch.arange(Lk, device=a.device).view(1, 1, 1, Lk)
-    u = uniform_hash(seed.view(B, 1, 1, 1), heads, q_index.view(1, 1, Lq, 1), keys) * img
-    random = u / u.sum(-1, keepdim=True).clamp_min(1e-30)
-    src = source[:, :Lk].view(B, 1, 1, Lk).expand(B, H, Lq, Lk)
-    shuffled = torch.gather(a, -1, src) * img
-    shuf_sum = shuffled.sum(-1, keepdim=True)
-    shuffled = torch.where(shuf_sum > 0, shuffled / shuf_sum.clamp_min(1e-30), uniform)
-    top = torch.where(image_keys, a, torch.zeros_like(a)).amax(-1, keepdim=True)
-    rev = (top - a) * img
-    rev_sum = rev.sum(-1, keepdim=True)
-    reversed_ = torch.where(rev_sum > 0, rev / rev_sum.clamp_min(1e-30), uniform)
-
+    present = kinds if kinds is not None else frozenset(int(c) for c in Counterfactual if c)
     d = torch.where(kind_ == Counterfactual.UNIFORM, uniform, torch.zeros_like(a))
-    d = torch.where(kind_ == Counterfactual.RANDOM, random, d)
-    d = torch.where(kind_ == Counterfactual.SHUFFLED, shuffled, d)
-    d = torch.where(kind_ == Counterfactual.REVERSED, reversed_, d)
+    if Counterfactual.RANDOM in present:
+        heads = torch.arange(H, device=a.device).view(1, H, 1, 1)
+        keys = torch.arange(Lk, device=a.device).view(1, 1, 1, Lk)
+        rel = pad.view(B, 1, 1, 1)
+        u = uniform_hash(seed.view(B, 1, 1, 1), heads, q_index.view(1, 1, Lq, 1) - rel, keys - rel) * img
+        d = torch.where(kind_ == Counterfactual.RANDOM, u / u.sum(-1, keepdim=True).clamp_min(1e-30), d)
+    if Counterfactual.SHUFFLED in present:
+        src = source[:, :Lk].view(B, 1, 1, Lk).expand(B, H, Lq, Lk)
+        shuffled = torch.gather(a, -1, src) * img
+        shuf_sum = shuffled.sum(-1, keepdim=True)
+        shuffled = torch.where(shuf_sum > 0, shuffled / shuf_sum.clamp_min(1e-30), uniform)
+        d = torch.where(kind_ == Counterfactual.SHUFFLED, shuffled, d)
+    if Counterfactual.REVERSED in present:
+        top = torch.where(image_keys, a, torch.zeros_like(a)).amax(-1, keepdim=True)
+        rev = (top - a) * img
+        rev_sum = rev.sum(-1, keepdim=True)
+        reversed_ = torch.where(rev_sum > 0, rev / rev_sum.clamp_min(1e-30), uniform)
+        d = torch.where(kind_ == Counterfactual.REVERSED, reversed_, d)
     replaced = torch.where(image_keys, mass * d, a)
     return torch.where(kind_ != Counterfactual.NONE, replaced, a)
 
@@ -417,17 +425,19 @@ class AttentionPlan:
             cf = e.counterfactual
             cf.kind[r] = int(kind)
             e.counterfactual_active = e.counterfactual_active or kind is not Counterfactual.NONE
+            e.counterfactual_kinds = e.counterfactual_kinds | {int(kind)}
             cf.seed[r] = seed
             if kind is Counterfactual.SHUFFLED:
                 for row in r.tolist():
                     cf.source[row] = self._shuffle_source(row, seed, layer)
 
     def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
-        """A seeded permutation of this row's image keys (identity elsewhere)."""
+        """A seeded permutation of this row's image keys (identity elsewhere), independent of padding."""
         src = torch.arange(self.prompt_len, device=self.device)
+        pad = self.layouts[row].pad
         for start, end in self.layouts[row].image_spans:
             idx = torch.arange(start, end, device=self.device)
-            keys = uniform_hash(torch.tensor(seed), torch.tensor(layer), torch.tensor(-1), idx)
+            keys = uniform_hash(torch.tensor(seed), torch.tensor(layer), torch.tensor(-1), idx - pad)
             src[start:end] = idx[torch.argsort(keys)]
         return src
 
@@ -493,7 +503,8 @@ class AttentionPlan:
             if e.counterfactual is not None:
                 c = e.counterfactual
                 e.counterfactual = CounterfactualEdit(sel(c.kind), sel(c.seed), sel(c.source))
-                e.counterfactual_active = bool((e.counterfactual.kind != Counterfactual.NONE).any())
+                e.counterfactual_kinds = frozenset(int(k) for k in e.counterfactual.kind.unique().tolist())
+                e.counterfactual_active = bool(e.counterfactual_kinds - {int(Counterfactual.NONE)})
             if e.abs_bias is not None and e.abs_from is not None:
                 active = e.abs_bias.abs().sum((1, 2)) > 0
                 e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None

@@ -67,7 +67,8 @@ def explicit_probabilities(
         if src.shape[1] < seg.shape[1]:  # generated keys map to themselves
             extra = torch.arange(src.shape[1], seg.shape[1], device=src.device).repeat(src.shape[0], 1)
             src = torch.cat([src, extra], 1)
-        a = counterfactual_weights(a, image.unsqueeze(1).unsqueeze(2) & allowed, cf.kind, cf.seed, src, q_index)
+        a = counterfactual_weights(a, image.unsqueeze(1).unsqueeze(2) & allowed, cf.kind, cf.seed, src, q_index,
+                                   plan.pad, edit.counterfactual_kinds)
     if edit.redistribute is not None:
         masses = torch.einsum("bhqk,bks->bhqs", a, segment_one_hot(seg, a.dtype))
         c, _ = redistribution_factors(masses, edit.redistribute, q_index)

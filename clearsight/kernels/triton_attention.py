@@ -430,7 +430,7 @@ def _attn_kernel(
                             HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
                         )
                     if kind == 2:
-                        u = _uniform_hash(seed, h, qi[:, None], offs_n[None, :])
+                        u = _uniform_hash(seed, h, qi[:, None] - pad, offs_n[None, :] - pad)  # pad-relative positions
                 if MODE == 1:
                     # pass 1: running max over the row's scores (and the gathered shuffled scores, which
                     # are scores of visible keys of the same row, so the final max is unchanged)

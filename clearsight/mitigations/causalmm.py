@@ -25,10 +25,9 @@ Each counterfactual branch keeps its own KV cache rows for the whole generation,
 acts at every token (the released code reuses the main pass's cache and loses the counterfactual
 after the first token: not copied). gamma = 0 keeps the branches and applies only the cut.
 
-Random and shuffled counterfactuals are keyed by a seed (``seed + layer`` at LLM level); the
-plan's counter-based random numbers are keyed by absolute key indices, so the seed written for a
-row is offset by the row's left padding (``_pad_free_seed``): a branch draws the same numbers alone
-and inside any batch.
+Random and shuffled counterfactuals are keyed by a seed (``seed + layer`` at LLM level); the plan's
+counter-based random numbers use positions counted from each row's first non-padding token, so a
+branch draws the same numbers alone and inside any batch.
 """
 
 from __future__ import annotations
@@ -48,24 +47,6 @@ from clearsight.mitigations.registry import register
 CF_LLM = "cf_llm"
 CF_VISION = "cf_vision"
 Kind = Literal["uniform", "random", "shuffled", "reversed"]
-
-_M32 = 1 << 32
-# multipliers of kernels.plan.uniform_hash: seed, query index, key index
-_C_SEED, _C_Q, _C_K = 0x9E3779B1, 0xC2B2AE3D, 0x27D4EB2F
-_C_SEED_INV = pow(_C_SEED, -1, _M32)
-
-
-def _pad_free_seed(seed: int, pad: int, kind: Counterfactual) -> int:
-    """The seed that makes ``uniform_hash`` see pad-relative indices in a row with ``pad`` left padding.
-
-    RANDOM hashes (seed, head, q, k) and SHUFFLED (seed, layer, -1, k); shifting q and k by ``pad``
-    adds ``pad * (C_q + C_k)`` (resp. ``pad * C_k``) mod 2^32, which the seed absorbs (C_seed is odd,
-    hence invertible mod 2^32). Returned in [-2^31, 2^31) so the int64 product cannot overflow.
-    """
-    shift = pad * (_C_Q + _C_K) if kind is Counterfactual.RANDOM else pad * _C_K
-    s = (seed - shift * _C_SEED_INV) % _M32
-    return s - _M32 if s >= 1 << 31 else s
-
 
 def causalmm_logits(main: torch.Tensor, cfs: list[torch.Tensor], gamma: float, epsilon: float) -> torch.Tensor:
     """(1 + n gamma) l - gamma sum_i l_cf_i (n = 1: single, n = 2: multimodal), cut at p >= epsilon max p."""
@@ -95,7 +76,7 @@ def counterfactual_vision_attention(attn: torch.nn.Module, hidden: torch.Tensor,
     source = idx[torch.argsort(uniform_hash(torch.tensor(seed), torch.tensor(-2), torch.tensor(-1), idx))]
     a_cf = counterfactual_weights(
         a, keys, torch.full((n,), int(kind), device=x.device), torch.full((n,), seed, device=x.device),
-        source.repeat(n, 1), idx)
+        source.repeat(n, 1), idx, torch.zeros(n, dtype=torch.long, device=x.device), frozenset({int(kind)}))
     out = (a_cf @ v).transpose(1, 2).reshape(n, T, C).to(hidden.dtype)
     return attn.out_proj(out)
 
@@ -168,8 +149,7 @@ class CausalMM(Mitigation):
         row = ctx.rows[f"causalmm.{CF_LLM}"]
         kind = Counterfactual[self.llm_kind.upper()]
         for layer in boost_layers(self.layers, ctx.plan.num_layers, start=0):
-            seed = _pad_free_seed(self.seed + layer, ctx.layouts[row].pad, kind)
-            ctx.plan.set_counterfactual([layer], [row], kind, seed, owner=self.name)
+            ctx.plan.set_counterfactual([layer], [row], kind, self.seed + layer, owner=self.name)
 
     def install(self, ctx: RequestContext) -> Any | None:
         if CF_VISION not in self._branch_names():

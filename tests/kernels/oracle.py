@@ -65,8 +65,8 @@ def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
                         elif kind == Counterfactual.RANDOM:
                             seed = int(e.counterfactual.seed[b])
                             w = {
-                                j: float(uniform_hash(torch.tensor(seed), torch.tensor(h), torch.tensor(qi),
-                                                      torch.tensor(j)))
+                                j: float(uniform_hash(torch.tensor(seed), torch.tensor(h), torch.tensor(qi - pad),
+                                                      torch.tensor(j - pad)))
                                 for j in img
                             }
                         elif kind == Counterfactual.SHUFFLED:

@@ -212,3 +212,20 @@ def test_uniform_hash_is_uniform():
 
 def test_layers_count():
     assert NUM_LAYERS == 3
+
+
+@pytest.mark.parametrize("kind", ["random", "shuffled"])
+def test_counterfactual_draws_do_not_depend_on_padding(kind, module):
+    """The same row, left-padded by 0 or by 3, gets the same counterfactual attention."""
+    outs = []
+    for pad in (0, 3):
+        plan = make_plan(pads=(pad,), L=L0)
+        plan.set_counterfactual([1], [0], kind, seed=5, owner="causalmm")
+        q, k, v = make_qkv(1, L0 - 3, L0 - 3, seed=9)
+        zeros = torch.zeros(1, q.shape[1], 3, q.shape[3]), torch.zeros(1, k.shape[1], 3, k.shape[3])
+        q = torch.cat([zeros[0], q], 2) if pad else torch.cat([q, zeros[0]], 2)
+        k = torch.cat([zeros[1], k], 2) if pad else torch.cat([k, zeros[1]], 2)
+        v = torch.cat([zeros[1], v], 2) if pad else torch.cat([v, zeros[1]], 2)
+        out = _run(reference_attention, module, plan, q, k, v)
+        outs.append(out[:, 3:] if pad else out[:, : L0 - 3])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)

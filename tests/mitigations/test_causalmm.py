@@ -10,11 +10,9 @@ from test_branch_common import forced_logits, make_image, tiny
 from clearsight import DecodeSpec, generate
 from clearsight.decoding.sampling import select_token
 from clearsight.errors import InputError
-from clearsight.kernels.plan import Counterfactual
 from clearsight.mitigations import parse_mitigation
 from clearsight.mitigations.causalmm import (
     CausalMM,
-    _pad_free_seed,
     causalmm_logits,
     counterfactual_vision_attention,
 )
@@ -50,19 +48,6 @@ def test_formulas_and_cut_by_hand():
 def test_defaults():
     m = parse_mitigation("causalmm")
     assert (m.gamma, m.epsilon, m.level, m.llm_kind, m.vision_kind) == (1.0, 0.6, "llm", "random", "shuffled")
-
-
-def test_pad_free_seed_reproduces_the_hash_of_an_unpadded_row():
-    from clearsight.kernels.plan import uniform_hash
-
-    q, k, h = torch.arange(5, 9).view(-1, 1), torch.arange(0, 9).view(1, -1), torch.tensor(2)
-    for pad in (0, 3, 1000):
-        s = _pad_free_seed(11, pad, Counterfactual.RANDOM)
-        torch.testing.assert_close(uniform_hash(torch.tensor(s), h, q + pad, k + pad),
-                                   uniform_hash(torch.tensor(11), h, q, k))
-        s = _pad_free_seed(11, pad, Counterfactual.SHUFFLED)
-        torch.testing.assert_close(uniform_hash(torch.tensor(s), h, torch.tensor(-1), k + pad),
-                                   uniform_hash(torch.tensor(11), h, torch.tensor(-1), k))
 
 
 @pytest.mark.parametrize("kind", ["random", "uniform"])

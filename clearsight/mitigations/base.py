@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from clearsight.kernels.plan import AttentionPlan, RowLayout
+from clearsight.kernels.plan import AttentionPlan, PlanConflictError, RowLayout
 
 if TYPE_CHECKING:
     from clearsight.config import DecodeSpec, GenerationRequest
@@ -37,6 +37,12 @@ class Branch:
     VHR's text-only row); None keeps it for the whole generation. Plan edits for the branch's row (for
     example a counterfactual) are written by the mitigation in
     ``apply`` through ``ctx.rows[name]``.
+    ``receives_edits``: True (default) = the single-pass edits of the other mitigations of the request
+    (PAI's boost, VAR, VHR's head scaling, CCA, MMA, the imbalanced-attention fix) apply to this row
+    as to the main row, so a branch contrasts the *edited* model with an input variant. False = they
+    leave this row alone, e.g. a measurement row that must see the unedited model (VHR's no-image row).
+    Edits that depend on the image (all of the above except VHR's) are never written for a row
+    without an image.
     """
 
     name: str
@@ -44,6 +50,7 @@ class Branch:
     prompt: str | None = None
     pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     until_step: int | None = None
+    receives_edits: bool = True
 
 
 @dataclass
@@ -61,6 +68,8 @@ class RequestContext:
     inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the batch's encoded inputs
     state: dict[str, Any] = field(default_factory=dict)  # per-request scratch space of the mitigations
     step: int = 0  # the forward being run: 0 = prefill, t = decode step t (set by the loop)
+    # branch row name ("<mitigation>.<branch>") -> its Branch (filled by the loop next to ``rows``)
+    branch_specs: dict[str, Branch] = field(default_factory=dict)
 
     @property
     def main_row(self) -> int:
@@ -70,8 +79,45 @@ class RequestContext:
     def all_rows(self) -> list[int]:
         return sorted(self.rows.values())
 
+    @property
+    def edit_names(self) -> dict[str, int]:
+        """Row name -> batch row of the rows that receive single-pass edits: the main row first, then every
+        branch row whose Branch has ``receives_edits=True`` (in row order).
+
+        A branch missing from ``branch_specs`` receives edits (the default of ``Branch``).
+        """
+        out = {MAIN: self.rows[MAIN]} if MAIN in self.rows else {}
+        for name, row in sorted(self.rows.items(), key=lambda kv: kv[1]):
+            if name == MAIN:
+                continue
+            spec = self.branch_specs.get(name)
+            if spec is None or spec.receives_edits:
+                out[name] = row
+        return out
+
+    @property
+    def edit_rows(self) -> list[int]:
+        """Batch rows that receive single-pass edits: the main row first, then the branch rows with
+        ``receives_edits=True`` (see ``edit_names``)."""
+        return list(self.edit_names.values())
+
     def layout(self, branch: str = MAIN) -> RowLayout:
         return self.layouts[self.rows[branch]]
+
+
+def plan_owner(plan: AttentionPlan, what: str, layer: int, row: int) -> str | None:
+    """Which mitigation claimed an exclusive plan field (``"segments"``, ``"counterfactual"``, ``"mask"``,
+    ``"position ids"``, ``"redistribution"``; layer -1 for the mask and positions) of one row, if any.
+
+    Lets a mitigation refuse an impossible combination up front, before any forward runs.
+    """
+    return plan._owners.get((what, layer, row))
+
+
+def conflict(a: str, b: str, what: str, why: str) -> PlanConflictError:
+    """The error of two mitigations that cannot be combined in one request (names both)."""
+    return PlanConflictError(f"'{a}' and '{b}' both set the attention {what}; they cannot be combined in one "
+                             f"request: {why}; drop one of them")
 
 
 class Mitigation(BaseModel):

@@ -17,6 +17,13 @@ Paper Sec. 3 (Eq. 4-6), for an image token grid of R x C cells:
 Works for any grid size (the released code hard-codes 576 tokens). One image per row; LLaVA-1.5
 layouts only: LLaVA-NeXT's image span is a base grid plus anyres tiles with newline tokens (no
 concentric layout defined) and Qwen2-VL uses 3-D M-RoPE positions, so both are refused clearly.
+
+Composition: the positions and the mask are written for every row of the request that receives
+edits (``RequestContext.edit_rows``: the main row and other mitigations' branch rows, e.g. VCD's
+noised image, AGLA's masked view, CausalMM's counterfactual rows) from that row's own layout
+(padding, image span, grid); rows without an image (M3ID's or PAI's no-image rows) keep the plain
+causal mask and positions. Not combinable with modality-mutual attention (``mma``): both own the
+prompt mask, refused with a ``PlanConflictError`` naming both.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from pydantic import Field
 
 from clearsight.errors import InputError
 from clearsight.kernels.plan import RowLayout, default_position_ids
-from clearsight.mitigations.base import MAIN, Mitigation, RequestContext
+from clearsight.mitigations.base import Mitigation, RequestContext
+from clearsight.mitigations.pai import image_rows
 from clearsight.mitigations.registry import register
 
 
@@ -105,10 +113,10 @@ class CCA(Mitigation):
                 "(LLaVA-1.5); LLaVA-NeXT's anyres tiles and Qwen2-VL's M-RoPE have no concentric layout"
             )
         warn_untrained(ctx, "cca", "concentric causal attention", "xing0047/cca-llava-1.5-7b", self.trained)
-        row = ctx.rows[MAIN]
-        layout = ctx.layouts[row]
-        if not layout.image_spans:
-            return  # text-only request: nothing concentric to do
-        pos, rank, limit = cca_tables(layout, ctx.plan.prompt_len)
-        ctx.plan.set_position_ids([row], pos.unsqueeze(0), owner=self.name)
-        ctx.plan.set_mask([row], rank.unsqueeze(0), limit.unsqueeze(0), owner=self.name)
+        rows = image_rows(ctx)  # rows without an image (text-only request, no-image branches): nothing concentric
+        if not rows:
+            return
+        tables = [cca_tables(ctx.layouts[row], ctx.plan.prompt_len) for row in rows]  # each row's own span, padding
+        pos, rank, limit = (torch.stack(t) for t in zip(*tables))
+        ctx.plan.set_position_ids(rows, pos, owner=self.name)
+        ctx.plan.set_mask(rows, rank, limit, owner=self.name)

@@ -33,6 +33,14 @@ relabelled classes.
 Families: LLaVA-1.5; LLaVA-NeXT (the selection uses the base image and boosts its base grid, the
 first rows x cols tokens of the span; anyres tiles are not boosted). Qwen2-VL's tower has no CLS
 token: refused with a clear error. alpha = beta = 0 writes nothing.
+Composition: the selection is computed once, from the request image (the main row), and applied
+to every row that receives edits (``RequestContext.edit_rows``) and carries an image on the same
+token grid (e.g. VCD's noised image, AGLA's masked view: the same tokens of the same grid are
+boosted, each row at its own padding), with the same per-head boosts; rows without an image (M3ID's
+or PAI's no-image rows) get nothing; a branch image on another token grid is refused (InputError).
+Impossible combinations, refused with a ``PlanConflictError`` naming both methods: VAR (both own the
+per-layer key segments) and CausalMM's LLM-level counterfactual rows (its counterfactual replaces the
+distribution over the image keys, which this method relabels; refused before the prefill).
 Known risk (paper ablation): at alpha = 0.7 captions get roughly twice as long; report length with CHAIR.
 """
 
@@ -45,7 +53,7 @@ from pydantic import Field
 
 from clearsight.errors import InputError
 from clearsight.kernels.plan import QueryRows, Segment
-from clearsight.mitigations.base import MAIN, Mitigation, RequestContext
+from clearsight.mitigations.base import MAIN, Mitigation, RequestContext, conflict, plan_owner
 from clearsight.mitigations.pai import LayerList, boost_layers
 from clearsight.mitigations.registry import register
 
@@ -120,22 +128,65 @@ class Imbalanced(Mitigation):
         local, summary, spatial = select_tokens(cls_attention(atts[self.local_layer][0]),
                                                 cls_attention(atts[self.summary_layer][0]),
                                                 self.local_ratio, self.spatial_ratio)
-        (s, e), (R, C) = layout.image_spans[0], layout.grids[0]
+        (R, C) = layout.grids[0]
         if local.numel() and int(local.max()) >= R * C or summary.numel() and int(summary.max()) >= R * C:
             raise InputError(f"imbalanced: vision tower has more patches than the {R}x{C} token grid")
-        seg = ctx.plan.segment[row].clone()
-        seg[s:e] = Segment.TEXT
-        seg[s + torch.cat([local, spatial])] = Segment.IMAGE
-        seg[s + summary] = Segment.IMAGE_SINK
         ctx.state["imbalanced"] = {"local": local.tolist(), "summary": summary.tolist(), "spatial": spatial.tolist()}
+        rows = self._target_rows(ctx, (R, C))
+        segs = []
+        for row in rows:  # each row's own padding: the selection sits at that row's image span
+            (s, e), = ctx.layouts[row].image_spans
+            seg = ctx.plan.segment[row].clone()
+            seg[s:e] = Segment.TEXT
+            seg[s + torch.cat([local, spatial])] = Segment.IMAGE
+            seg[s + summary] = Segment.IMAGE_SINK
+            segs.append(seg)
+        seg_rows = torch.stack(segs)
+        ctx.state["imbalanced"]["rows"] = dict(zip([n for n, r in ctx.edit_names.items() if r in rows], rows))
         layers = boost_layers(self.layers, ctx.plan.num_layers)
         alphas = self._alphas(ctx, layers)
         for layer in layers:
-            ctx.plan.set_segments(layer, [row], seg, owner=self.name)
+            ctx.plan.set_segments(layer, rows, seg_rows, owner=self.name)
             if self.alpha:
-                ctx.plan.add_abs_bias([layer], [row], Segment.IMAGE, alphas[layer], QueryRows.LAST, owner=self.name)
+                ctx.plan.add_abs_bias([layer], rows, Segment.IMAGE, alphas[layer], QueryRows.LAST, owner=self.name)
             if self.beta:
-                ctx.plan.add_abs_bias([layer], [row], Segment.IMAGE_SINK, self.beta, QueryRows.LAST, owner=self.name)
+                ctx.plan.add_abs_bias([layer], rows, Segment.IMAGE_SINK, self.beta, QueryRows.LAST, owner=self.name)
+
+    def _target_rows(self, ctx: RequestContext, grid: tuple[int, int]) -> list[int]:
+        """The rows the selection applies to: the main row and every edit row with an image on the same token grid.
+
+        Rows without an image get nothing; a branch image on another grid cannot take the selection: refused.
+        """
+        rows = []
+        for name, row in ctx.edit_names.items():
+            layout = ctx.layouts[row]
+            if not layout.image_spans:
+                continue
+            if len(layout.image_spans) != 1 or layout.grids[0] != grid:
+                got = "x".join(map(str, layout.grids[0])) if len(layout.image_spans) == 1 else \
+                    f"{len(layout.image_spans)} images"
+                raise InputError(
+                    f"imbalanced: branch row '{name}' carries an image on a {got} token grid, not the request "
+                    f"image's {grid[0]}x{grid[1]}: the token selection cannot be transferred; drop imbalanced or "
+                    f"'{name.split('.')[0]}'")
+            rows.append(row)
+        return rows
+
+    def install(self, ctx: RequestContext) -> Any | None:
+        """After every request's ``apply``: refuse a counterfactual (CausalMM) on a row this method relabelled."""
+        rows = ctx.state.get("imbalanced", {}).get("rows")
+        if not rows:
+            return None
+        for layer in boost_layers(self.layers, ctx.plan.num_layers):
+            for name, row in rows.items():
+                other = plan_owner(ctx.plan, "counterfactual", layer, row)
+                if other is not None and other != self.name:
+                    raise conflict(
+                        self.name, other, f"image keys (layer {layer}, row '{name}')",
+                        f"'{other}' replaces the attention over the image keys of its counterfactual rows, and "
+                        f"'{self.name}' relabels the unselected image keys of the same rows as text, so the "
+                        "counterfactual would miss them")
+        return None
 
     def _alphas(self, ctx: RequestContext, layers: list[int]) -> dict[int, Any]:
         if self.head_spread == 0.0 or self.alpha == 0.0:

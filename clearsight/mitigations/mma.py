@@ -14,6 +14,12 @@ mask in the plan; until then this is the closest expressible form, as design.md 
 
 The question is found from the chat template: the tokens after the image, minus the template's
 generation suffix (e.g. `` ASSISTANT:`` or ``<|im_end|>\\n<|im_start|>assistant\\n``).
+
+Composition: the mask is written for every row of the request that receives edits
+(``RequestContext.edit_rows``: the main row and other mitigations' branch rows) from that row's own
+image span; rows without an image keep the causal mask. A branch with another prompt
+(``Branch.prompt``) is assumed to end with the same template suffix. Not combinable with CCA (both
+own the prompt mask): refused with a ``PlanConflictError`` naming both.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from clearsight.mitigations.base import MAIN, Mitigation, RequestContext
+from clearsight.mitigations.base import Mitigation, RequestContext
 from clearsight.mitigations.cca import warn_untrained
+from clearsight.mitigations.pai import image_rows
 from clearsight.mitigations.registry import register
 
 _SENTINEL = "qqqsentinelqqq"
@@ -59,11 +66,11 @@ class MMA(Mitigation):
 
     def apply(self, ctx: RequestContext) -> None:
         warn_untrained(ctx, "mma", "modality-mutual attention", "Sony/AKI-4B-phi-3.5-mini", self.trained)
-        row = ctx.rows[MAIN]
-        layout = ctx.layouts[row]
-        if not layout.image_spans:
+        rows = image_rows(ctx)  # rows without an image keep the causal mask
+        if not rows:
             return
         L0 = ctx.plan.prompt_len
-        question_end = L0 - suffix_tokens(ctx)
-        rank, limit = mma_tables(layout.image_spans, question_end, L0)
-        ctx.plan.set_mask([row], rank.unsqueeze(0), limit.unsqueeze(0), owner=self.name)
+        question_end = L0 - suffix_tokens(ctx)  # left padding: every row's prompt ends at L0 with the same suffix
+        tables = [mma_tables(ctx.layouts[row].image_spans, question_end, L0) for row in rows]
+        rank, limit = (torch.stack(t) for t in zip(*tables))
+        ctx.plan.set_mask(rows, rank, limit, owner=self.name)

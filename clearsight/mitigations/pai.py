@@ -12,6 +12,11 @@ Two parts, both training-free:
    ``logits = gamma * log p_img + (1 - gamma) * log p_noimg`` with gamma = 1.1 (README; argparse says
    2), keeping only tokens with ``p_img >= cut * max p_img`` (cut = 0.1). gamma = 1 needs no branch.
 
+Composition: the boost is written for every row of the request that receives edits (the main row
+and the branch rows of other mitigations, ``RequestContext.edit_rows``) and carries an image, each
+with its own padding and image span; rows without an image (PAI's own text-only row, M3ID's) get
+nothing.
+
 alpha = 0 and gamma = 1 write nothing: the tokens are exactly the unmitigated ones.
 """
 
@@ -52,6 +57,11 @@ def boost_layers(layers: list[int] | None, num_layers: int, start: int = 2) -> l
     return sorted(set(layers))
 
 
+def image_rows(ctx: RequestContext) -> list[int]:
+    """The request's rows that receive single-pass edits and carry an image (main row first)."""
+    return [row for row in ctx.edit_rows if ctx.layouts[row].image_spans]
+
+
 def guided_logits(main: torch.Tensor, noimg: torch.Tensor, gamma: float, cut: float) -> torch.Tensor:
     """PAI Eq. 7: gamma * log p_img + (1 - gamma) * log p_noimg, tokens with p_img < cut * max p_img removed."""
     lp_img = torch.log_softmax(main.float(), -1)
@@ -82,8 +92,11 @@ class PAI(Mitigation):
         if self.alpha == 0.0:
             return
         layers = boost_layers(self.layers, ctx.plan.num_layers)
+        rows = image_rows(ctx)
+        if not rows:
+            return
         for seg in (Segment.IMAGE, Segment.IMAGE_SINK):
-            ctx.plan.add_abs_bias(layers, [ctx.rows[MAIN]], seg, self.alpha, QueryRows.LAST, owner=self.name)
+            ctx.plan.add_abs_bias(layers, rows, seg, self.alpha, QueryRows.LAST, owner=self.name)
 
     def combine(self, logits: dict[str, torch.Tensor], step: int, ctx: RequestContext) -> torch.Tensor | None:
         if NOIMG not in logits:

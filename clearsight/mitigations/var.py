@@ -21,6 +21,15 @@ Sink in Large Multimodal Models", ICLR 2025; code seilk/VisAttnSink).
 
 ``p_semantics``: ``paper`` (p = fraction moved, default 0.6) or ``code`` (the released config's p is
 the fraction kept, author-confirmed in VisAttnSink issue #5: code p = 0.4 is paper p = 0.6).
+Composition: every row that receives edits (``RequestContext.edit_rows``: the main row and the
+branch rows of other mitigations, e.g. VCD's noised image, AGLA's masked view, CausalMM's
+counterfactual rows) gets its own sinks, detected from that row's own layer inputs with its own
+padding, and its own redistribution; the sink dimensions (table, ``sink_dims`` or the on-the-fly
+calibration on the main row) are shared. Rows without an image (M3ID's or PAI's no-image rows) are
+left alone. Branch rows' sinks are reported in ``ctx.state["var"]["branch_sinks"][row name]``.
+Not combinable with the imbalanced-attention fix (both own the per-layer key segments): refused
+with a ``PlanConflictError`` naming both before the prefill.
+
 p = 0 (paper) writes nothing: the tokens are exactly the unmitigated ones.
 """
 
@@ -35,7 +44,7 @@ from pydantic import Field
 
 from clearsight.errors import InputError
 from clearsight.kernels.plan import QueryRows, Segment
-from clearsight.mitigations.base import MAIN, Mitigation, RequestContext
+from clearsight.mitigations.base import MAIN, Mitigation, RequestContext, conflict, plan_owner
 from clearsight.mitigations.pai import LayerList, boost_layers
 from clearsight.mitigations.registry import register
 
@@ -137,22 +146,36 @@ class _Detect:
         self.handle: Any = None
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> None:
-        ctx, spec = self.ctx, self.spec
+        ctx = self.ctx
         if ctx.step != 0 or layer not in self.layers:
             return None
-        row = ctx.rows[MAIN]
-        layout = ctx.layouts[row]
-        x = hidden[row]
         state = ctx.state.setdefault("var", {"sinks": {}})
+        for name, row in ctx.edit_names.items():  # the main row first: an on-the-fly calibration uses it
+            if name != MAIN and not ctx.layouts[row].image_spans:
+                continue  # a branch row without an image has no visual sinks: nothing to redistribute
+            sinks = self._row(layer, row, hidden[row])
+            if sinks is None:
+                continue
+            if name == MAIN:
+                state["sinks"][layer] = sinks
+            else:
+                state.setdefault("branch_sinks", {}).setdefault(name, {})[layer] = sinks
+        return None
+
+    def _row(self, layer: int, row: int, x: torch.Tensor) -> list[int] | None:
+        """Sinks of one row from its own layer input x [L, hidden]; writes the row's segments and redistribution."""
+        ctx, spec = self.ctx, self.spec
+        layout = ctx.layouts[row]
         if self.dims is None:  # unknown model: calibrate on this prefill, once, and say so
             self.dims, _ = find_sink_dims([x[layout.pad:]], spec.tau)
+            state = ctx.state.setdefault("var", {"sinks": {}})
             state["sink_dims"] = list(self.dims)
             state["calibrated"] = True
             warnings.warn(
                 f"var: no sink-dimension table for hidden size {x.shape[-1]} ({ctx.lvlm.adapter.family}); "
                 f"calibrated on this prompt at layer {layer}: {self.dims or 'none found'}. "
                 "Fix them with var:sink_dims=a|b (see clearsight.mitigations.var.calibrate_sink_dims).",
-                stacklevel=2,
+                stacklevel=3,
             )
         if not self.dims:
             return None
@@ -160,16 +183,16 @@ class _Detect:
         sink[: layout.pad] = False
         seg = ctx.plan.segment[row].clone()
         image = (seg == Segment.IMAGE) | (seg == Segment.IMAGE_SINK)
-        state["sinks"][layer] = torch.nonzero(sink).flatten().tolist()
+        found = torch.nonzero(sink).flatten().tolist()
         if not bool((sink & image).any()):
-            return None  # Sec. 4.2: a layer without visual sinks is not modified
+            return found  # Sec. 4.2: a layer without visual sinks is not modified
         seg[sink & image] = Segment.IMAGE_SINK
         seg[sink & ~image] = Segment.TEXT_SINK
         ctx.plan.set_segments(layer, [row], seg, owner=spec.name)
         ctx.plan.set_redistribute([layer], [row], p_move=spec.p_move, rho=spec.rho,
                                   min_image_mass=spec.min_image_mass, query_rows=QueryRows.AFTER_IMAGE,
                                   owner=spec.name)
-        return None
+        return found
 
     def remove(self) -> None:
         if self.handle is not None:
@@ -210,6 +233,18 @@ class VAR(Mitigation):
             if bad:
                 raise InputError(f"var: sink_dims {bad} out of range for hidden size {adapter.hidden_size}")
             ctx.state.setdefault("var", {"sinks": {}})["sink_dims"] = list(dims)
-        hook = _Detect(self, ctx, var_layers(self.layers, adapter.num_layers), dims)
+        layers = var_layers(self.layers, adapter.num_layers)
+        self._refuse_segment_owners(ctx, layers)
+        hook = _Detect(self, ctx, layers, dims)
         hook.handle = adapter.hook_layer_inputs(hook)
         return hook
+
+    def _refuse_segment_owners(self, ctx: RequestContext, layers: list[int]) -> None:
+        """VAR owns the per-layer segments of its rows: refuse, before the prefill, a method that set them
+        already (the imbalanced-attention fix), whether or not this prompt turns out to have visual sinks."""
+        for layer in layers:
+            for row in ctx.edit_rows:
+                other = plan_owner(ctx.plan, "segments", layer, row)
+                if other is not None and other != self.name:
+                    raise conflict(self.name, other, f"segments (layer {layer}, row {row})",
+                                   f"VAR marks its sinks in the per-layer key segments, which '{other}' relabels")

@@ -19,11 +19,17 @@ every decode step. The text-only row is not reinforced (it is the reference of t
 Layers: the paper's "layer 1 plus the last 14" of LLaVA-1.5 / LLaVA-NeXT (1 and 18..31 of 32);
 for another depth L: 1 and max(2, L-14)..L-1.
 
-``text_pass``: ``branch`` (default, the paper's batched no-image row; the branch row then stays in
-the batch for every decode step, because the loop keeps branches for the whole generation) or
-``probe``: the no-image row's head outputs are taken from one separate text-only prefill before
-the main prefill. Both give the same selection (the text-only row never depends on the main row),
-``probe`` costs no decode throughput.
+``text_pass``: ``branch`` (default, the paper's batched no-image row; ``until_step=0``, so it leaves
+the batch after the prefill) or ``probe``: the no-image row's head outputs are taken from one
+separate text-only prefill before the main prefill. Both give the same selection (the text-only row
+never depends on the main row).
+
+Composition: the heads are selected once, from the main row against the no-image measurement, and
+that selection is applied to every row of the request that receives edits (``RequestContext.edit_rows``:
+the main row and the branch rows of other mitigations, with or without an image, e.g. VCD's noised
+image, M3ID's or PAI's no-image row): scaled in the prefill hook layer by layer like the main row,
+then through the plan's ``head_scale``. VHR's own no-image row is ``receives_edits=False``: no
+mitigation edits it, so it stays the unedited reference of the divergence.
 
 alpha = 1 writes nothing and adds no row: the tokens are exactly the unmitigated ones.
 """
@@ -40,6 +46,7 @@ from clearsight.mitigations.pai import LayerList, boost_layers
 from clearsight.mitigations.registry import register
 
 NOIMG = "noimg"
+MEASURE = f"vhr.{NOIMG}"  # the row name of the no-image measurement branch
 
 
 def vhr_layers(layers: list[int] | None, num_layers: int) -> list[int]:
@@ -73,13 +80,16 @@ class _Reinforce:
         if ctx.step != 0 or layer not in self.layers:
             return None
         row = ctx.rows[MAIN]
-        without = self.reference[layer] if self.reference is not None else x[ctx.rows[f"vhr.{NOIMG}"], -1]
+        measure = ctx.rows.get(MEASURE)
+        without = self.reference[layer] if self.reference is not None else x[measure, -1]
         vhd, scale = select_heads(x[row, -1], without, self.spec.alpha, self.spec.outlier_filter)
         ctx.state.setdefault("vhr", {})[layer] = {"vhd": vhd.cpu(), "scale": scale.cpu()}
         scale = scale.to(x.device, x.dtype)
-        ctx.plan.scale_heads(layer, [row], scale)  # decode steps: the plan scales the fixed heads
+        # the main row's selection applies to every row that receives edits (never to the measurement row)
+        rows = [r for r in ctx.edit_rows if r != measure]
+        ctx.plan.scale_heads(layer, rows, scale)  # decode steps: the plan scales the fixed heads
         out = x.clone()
-        out[row] = out[row] * scale.view(1, -1, 1)  # this prefill: reinforce before layer l+1 is measured
+        out[rows] = out[rows] * scale.view(1, 1, -1, 1)  # this prefill: reinforce before layer l+1 is measured
         return out
 
     def remove(self) -> None:
@@ -104,7 +114,9 @@ class VHR(Mitigation):
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         # the no-image row is needed for the measurement at the prefill only; it then leaves the batch
-        return [Branch(NOIMG, image=None, until_step=0)] if self._active() and self.text_pass == "branch" else []
+        # it is a measurement of the unedited model: other mitigations' single-pass edits leave it alone
+        return ([Branch(NOIMG, image=None, until_step=0, receives_edits=False)]
+                if self._active() and self.text_pass == "branch" else [])
 
     def apply(self, ctx: RequestContext) -> None:
         # the probe runs here, before any request of the batch installs its hooks

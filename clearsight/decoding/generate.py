@@ -136,6 +136,7 @@ class _Chunk:
                     if isinstance(br_image, str):
                         br_image = load_image(br_image, f"{m.name} branch image")
                     ctx.rows[name] = len(rows)
+                    ctx.branch_specs[name] = br
                     rows.append(_Row(k, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
             self.ctxs.append(ctx)
         self.rows = rows

@@ -6,33 +6,15 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image
+
+# one model cache for the whole suite: the tiny models and images come from tests/tinyworld.py
+from tinyworld import FAMILIES, make_image, tiny  # noqa: F401  (re-exported to the mitigation tests)
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from clearsight.kernels.reference import reference_attention
 from clearsight.kernels.torch_backend import torch_attention
-
-torch.set_num_threads(2)
-FAMILIES = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl")
-_CACHE: dict[str, object] = {}
-
-
-def tiny(name: str, backend: str = "torch"):
-    from clearsight import load_model
-
-    if name not in _CACHE:
-        _CACHE[name] = load_model(f"builtin:{name}")
-    lvlm = _CACHE[name]
-    lvlm.set_backend(backend)  # type: ignore[attr-defined]
-    return lvlm
-
-
-def make_image(seed: int, size=(40, 50)) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
 
 
 @dataclass

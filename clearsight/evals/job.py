@@ -68,13 +68,15 @@ class SystemSpec(BaseModel):
 
 
 class PopeBenchmark(BaseModel):
-    """POPE: ``data = "builtin:shapes"``, or ``files`` (split -> official/SEEM file) + ``image_dir``."""
+    """POPE: ``data = "builtin:shapes"``; or ``files`` (split -> official/SEEM file) + ``image_dir``; or
+    ``parquet`` (the lmms-lab/POPE files already on disk, images embedded)."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["pope"] = "pope"
     data: str | None = "builtin:shapes"
     files: dict[str, str] = Field(default_factory=dict)
+    parquet: list[str] = Field(default_factory=list, description="lmms-lab/POPE *.parquet files on disk")
     image_dir: str | None = None
     splits: list[str] = Field(default_factory=lambda: list(SPLITS))
     parser: Literal["pope", "negation", "strict"] = "pope"
@@ -98,8 +100,8 @@ class PopeBenchmark(BaseModel):
             missing = [s for s in self.splits if s not in self.files]
             if missing:
                 raise ValueError(f"files: no file for split {missing[0]!r}; add it or drop it from splits")
-        elif not self.data:
-            raise ValueError("give data = 'builtin:shapes' or files = {split: path}")
+        elif not self.data and not self.parquet:
+            raise ValueError("give data = 'builtin:shapes', files = {split: path} or parquet = [paths]")
         return self
 
 

@@ -72,7 +72,9 @@ def _prompt_tag(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:10]
 
 
-def prepare_pope(bench: PopeBenchmark) -> PreparedPope:
+def prepare_pope(bench: PopeBenchmark, output: Path) -> PreparedPope:
+    if bench.parquet and not bench.files:
+        return _prepare_pope_sets(bench, _parquet_sets(bench, output / "pope_images"), output / "pope_images")
     if bench.files:
         sets = {s: load_pope_file(bench.files[s], split=s, image_dir=bench.image_dir) for s in bench.splits}
         image_dir = Path(bench.image_dir) if bench.image_dir else None
@@ -80,6 +82,32 @@ def prepare_pope(bench: PopeBenchmark) -> PreparedPope:
         world = resolve_builtin(bench.data or "builtin:shapes")
         sets = {s: load_pope_file(world.pope[s], split=s, image_dir=world.images_dir) for s in bench.splits}
         image_dir = world.images_dir
+    return _prepare_pope_sets(bench, sets, image_dir)
+
+
+def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> dict[str, PopeSet]:
+    """lmms-lab/POPE parquet: the embedded images are written once beside the results, named by image."""
+    from clearsight.evals.datasets.pope import load_pope_parquet
+
+    loaded = load_pope_parquet(bench.parquet)
+    missing = [s for s in bench.splits if s not in loaded]
+    if missing:
+        raise EvalInputError(f"parquet files {bench.parquet[0]}...: no questions of split {missing[0]!r}; "
+                             f"they hold {', '.join(sorted(loaded))}")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for s in bench.splits:
+        for q in loaded[s].questions:
+            target = image_dir / q.image
+            if q.image_bytes is None:
+                raise EvalInputError(f"parquet question {q.question_id!r} has no embedded image bytes")
+            if not target.exists():
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_bytes(q.image_bytes)
+                tmp.replace(target)
+    return {s: loaded[s] for s in bench.splits}
+
+
+def _prepare_pope_sets(bench: PopeBenchmark, sets: dict[str, PopeSet], image_dir: Path | None) -> PreparedPope:
     items, where = [], {}
     for split, pset in sets.items():
         if not pset.questions:
@@ -166,7 +194,7 @@ def prepare(job: EvalJob) -> Prepared:
     prep = Prepared()
     for bench in job.benchmarks:
         if isinstance(bench, PopeBenchmark):
-            prep.pope = prepare_pope(bench)
+            prep.pope = prepare_pope(bench, Path(job.output))
         elif isinstance(bench, ChairBenchmark):
             prep.chair = prepare_chair(bench)
         else:
@@ -207,7 +235,7 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
                 def on_result(item: WorkItem, record: dict[str, Any], config=config, label=system.label) -> None:
                     nonlocal written
                     output = record.pop("output")
-                    if cache.put(config, item.sample_id, output, system=label, **record):
+                    if cache.put(config, item.sample_id, output, system_name=label, **record):
                         written += 1
                     if bar is not None:
                         bar.set_postfix_str(label, refresh=False)

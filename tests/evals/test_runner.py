@@ -178,3 +178,61 @@ def test_cli_eval_and_report(tmp_path, capsys):
     assert "| none |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not an eval output folder" in capsys.readouterr().err
+
+
+def test_pope_from_lmms_lab_parquet(tmp_path):
+    """The parquet layout (images embedded) runs through the same runner; images land beside the results."""
+    import io
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from tinyworld import make_image
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        make_image(seed).save(buf, format="PNG")
+        return buf.getvalue()
+
+    table = pa.table({
+        "question_id": ["1", "2", "3", "4"],
+        "question": ["Is there a cat in the image?", "Is there a dog in the image?",
+                     "Is there a car in the image?", "Is there a bus in the image?"],
+        "answer": ["yes", "no", "no", "yes"],
+        "image_source": ["img_a", "img_a", "img_b", "img_b"],
+        "image": [{"bytes": png(i // 2), "path": None} for i in range(4)],
+        "category": ["random", "random", "popular", "popular"],
+    })
+    path = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(table, path)
+    out = tmp_path / "out"
+    job = parse_job({"systems": [{}], "output": str(out),
+                     "benchmarks": [{"kind": "pope", "data": None, "parquet": [str(path)],
+                                     "splits": ["random", "popular"]}]})
+    results = run_job(job, progress=None)
+    assert {s: m.n for s, m in results.systems[0].pope.splits.items()} == {"random": 2, "popular": 2}
+    assert sorted(p.name for p in (out / "pope_images").iterdir()) == ["img_a", "img_b"]
+    assert json.loads((out / "results.json").read_text())["data_files"][0]["layout"] == "lmms-lab-parquet"
+    bad = parse_job({"systems": [{}], "output": str(out),
+                     "benchmarks": [{"kind": "pope", "data": None, "parquet": [str(path)],
+                                     "splits": ["adversarial"]}]})
+    with pytest.raises(EvalInputError, match="no questions of split 'adversarial'"):
+        run_job(bad, progress=None)
+
+
+@pytest.mark.parametrize("scorer", ["judge", "implicit"])
+def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer):
+    from clearsight.evals.metrics.crosscheck import split_sentences
+
+    job = _job(tmp_path, systems=SYSTEMS[:2],
+               benchmarks=[{"kind": "chair", "n_images": 3, "max_new_tokens": 24},
+                           {"kind": "crosscheck", "scorer": scorer}])
+    results = run_job(job, progress=None)
+    cc = results.crosscheck
+    assert cc.scorer.startswith(scorer) and set(cc.scores) == {"base", "sampled"}
+    cache = GenerationCache(tmp_path / "generations.jsonl")
+    for system in ("base", "sampled"):
+        captions = [r["output"] for r in cache if r["system_name"] == system]
+        assert all(isinstance(r["system"], dict) and "decode" in r["system"] for r in cache)
+        assert cc.n_sentences[system] == sum(len(split_sentences(c)) for c in captions)
+        # every sentence score is 0, 0.5 or 1, averaged over evidence systems and sentences
+        assert 0.0 <= cc.scores[system] <= 1.0

@@ -236,3 +236,9 @@ def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer):
         assert cc.n_sentences[system] == sum(len(split_sentences(c)) for c in captions)
         # every sentence score is 0, 0.5 or 1, averaged over evidence systems and sentences
         assert 0.0 <= cc.scores[system] <= 1.0
+
+
+def test_example_job_file_is_valid():
+    job = load_job(Path(__file__).resolve().parents[2] / "examples" / "shapes_eval.toml")
+    assert [s.label for s in job.systems] == ["none", "var+vhr", "vcd (sampled)"]
+    assert job.systems[2].decode_for(16).do_sample

@@ -111,10 +111,16 @@ class Packer:
         a = self.ids(answer) + [self.tok.eos_token_id]
         return q + a, [-100] * len(q) + a
 
-    def batch(self, rows: list[list[tuple[str, str]]]):
-        seqs, labs, turn_of = [], [], []
-        for turns in rows:
-            ids, lab, tid = list(self.prefix), [-100] * len(self.prefix), [0] * len(self.prefix)
+    def text_prefix(self, context: str) -> list[int]:
+        """A text-only row's prefix: [<s> USER: {context}] (auxiliary rows, no image)."""
+        return [self.tok.bos_token_id, *self.ids("USER: " + context)]
+
+    def batch(self, rows: list[list[tuple[str, str]]], prefixes: list[list[int] | None] | None = None):
+        seqs, labs, turn_of, plen = [], [], [], []
+        for r, turns in enumerate(rows):
+            prefix = (prefixes[r] if prefixes else None) or self.prefix
+            plen.append(len(prefix))
+            ids, lab, tid = list(prefix), [-100] * len(prefix), [0] * len(prefix)
             for k, (q, a) in enumerate(turns, start=1):
                 i, l = self.turn(q, a)
                 ids += i
@@ -125,7 +131,6 @@ class Packer:
             turn_of.append(tid)
         T = max(len(s) for s in seqs)
         B = len(seqs)
-        P = len(self.prefix)
         input_ids = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), -100, dtype=torch.long)
         turn = torch.full((B, T), -1, dtype=torch.long)  # -1 = padding
@@ -137,7 +142,7 @@ class Packer:
         # positions restart after the prefix for every turn
         pos = torch.zeros(B, T, dtype=torch.long)
         for b in range(B):
-            start = 0
+            start, P = 0, plen[b]
             for t in range(T):
                 if t < P:
                     pos[b, t] = t
@@ -156,17 +161,20 @@ class Packer:
         return input_ids, labels, pos, mask
 
 
-def make_turns(scene: Scene, spec: ShapesWorldSpec, rng: random.Random, n_qa: int) -> list[tuple[str, str]]:
-    """One caption turn and balanced yes/no turns (present objects vs random absent types)."""
+def make_turns(scene: Scene, spec: ShapesWorldSpec, rng: random.Random, n_qa: int,
+               caption_prob: float = 1.0) -> list[tuple[str, str]]:
+    """A caption turn (always, or with ``caption_prob``) and balanced yes/no turns (present objects vs
+    random absent types)."""
     present = list(dict.fromkeys(scene.object_names))
     absent = [s for s in spec.shapes if s not in present]
     k = min(n_qa, len(present), len(absent))
-    turns = [(rng.choice(sl.CAPTION_PROMPTS), scene.caption)]
+    caption = caption_prob >= 1.0 or rng.random() < caption_prob
+    turns = [(rng.choice(sl.CAPTION_PROMPTS), scene.caption)] if caption else []
     for obj in rng.sample(present, k):
         turns.append((sl.question(obj, suffix=rng.random() < 0.5), "Yes"))
     for obj in rng.sample(absent, k):
         turns.append((sl.question(obj, suffix=rng.random() < 0.5), "No"))
-    head, rest = turns[:1], turns[1:]
+    head, rest = turns[:int(caption)], turns[int(caption):]
     rng.shuffle(rest)
     return head + rest
 
@@ -250,7 +258,10 @@ def stage1(model, args, pixels: Pixels) -> list[float]:
     side = vt.config.image_size // vt.config.patch_size
     n_out = len(spec.shapes) + 1 + len(spec.colours) + 1
     head = torch.nn.Sequential(torch.nn.LayerNorm(hid), torch.nn.Linear(hid, n_out))
-    params = list(vt.parameters()) + list(head.parameters())
+    # every patch token also predicts the set of shapes in the whole image, so that the presence of a
+    # shape can be read from any image token (yes/no questions stayed at chance without this)
+    presence = torch.nn.Sequential(torch.nn.LayerNorm(hid), torch.nn.Linear(hid, len(spec.shapes)))
+    params = list(vt.parameters()) + list(head.parameters()) + list(presence.parameters())
     opt = torch.optim.AdamW(params, lr=args.stage1_lr, weight_decay=0.05)
     vt.train()
     losses: list[float] = []
@@ -266,8 +277,11 @@ def stage1(model, args, pixels: Pixels) -> list[float]:
         B = feats.shape[0]
         f = feats.view(B, g, side // g, g, side // g, hid).mean(dim=(2, 4)).reshape(B, g * g, hid)
         out = head(f)
+        present = torch.zeros(B, ns).scatter_(1, ts, 1.0)[:, 1:]  # [B, shapes] multi-hot
+        pres = presence(feats)  # [B, side*side, shapes]
         loss = F.cross_entropy(out[..., :ns].reshape(-1, ns), ts.view(-1)) + \
-            F.cross_entropy(out[..., ns:].reshape(-1, out.shape[-1] - ns), tc.view(-1))
+            F.cross_entropy(out[..., ns:].reshape(-1, out.shape[-1] - ns), tc.view(-1)) + \
+            F.binary_cross_entropy_with_logits(pres, present[:, None].expand_as(pres))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -277,41 +291,53 @@ def stage1(model, args, pixels: Pixels) -> list[float]:
             with torch.no_grad():
                 acc_s = (out[..., :ns].argmax(-1) == ts).float().mean().item()
                 acc_c = (out[..., ns:].argmax(-1) == tc).float().mean().item()
+                acc_p = ((pres > 0).float() == present[:, None]).float().mean().item()
             el = time.time() - t0
             eta = el / (step + 1) * (args.stage1_steps - step - 1)
             log(f"[stage1 {step + 1:4d}/{args.stage1_steps}] loss {np.mean(losses[-args.log_every:]):.4f} "
-                f"cell-shape acc {acc_s:.3f} cell-colour acc {acc_c:.3f}  {el:6.0f}s elapsed, eta {eta:4.0f}s")
+                f"cell-shape acc {acc_s:.3f} cell-colour acc {acc_c:.3f} per-token presence acc {acc_p:.3f}  "
+                f"{el:6.0f}s elapsed, eta {eta:4.0f}s")
     vt.eval()
     for p in vt.parameters():
         p.requires_grad_(False)
     return losses
 
 
-def stage2(model, args, pixels: Pixels, packer: Packer) -> tuple[list[float], dict[str, float]]:
-    spec = ShapesWorldSpec(n_images=args.stage2_steps * args.stage2_batch, seed=args.seed,
+def lm_stage(model, args, pixels: Pixels, packer: Packer, name: str, steps: int, batch_size: int, lr: float,
+             warmup: int, n_qa: int, caption_prob: float, seed: int,
+             text_prob: float = 0.0) -> tuple[list[float], dict[str, float]]:
+    """Train projector + LM (vision frozen) on packed caption / yes-no rows of pair-structured scenes."""
+    spec = ShapesWorldSpec(n_images=steps * batch_size, seed=seed,
                            noise_fraction=args.noise, captions_per_image=1, name="shapes-train")
     scenes = generate_scenes(spec)
     stats = {"partner_rate": round(partner_rate(scenes), 4), "n_scenes": len(scenes),
              "noise_objects": round(float(np.mean([o.noise for s in scenes for o in s.objects])), 4)}
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
+    yes_no = torch.tensor(packer.ids("Yes") + packer.ids("No"))
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
+                            lr=lr, betas=(0.9, 0.98))
     model.train()
     model.model.vision_tower.eval()
     losses: list[float] = []
     t0 = time.time()
-    warmup = min(args.warmup, max(1, args.stage2_steps // 6))
-    for step in range(args.stage2_steps):
-        batch = scenes[step * args.stage2_batch:(step + 1) * args.stage2_batch]
-        rows = [make_turns(s, spec, rng, args.qa_per_image) for s in batch]
-        ids, labels, pos, mask = packer.batch(rows)
+    warmup = min(warmup, max(1, steps // 6))
+    qa_hits: list[float] = []
+    for step in range(steps):
+        batch = scenes[step * batch_size:(step + 1) * batch_size]
+        rows = [make_turns(s, spec, rng, n_qa, caption_prob) for s in batch]
+        prefixes = None
+        if text_prob > 0:  # auxiliary text-only rows: the caption stands in for the image
+            prefixes = [packer.text_prefix(s.caption) if rng.random() < text_prob else None for s in batch]
+            rows = [[t for t in r if t[1] in ("Yes", "No")] if p else r for r, p in zip(rows, prefixes)]
+        ids, labels, pos, mask = packer.batch(rows, prefixes)
+        img_rows = [b for b in range(len(batch)) if not (prefixes and prefixes[b])]
         with torch.no_grad():
-            feats = image_features(model, pixels(batch, spec))
+            feats = image_features(model, pixels([batch[b] for b in img_rows], spec))
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, args.stage2_steps, args.lr, warmup)
+            grp["lr"] = lr_at(step, steps, lr, warmup)
         # next-token targets: logits at t predict labels at t+1
         tgt = torch.full_like(labels, -100)
         tgt[:, :-1] = labels[:, 1:]
@@ -323,10 +349,16 @@ def stage2(model, args, pixels: Pixels, packer: Packer) -> tuple[list[float], di
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.stage2_steps:
+        with torch.no_grad():
+            row_is_img = torch.zeros(len(batch), dtype=torch.bool)
+            row_is_img[img_rows] = True
+            is_qa = torch.isin(tgt[sel], yes_no) & row_is_img[:, None].expand_as(sel)[sel]
+            qa_hits.append((logits.argmax(-1)[is_qa] == tgt[sel][is_qa]).float().mean().item())
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
             el = time.time() - t0
-            eta = el / (step + 1) * (args.stage2_steps - step - 1)
-            log(f"[stage2 {step + 1:4d}/{args.stage2_steps}] loss {np.mean(losses[-args.log_every:]):.4f} "
+            eta = el / (step + 1) * (steps - step - 1)
+            log(f"[{name} {step + 1:4d}/{steps}] loss {np.mean(losses[-args.log_every:]):.4f} "
+                f"yes/no acc {np.mean(qa_hits[-args.log_every:]):.3f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} seq {ids.shape[1]}  {el:6.0f}s elapsed, eta {eta:4.0f}s")
     model.eval()
     return losses, stats
@@ -431,6 +463,19 @@ def model_card(scores: dict, args) -> str:
                          f"{m['yes_ratio']:.3f} | {m['n']} |" for s, m in block.items())
 
     samples = "\n".join(f"| {s['truth']} | {s['caption']} |" for s in scores["caption_samples"])
+    gap = "" if all(scores["thresholds_met"].values()) else f"""
+## Known gap
+
+The yes/no answers do not use the image: POPE accuracy is at chance ({p['random']['accuracy']:.3f} random,
+target >= 0.85), and adversarial is therefore not below random. The training loss on the `Yes` / `No`
+tokens stayed at ln 2 through stages 2 and 3 (logged "yes/no acc" ~0.50) while the captions were
+learnt; even text-only rows (caption as context) did not get past chance within a few hundred steps,
+so this looks like a learning plateau of the tiny LM (the answer needs a two-hop circuit: fetch the
+asked shape, then match it against the image) rather than a data or masking bug (the packed rows are
+checked against the chat template and a plain forward). More stage-2 steps (the reference recipe used
+650 x 48) or a larger batch are the first things to try. Use this checkpoint for captions / CHAIR; its
+POPE numbers are not meaningful.
+"""
     checks = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in scores["thresholds_met"].items())
     return f"""# shapes-llava (`builtin:shapes-llava`)
 
@@ -466,16 +511,24 @@ about natural images. Scores and settings below are machine-readable in `scores.
 ## Training (seed {args.seed}, {tr['threads']} CPU threads, torch {tr['torch']}, transformers {tr['transformers']})
 
 1. Vision pre-training: {args.stage1_steps} steps x batch {args.stage1_batch}, AdamW lr {args.stage1_lr},
-   cosine; a throw-away head classifies the shape and colour of each grid cell. {tr['stage1_seconds']:.0f} s.
+   cosine; throw-away heads classify the shape and colour of each grid cell (from its 2 x 2 patch tokens)
+   and, from every patch token, the set of shapes present in the image. {tr['stage1_seconds']:.0f} s.
 2. Vision frozen; projector + LM: {args.stage2_steps} steps x batch {args.stage2_batch}, AdamW lr {args.lr},
    betas (0.9, 0.98), wd {args.wd}, {args.warmup} warm-up steps, cosine. Turns share the image prefix through
    a 4D attention mask with positions restarting per turn; loss on answer tokens + `</s>`.
    {tr['stage2_seconds']:.0f} s.
+3. Yes/no emphasis (same frozen vision tower, fresh optimizer, scenes of seed {args.seed + 3}):
+   {args.stage3_steps} steps x batch {args.stage3_batch}, AdamW lr {args.stage3_lr}, {args.stage3_warmup} warm-up
+   steps, cosine; {args.stage3_qa} yes + {args.stage3_qa} no questions per image and a caption turn in
+   {args.stage3_caption_prob:.0%} of the rows, so that the yes/no tokens dominate the loss (after stage 2
+   the captions were good but the yes/no answers were still at chance).
+   {tr['stage3_seconds']:.0f} s.
 
 Total training time: **{tr['train_seconds'] / 60:.1f} min**. Loss curves (mean per tenth of training):
 
 - stage 1: {tr['stage1_loss_curve']}
 - stage 2: {tr['stage2_loss_curve']}
+- stage 3: {tr['stage3_loss_curve']}
 
 ## Held-out scores (scenes from seed {args.eval_seed}, clean images, greedy, `clearsight.generate`)
 
@@ -504,11 +557,11 @@ objects that are the absent partner of a present object: {c['hallucinations_that
 Targets:
 
 {checks}
-
+{gap}
 ## Retrain
 
 ```
-python scripts/train_shapes_llava.py --seed {args.seed}     # writes this folder
+python scripts/train_shapes_llava.py --seed {args.seed} --threads {args.threads}     # writes this folder
 python scripts/train_shapes_llava.py --quick --out /tmp/shapes-llava-smoke
 ```
 """
@@ -524,11 +577,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stage1-steps", type=int, default=160)
     ap.add_argument("--stage1-batch", type=int, default=48)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
-    ap.add_argument("--stage2-steps", type=int, default=450)
+    ap.add_argument("--stage2-steps", type=int, default=400)
     ap.add_argument("--stage2-batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--stage3-steps", type=int, default=200)
+    ap.add_argument("--stage3-batch", type=int, default=32)
+    ap.add_argument("--stage3-lr", type=float, default=1e-3)
+    ap.add_argument("--stage3-warmup", type=int, default=20)
+    ap.add_argument("--stage3-qa", type=int, default=4, help="stage 3: yes (and as many no) questions per image")
+    ap.add_argument("--stage3-caption-prob", type=float, default=0.25, help="stage 3: share of rows with a caption")
+    ap.add_argument("--stage3-text-prob", type=float, default=0.0,
+                    help="stage 3: share of text-only rows (caption as context instead of the image)")
+    ap.add_argument("--stage2-cache", type=Path, default=None,
+                    help="save the model after stage 2 here, or load it if the file exists (skips stages 1-2)")
     ap.add_argument("--qa-per-image", type=int, default=3, help="yes (and as many no) questions per image")
     ap.add_argument("--noise", type=float, default=0.1, help="share of near-invisible training objects")
     ap.add_argument("--eval-images", type=int, default=200)
@@ -545,6 +608,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.stage1_steps, args.stage1_batch = 4, 8
         args.stage2_steps, args.stage2_batch = 4, 4
+        args.stage3_steps, args.stage3_batch = 2, 4
         args.eval_images, args.caption_images, args.log_every = 12, 4, 2
     if args.eval_seed is None:
         args.eval_seed = args.seed + 1000
@@ -575,24 +639,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.time()
     cache = args.stage1_cache
+    stage1_seconds = None
     if cache is not None and cache.is_file():
         saved = torch.load(cache, map_location="cpu")
         model.model.vision_tower.load_state_dict(saved["state"])
         model.model.vision_tower.requires_grad_(False).eval()
         l1 = saved["losses"]
+        stage1_seconds = saved.get("seconds")
         log(f"stage 1: loaded the pre-trained vision tower from {cache}")
     else:
         log(f"stage 1: vision pre-training, {args.stage1_steps} steps x {args.stage1_batch}")
         l1 = stage1(model, args, pixels)
         if cache is not None:
-            torch.save({"state": model.model.vision_tower.state_dict(), "losses": l1}, cache)
+            torch.save({"state": model.model.vision_tower.state_dict(), "losses": l1,
+                        "seconds": time.time() - t0}, cache)
     t1 = time.time()
-    log(f"stage 2: projector + LM, {args.stage2_steps} steps x {args.stage2_batch}")
-    l2, data_stats = stage2(model, args, pixels, packer)
+    cache2 = args.stage2_cache
+    if cache2 is not None and cache2.is_file():
+        saved = torch.load(cache2, map_location="cpu")
+        model.load_state_dict(saved["state"])
+        l2, data_stats, s2 = saved["losses"], saved["stats"], saved["seconds"]
+        log(f"stage 2: loaded the stage-2 model from {cache2}")
+    else:
+        log(f"stage 2: projector + LM, {args.stage2_steps} steps x {args.stage2_batch}")
+        l2, data_stats = lm_stage(model, args, pixels, packer, "stage2", args.stage2_steps, args.stage2_batch,
+                                  args.lr, args.warmup, args.qa_per_image, 1.0, args.seed)
+        s2 = time.time() - t1
+        if cache2 is not None:
+            torch.save({"state": model.state_dict(), "losses": l2, "stats": data_stats, "seconds": s2}, cache2)
     t2 = time.time()
-    log(f"training done in {(t2 - t0) / 60:.1f} min (stage 1 {t1 - t0:.0f}s, stage 2 {t2 - t1:.0f}s)")
+    log(f"stage 3: yes/no emphasis, {args.stage3_steps} steps x {args.stage3_batch}")
+    l3, _ = lm_stage(model, args, pixels, packer, "stage3", args.stage3_steps, args.stage3_batch, args.stage3_lr,
+                     args.stage3_warmup, args.stage3_qa, args.stage3_caption_prob, args.seed + 3,
+                     args.stage3_text_prob)
+    model.eval()
+    t3 = time.time()
+    s1, s3 = (t1 - t0) if stage1_seconds is None else stage1_seconds, t3 - t2
+    log(f"training done in {(s1 + s2 + s3) / 60:.1f} min (stage 1 {s1:.0f}s, stage 2 {s2:.0f}s, stage 3 {s3:.0f}s)")
     log(f"stage 1 loss curve: {curve(l1)}")
     log(f"stage 2 loss curve: {curve(l2)}")
+    log(f"stage 3 loss curve: {curve(l3)}")
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -610,8 +696,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stage1_steps": args.stage1_steps, "stage1_batch": args.stage1_batch,
         "stage2_steps": args.stage2_steps, "stage2_batch": args.stage2_batch, "lr": args.lr,
         "noise_fraction": args.noise, "qa_per_image": args.qa_per_image,
-        "stage1_seconds": round(t1 - t0, 1), "stage2_seconds": round(t2 - t1, 1), "train_seconds": round(t2 - t0, 1),
-        "stage1_loss_curve": curve(l1), "stage2_loss_curve": curve(l2), "stage2_data": data_stats,
+        "stage3_steps": args.stage3_steps, "stage3_batch": args.stage3_batch, "stage3_lr": args.stage3_lr,
+        "stage3_qa": args.stage3_qa, "stage3_caption_prob": args.stage3_caption_prob,
+        "stage1_seconds": round(s1, 1), "stage2_seconds": round(s2, 1), "stage3_seconds": round(s3, 1),
+        "train_seconds": round(s1 + s2 + s3, 1),
+        "stage1_loss_curve": curve(l1), "stage2_loss_curve": curve(l2), "stage3_loss_curve": curve(l3),
+        "stage2_data": data_stats,
     }
     if args.no_eval:
         (out / "scores.json").write_text(json.dumps({"training": training}, indent=1) + "\n")

@@ -31,7 +31,7 @@ def demo_systems(model: str) -> list[dict]:
     return systems
 
 
-def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = 60, n_images: int = 40) -> EvalJob:
+def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = 120, n_images: int = 50) -> EvalJob:
     model = model or demo_model()
     return parse_job({
         "systems": demo_systems(model),

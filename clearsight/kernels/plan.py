@@ -322,6 +322,11 @@ class AttentionPlan:
                 )
             self._owners[key] = owner
 
+    def owner(self, what: str, layer: int, row: int) -> str | None:
+        """The mitigation that claimed an exclusive field of one row (``"segments"``, ``"counterfactual"``,
+        ``"redistribution"``: per layer; ``"mask"``, ``"position ids"``: layer -1), or None."""
+        return self._owners.get((what, layer, row))
+
     def edit(self, layer: int) -> LayerEdit:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range: the language model has {self.num_layers} layers")

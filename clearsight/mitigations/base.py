@@ -111,7 +111,7 @@ def plan_owner(plan: AttentionPlan, what: str, layer: int, row: int) -> str | No
 
     Lets a mitigation refuse an impossible combination up front, before any forward runs.
     """
-    return plan._owners.get((what, layer, row))
+    return plan.owner(what, layer, row)
 
 
 def conflict(a: str, b: str, what: str, why: str) -> PlanConflictError:

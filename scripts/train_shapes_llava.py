@@ -609,7 +609,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.stage1_steps, args.stage1_batch = 4, 8
         args.stage2_steps, args.stage2_batch = 4, 4
         args.stage3_steps, args.stage3_batch = 2, 4
-        args.eval_images, args.caption_images, args.log_every = 12, 4, 2
+        args.eval_images, args.caption_images, args.log_every = 4, 2, 2
     if args.eval_seed is None:
         args.eval_seed = args.seed + 1000
     if args.eval_seed == args.seed:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-DEFAULT_MODEL = "builtin:tiny-llava"
+DEFAULT_MODEL = "builtin:shapes-llava"  # the demo model (trained, shipped in the package)
 
 Command = Callable[[argparse.Namespace], int]
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []

@@ -117,6 +117,19 @@ def _load_processor(location: str) -> ProcessorMixin:
 
 
 def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a "Loading weights" bar on stderr; clearsight's own output stays clean
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_checkpoint(location, dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_checkpoint(location: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -141,6 +154,8 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
     elif overrides:
         spec = spec.model_copy(update=overrides)
     check_device(spec.device)
+    if spec.backend is not None:
+        attn_implementation(spec.backend)  # an unknown backend fails before anything is loaded
     dtype = resolve_dtype(spec.dtype, spec.device)
     source = spec.source
     if source.startswith(BUILTIN_PREFIX):

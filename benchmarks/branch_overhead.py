@@ -19,7 +19,7 @@ import argparse
 from typing import Literal
 
 import torch
-from common import interleaved, llava_shaped, machine, scene
+from common import add_model_arguments, interleaved, llava_shaped, machine, scene
 
 from clearsight import DecodeSpec, generate
 from clearsight.mitigations import Mitigation
@@ -38,12 +38,7 @@ class CounterfactualMain(Mitigation):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=96, help="with patch 8: (size/8)^2 image tokens")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_arguments(ap, new_tokens=32, repeats=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 

@@ -47,6 +47,16 @@ def llava_shaped(hidden: int = 256, layers: int = 8, heads: int = 8, kv_heads: i
     return lvlm
 
 
+def add_model_arguments(ap, new_tokens: int, repeats: int) -> None:
+    """The LLaVA-shaped model and run-length options every benchmark shares."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=96, help="with patch 8: (size/8)^2 image tokens")
+    ap.add_argument("--new-tokens", type=int, default=new_tokens)
+    ap.add_argument("--repeats", type=int, default=repeats)
+
+
 def scene(seed: int = 0, size: int = 96) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))

@@ -20,7 +20,7 @@ import warnings
 from typing import Any
 
 import torch
-from common import interleaved, llava_shaped, machine, scene
+from common import add_model_arguments, interleaved, llava_shaped, machine, scene
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -136,12 +136,7 @@ METHODS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=96, help="with patch 8: (size/8)^2 image tokens")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_arguments(ap, new_tokens=64, repeats=3)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = ap.parse_args()
     warnings.simplefilter("ignore")

@@ -12,20 +12,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import interleaved, llava_shaped, machine, scene
+from common import add_model_arguments, interleaved, llava_shaped, machine, scene
 
 from clearsight import DecodeSpec, generate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=96, help="with patch 8: (size/8)^2 image tokens")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    add_model_arguments(ap, new_tokens=64, repeats=5)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))

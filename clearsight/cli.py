@@ -13,7 +13,6 @@ from typing import Any
 
 DEFAULT_MODEL = "builtin:shapes-llava"  # the demo model (trained, shipped in the package)
 
-Command = Callable[[argparse.Namespace], int]
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from clearsight.cli import extra_command
+from clearsight.evals.runner import _tqdm_progress
 
 DEMO_MODEL = "builtin:shapes-llava"
 
@@ -15,14 +16,18 @@ DEMO_MODEL = "builtin:shapes-llava"
 def _systems(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``--system`` values: mitigation specs joined by '+', optionally ``label=`` first ('none' = baseline)."""
     raw = args.system or ["none"]
+    decode = _decode_overrides(args)
     out = []
     for s in raw:
         label, eq, spec = s.partition("=")
         if not eq:
             label, spec = s, s
         mits = [] if spec.strip() in ("", "none") else [m for m in spec.split("+") if m]
-        out.append({"name": label, "model": args.model, "backend": args.backend, "device": args.device,
-                    "mitigations": mits, **({"decode": _decode_overrides(args)} if _decode_overrides(args) else {})})
+        system: dict[str, Any] = {"name": label, "model": args.model, "backend": args.backend,
+                                  "device": args.device, "mitigations": mits}
+        if decode:
+            system["decode"] = decode
+        out.append(system)
     return out
 
 
@@ -38,16 +43,10 @@ def _run(job_data: dict[str, Any], args: argparse.Namespace) -> int:
     from clearsight.evals.runner import run_job
 
     job = parse_job(job_data, where="eval options")
-    results = run_job(job, progress=None if args.no_progress else _progress())
+    results = run_job(job, progress=None if args.no_progress else _tqdm_progress)
     print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
     print(f"results: {Path(job.output).resolve()}")
     return 0 if results is not None else 1
-
-
-def _progress():
-    from clearsight.evals.runner import _tqdm_progress
-
-    return _tqdm_progress
 
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
@@ -63,7 +62,7 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     if args.address:
         update.update(executor="ray", ray_address=args.address)
     job = job.model_copy(update=update)
-    results = run_job(job, progress=None if args.no_progress else _progress(), generate_only=args.generate_only)
+    results = run_job(job, progress=None if args.no_progress else _tqdm_progress, generate_only=args.generate_only)
     if results is not None:
         print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
     print(f"output: {Path(job.output).resolve()}")
@@ -124,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     job = demo_job(output=args.out, model=args.model, per_split=args.per_split, n_images=args.n_images)
     print(f"demo: {len(job.systems)} systems on builtin:shapes with {job.systems[0].model} "
           f"(POPE {args.per_split} questions x 3 splits, CHAIR {args.n_images} images)", file=sys.stderr)
-    run_job(job, progress=None if args.no_progress else _progress())
+    run_job(job, progress=None if args.no_progress else _tqdm_progress)
     print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
     print(f"report folder: {Path(job.output).resolve()}")
     return 0

@@ -208,11 +208,17 @@ def _tqdm_progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
 
 
+def _configs(system: SystemSpec, items: Sequence[WorkItem]) -> dict[int, dict[str, Any]]:
+    """The system's cache config per distinct max_new_tokens (reads the model's config once, not per sample)."""
+    return {n: system_config(system, n) for n in {it.max_new_tokens for it in items}}
+
+
 def pending_work(job: EvalJob, prep: Prepared, cache: GenerationCache) -> dict[str, list[WorkItem]]:
     out = {}
+    items = prep.items
     for system in job.systems:
-        out[system.label] = [it for it in prep.items
-                             if not cache.has(system_config(system, it.max_new_tokens), it.sample_id)]
+        configs = _configs(system, items)
+        out[system.label] = [it for it in items if not cache.has(configs[it.max_new_tokens], it.sample_id)]
     return out
 
 
@@ -284,8 +290,9 @@ def make_executor(job: EvalJob) -> Executor:
 def _outputs(cache: GenerationCache, system: SystemSpec, items: Sequence[WorkItem]) -> dict[str, str]:
     got = {}
     missing = 0
+    configs = _configs(system, items)
     for it in items:
-        rec = cache.get(system_config(system, it.max_new_tokens), it.sample_id)
+        rec = cache.get(configs[it.max_new_tokens], it.sample_id)
         if rec is None:
             missing += 1
         else:

@@ -13,6 +13,7 @@ from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
     IMAGE_SEGMENTS,
     AttentionPlan,
+    Counterfactual,
     counterfactual_weights,
     gather_key_values,
     redistribution_factors,
@@ -64,7 +65,8 @@ def explicit_probabilities(
         cf = edit.counterfactual
         image = (seg == IMAGE_SEGMENTS[0]) | (seg == IMAGE_SEGMENTS[1])
         src = cf.source
-        if src.shape[1] < seg.shape[1]:  # generated keys map to themselves
+        if Counterfactual.SHUFFLED in edit.counterfactual_kinds and src.shape[1] < seg.shape[1]:
+            # generated keys map to themselves
             extra = torch.arange(src.shape[1], seg.shape[1], device=src.device).repeat(src.shape[0], 1)
             src = torch.cat([src, extra], 1)
         a = counterfactual_weights(a, image.unsqueeze(1).unsqueeze(2) & allowed, cf.kind, cf.seed, src, q_index,

@@ -38,7 +38,6 @@ def backend_functions() -> dict[str, Callable]:
     return fns
 
 
-BACKEND_NAMES = ("reference", "torch", "triton")
 _registered: set[str] = set()
 
 

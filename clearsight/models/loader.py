@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +86,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source and not _looks_like_hub_id(source)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -182,7 +177,7 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
                 raise ModelNotFoundError(
                     f"model path '{source}' has no config.json: point to a saved HF checkpoint folder")
             location = str(path)
-        elif _looks_like_path(source) or not _looks_like_hub_id(source):
+        elif not _looks_like_hub_id(source):
             raise ModelNotFoundError(f"model path '{source}' does not exist: give a checkpoint folder, a cached HF id "
                                      "(org/name) or builtin:<name> (see `clearsight models`)")
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from oracle import oracle_attention
-from plan_cases import L0, NUM_LAYERS, PADS, D, make_plan, make_qkv
+from plan_cases import L0, PADS, D, make_plan, make_qkv
 
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import Counterfactual, PlanConflictError, QueryRows, Segment
@@ -208,10 +208,6 @@ def test_uniform_hash_is_uniform():
     assert abs(u.mean().item() - 0.5) < 0.01
     assert abs(u.var().item() - 1 / 12) < 0.005
     assert len(set(u.flatten().tolist())) > 19000  # no short cycles
-
-
-def test_layers_count():
-    assert NUM_LAYERS == 3
 
 
 @pytest.mark.parametrize("kind", ["random", "shuffled"])

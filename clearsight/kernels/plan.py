@@ -145,6 +145,23 @@ class PlanStats:
         self.last_row.clear()
 
 
+def hash_positions(head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The position part of ``uniform_hash``'s input (int64): the same for every layer of a forward."""
+    return head * 0x85EBCA77 + q * 0xC2B2AE3D + k * 0x27D4EB2F
+
+
+def hash_mix(seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``uniform_hash`` from a seed and ``hash_positions`` (lowbias32 mix) -> float32 in (0, 1]."""
+    m = 0xFFFFFFFF
+    x = (seed * 0x9E3779B1 + positions) & m
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m
+    x = x ^ (x >> 16)
+    return ((x >> 8) + 1).to(torch.float32) / float(1 << 24)
+
+
 def uniform_hash(seed: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Counter-based uniform numbers in (0, 1], identical in every backend (lowbias32 mix).
 
@@ -152,14 +169,34 @@ def uniform_hash(seed: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: tor
     first non-padding token, never on the batch row or its padding, so a branch draws the same numbers
     alone and inside a batch. Arguments broadcast; int64 in, float32 out.
     """
-    m = 0xFFFFFFFF
-    x = (seed * 0x9E3779B1 + head * 0x85EBCA77 + q * 0xC2B2AE3D + k * 0x27D4EB2F) & m
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & m
-    x = x ^ (x >> 16)
-    return ((x >> 8) + 1).to(torch.float32) / float(1 << 24)
+    return hash_mix(seed, hash_positions(head, q, k))
+
+
+@dataclass
+class CounterfactualGrid:
+    """What the counterfactual of every layer shares within one forward (same queries, keys and image
+    keys), built once per forward rather than once per layer: at decode the counterfactual's cost is
+    the number of small ops, not their size."""
+
+    image_keys: torch.Tensor  # [B, 1, Lq, Lk] bool: image keys the query may attend
+    img: torch.Tensor  # the same as a float mask
+    uniform: torch.Tensor  # [B, 1, Lq, Lk] the uniform distribution over those keys
+    positions: torch.Tensor | None  # [B, H, Lq, Lk] int64 hash_positions (pad-relative), RANDOM only
+    draws: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> uniform_hash draws [B, H, Lq, Lk]
+
+
+def counterfactual_grid(image_keys: torch.Tensor, q_index: torch.Tensor, pad: torch.Tensor, num_heads: int,
+                        dtype: torch.dtype, random: bool) -> CounterfactualGrid:
+    B, _, Lq, Lk = image_keys.shape
+    img = image_keys.to(dtype)
+    uniform = img / img.sum(-1, keepdim=True).clamp_min(1.0)
+    positions = None
+    if random:
+        heads = torch.arange(num_heads, device=img.device).view(1, num_heads, 1, 1)
+        keys = torch.arange(Lk, device=img.device).view(1, 1, 1, Lk)
+        rel = pad.view(B, 1, 1, 1)
+        positions = hash_positions(heads, q_index.view(1, 1, Lq, 1) - rel, keys - rel)
+    return CounterfactualGrid(image_keys, img, uniform, positions)
 
 
 def counterfactual_weights(
@@ -171,45 +208,55 @@ def counterfactual_weights(
     q_index: torch.Tensor,
     pad: torch.Tensor,
     kinds: frozenset[int] | None = None,
+    grid: CounterfactualGrid | None = None,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Replace the distribution over image keys, keeping each row's image mass.
 
     a: [B, H, Lq, Lk] probabilities; image_keys: [B, 1, Lq, Lk] bool (image and allowed);
     kind, seed, pad: [B]; source: [B, Lk] (SHUFFLED gather index); q_index: [Lq] key index of each row;
-    kinds: the kinds present (None = any), so only those distributions are built.
+    kinds: the kinds present (None = any), so only those distributions are built; grid: the
+    per-forward invariants (``counterfactual_grid``), built here when not given; draws: the RANDOM
+    kind's ``uniform_hash`` numbers for these seeds, computed here when not given.
     Rows whose kind is NONE come back unchanged; a shuffle or reversal with no weight left on the
     visible image keys (rows inside the image block) falls back to uniform. Counterfactual attention after CausalMM
     (Zhou et al. 2025, Sec. 3.3): uniform, random U(0,1), a shuffle, and "max - a" reversal.
     """
     B, H, Lq, Lk = a.shape
-    img = image_keys.to(a.dtype)
+    present = kinds if kinds is not None else frozenset(int(c) for c in Counterfactual)
+    if grid is None:
+        grid = counterfactual_grid(image_keys, q_index, pad, H, a.dtype, Counterfactual.RANDOM in present)
+    img, uniform = grid.img, grid.uniform
     mass = (a * img).sum(-1, keepdim=True)
-    count = img.sum(-1, keepdim=True).clamp_min(1.0)
     kind_ = kind.view(B, 1, 1, 1)
+    single = len(present - {int(Counterfactual.NONE)}) == 1  # one kind: no per-row choice between kinds
 
-    uniform = img / count
-    present = kinds if kinds is not None else frozenset(int(c) for c in Counterfactual if c)
-    d = torch.where(kind_ == Counterfactual.UNIFORM, uniform, torch.zeros_like(a))
+    def choose(this: Counterfactual, d_this: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+        return d_this if single else torch.where(kind_ == this, d_this, torch.zeros_like(a) if d is None else d)
+
+    d = choose(Counterfactual.UNIFORM, uniform, None) if Counterfactual.UNIFORM in present or not single else None
     if Counterfactual.RANDOM in present:
-        heads = torch.arange(H, device=a.device).view(1, H, 1, 1)
-        keys = torch.arange(Lk, device=a.device).view(1, 1, 1, Lk)
-        rel = pad.view(B, 1, 1, 1)
-        u = uniform_hash(seed.view(B, 1, 1, 1), heads, q_index.view(1, 1, Lq, 1) - rel, keys - rel) * img
-        d = torch.where(kind_ == Counterfactual.RANDOM, u / u.sum(-1, keepdim=True).clamp_min(1e-30), d)
+        if draws is None:
+            assert grid.positions is not None
+            draws = hash_mix(seed.view(B, 1, 1, 1), grid.positions)
+        u = draws * img
+        d = choose(Counterfactual.RANDOM, u / u.sum(-1, keepdim=True).clamp_min(1e-30), d)
     if Counterfactual.SHUFFLED in present:
         src = source[:, :Lk].view(B, 1, 1, Lk).expand(B, H, Lq, Lk)
         shuffled = torch.gather(a, -1, src) * img
         shuf_sum = shuffled.sum(-1, keepdim=True)
         shuffled = torch.where(shuf_sum > 0, shuffled / shuf_sum.clamp_min(1e-30), uniform)
-        d = torch.where(kind_ == Counterfactual.SHUFFLED, shuffled, d)
+        d = choose(Counterfactual.SHUFFLED, shuffled, d)
     if Counterfactual.REVERSED in present:
         top = torch.where(image_keys, a, torch.zeros_like(a)).amax(-1, keepdim=True)
         rev = (top - a) * img
         rev_sum = rev.sum(-1, keepdim=True)
         reversed_ = torch.where(rev_sum > 0, rev / rev_sum.clamp_min(1e-30), uniform)
-        d = torch.where(kind_ == Counterfactual.REVERSED, reversed_, d)
+        d = choose(Counterfactual.REVERSED, reversed_, d)
+    if d is None:  # only NONE rows
+        return a
     replaced = torch.where(image_keys, mass * d, a)
-    return torch.where(kind_ != Counterfactual.NONE, replaced, a)
+    return torch.where(kind_ != Counterfactual.NONE, replaced, a) if Counterfactual.NONE in present else replaced
 
 
 def redistribution_factors(
@@ -270,6 +317,7 @@ class AttentionPlan:
         self._seg_cache: dict[tuple[int, int], torch.Tensor] = {}
         self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._float_mask_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+        self._grid_cache: dict[tuple, CounterfactualGrid] = {}
         self.pad = torch.tensor([lay.pad for lay in layouts], dtype=torch.long, device=self.device)
 
     # ----------------------------------------------------------------------------- shape facts
@@ -429,12 +477,13 @@ class AttentionPlan:
                 )
             cf = e.counterfactual
             cf.kind[r] = int(kind)
-            e.counterfactual_active = e.counterfactual_active or kind is not Counterfactual.NONE
-            e.counterfactual_kinds = e.counterfactual_kinds | {int(kind)}
             cf.seed[r] = seed
             if kind is Counterfactual.SHUFFLED:
                 for row in r.tolist():
                     cf.source[row] = self._shuffle_source(row, seed, layer)
+            # every row's kind, NONE included (host-side, so backends can skip what no row uses)
+            e.counterfactual_kinds = frozenset(int(k) for k in cf.kind.unique().tolist())
+            e.counterfactual_active = bool(e.counterfactual_kinds - {int(Counterfactual.NONE)})
 
     def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
         """A seeded permutation of this row's image keys (identity elsewhere), independent of padding."""
@@ -479,6 +528,7 @@ class AttentionPlan:
         self.q_limit[r] = q_limit.to(self.device, torch.long)
         self._mask_cache = None
         self._float_mask_cache = None
+        self._grid_cache.clear()
 
     def set_position_ids(self, rows, position_ids: torch.Tensor, owner: str) -> None:
         r = _as_rows(rows)
@@ -517,6 +567,7 @@ class AttentionPlan:
         self._seg_cache.clear()
         self._mask_cache = None
         self._float_mask_cache = None
+        self._grid_cache.clear()
 
     # ----------------------------------------------------------------------------- reading (backends)
     def segments(self, layer: int, num_keys: int) -> torch.Tensor:
@@ -535,6 +586,7 @@ class AttentionPlan:
         if len(self._seg_cache) > 64:
             self._seg_cache.clear()
         self._seg_cache[key] = seg
+        self._grid_cache.clear()
         return seg
 
     def _ranks(self, values: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -567,6 +619,39 @@ class AttentionPlan:
         self._mask_cache = (key, allowed)
         return allowed
 
+
+    def counterfactual_grid(self, layer: int, allowed: torch.Tensor, q_index: torch.Tensor, dtype: torch.dtype,
+                            random: bool) -> CounterfactualGrid:
+        """``counterfactual_grid`` for this layer's image keys and these query rows (``allowed`` [B, 1, Lq, Lk]
+        is ``self.allowed`` for them), cached for the forward: layers with the plan's segments share one."""
+        Lq, Lk = allowed.shape[2], allowed.shape[3]
+        seg_key = layer if (e := self.layers.get(layer)) is not None and e.segment is not None else -1
+        key = (seg_key, Lq, Lk, dtype, random)
+        hit = self._grid_cache.get(key)
+        if hit is not None:
+            return hit
+        seg = self.segments(layer, Lk)
+        image = (seg == IMAGE_SEGMENTS[0]) | (seg == IMAGE_SEGMENTS[1])
+        grid = counterfactual_grid(image.view(self.batch, 1, 1, Lk) & allowed, q_index, self.pad, self.num_heads,
+                                   dtype, random)
+        self._grid_cache[key] = grid
+        return grid
+
+    def counterfactual_draws(self, layer: int, grid: CounterfactualGrid) -> torch.Tensor:
+        """The RANDOM counterfactual's numbers for this layer's seeds. The first layer to ask draws them for
+        every RANDOM layer at once (one batched hash instead of one per layer)."""
+        hit = grid.draws.get(layer)
+        if hit is not None:
+            return hit
+        assert grid.positions is not None
+        layers = [i for i, e in sorted(self.layers.items())
+                  if e.counterfactual is not None and Counterfactual.RANDOM in e.counterfactual_kinds]
+        if layer not in layers:
+            layers.append(layer)
+        seeds = torch.stack([self.layers[i].counterfactual.seed for i in layers])  # type: ignore[union-attr]
+        draws = hash_mix(seeds.view(len(layers), self.batch, 1, 1, 1), grid.positions.unsqueeze(0))
+        grid.draws.update(zip(layers, draws.unbind(0)))
+        return grid.draws[layer]
 
     def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
         """``allowed`` as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every layer of a forward."""

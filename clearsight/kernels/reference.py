@@ -11,7 +11,6 @@ import torch
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
-    IMAGE_SEGMENTS,
     AttentionPlan,
     Counterfactual,
     counterfactual_weights,
@@ -57,20 +56,22 @@ def explicit_probabilities(
             assert edit.abs_from is not None
             rows = (q_index.view(1, -1) >= edit.abs_from.view(-1, 1)).view(s.shape[0], 1, -1, 1)
             s = s + rows * gather_key_values(edit.abs_bias, seg) * scores.abs()
-    s = s.masked_fill(~allowed, float("-inf"))
+    s = torch.where(allowed, s, float("-inf"))
     a = torch.softmax(s, dim=-1)
     if edit is None:
         return a
     if edit.counterfactual is not None:
         cf = edit.counterfactual
-        image = (seg == IMAGE_SEGMENTS[0]) | (seg == IMAGE_SEGMENTS[1])
         src = cf.source
         if Counterfactual.SHUFFLED in edit.counterfactual_kinds and src.shape[1] < seg.shape[1]:
             # generated keys map to themselves
             extra = torch.arange(src.shape[1], seg.shape[1], device=src.device).repeat(src.shape[0], 1)
             src = torch.cat([src, extra], 1)
-        a = counterfactual_weights(a, image.unsqueeze(1).unsqueeze(2) & allowed, cf.kind, cf.seed, src, q_index,
-                                   plan.pad, edit.counterfactual_kinds)
+        random = Counterfactual.RANDOM in edit.counterfactual_kinds
+        grid = plan.counterfactual_grid(layer, allowed, q_index, a.dtype, random)
+        a = counterfactual_weights(a, grid.image_keys, cf.kind, cf.seed, src, q_index, plan.pad,
+                                   edit.counterfactual_kinds, grid,
+                                   plan.counterfactual_draws(layer, grid) if random else None)
     if edit.redistribute is not None:
         masses = torch.einsum("bhqk,bks->bhqs", a, segment_one_hot(seg, a.dtype))
         c, _ = redistribution_factors(masses, edit.redistribute, q_index)

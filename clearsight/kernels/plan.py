@@ -318,6 +318,7 @@ class AttentionPlan:
         self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self._float_mask_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
         self._grid_cache: dict[tuple, CounterfactualGrid] = {}
+        self._q_index_cache: tuple[tuple[int, int], torch.Tensor] | None = None
         self.pad = torch.tensor([lay.pad for lay in layouts], dtype=torch.long, device=self.device)
 
     # ----------------------------------------------------------------------------- shape facts
@@ -607,10 +608,16 @@ class AttentionPlan:
         key = (num_queries, num_keys)
         if self._mask_cache is not None and self._mask_cache[0] == key:
             return self._mask_cache[1]
-        q_index = torch.arange(num_keys - num_queries, num_keys, device=self.device)
+        q_index = self.query_index(num_queries, num_keys)
+        kv = torch.arange(num_keys, device=self.device)
+        if self.only_generated_queries(num_queries, num_keys):
+            # decode: a generated token sees every non-padding key up to itself, whatever the prompt mask
+            # (generated ranks exceed every prompt rank); the short form matters, it runs every step
+            allowed = (kv.view(1, 1, -1) >= self.pad.view(-1, 1, 1)) & (kv.view(1, 1, -1) <= q_index.view(1, -1, 1))
+            self._mask_cache = (key, allowed.unsqueeze(1))
+            return self._mask_cache[1]
         rank = self._ranks(self.k_rank, num_keys)  # [B, Lk]
         limit = self._ranks(self.q_limit, num_keys)[:, num_keys - num_queries :]  # [B, Lq]
-        kv = torch.arange(num_keys, device=self.device)
         valid_k = kv.view(1, -1) >= self.pad.view(-1, 1)  # [B, Lk]
         allowed = (rank.unsqueeze(1) <= limit.unsqueeze(2)) & valid_k.unsqueeze(1)
         pad_q = q_index.view(1, -1) < self.pad.view(-1, 1)  # [B, Lq]
@@ -652,6 +659,13 @@ class AttentionPlan:
         draws = hash_mix(seeds.view(len(layers), self.batch, 1, 1, 1), grid.positions.unsqueeze(0))
         grid.draws.update(zip(layers, draws.unbind(0)))
         return grid.draws[layer]
+
+    def query_index(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """Key index of each query row, [Lq] int64 (cached with the mask: one per forward)."""
+        key = (num_queries, num_keys)
+        if self._q_index_cache is None or self._q_index_cache[0] != key:
+            self._q_index_cache = (key, torch.arange(num_keys - num_queries, num_keys, device=self.device))
+        return self._q_index_cache[1]
 
     def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
         """``allowed`` as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every layer of a forward."""

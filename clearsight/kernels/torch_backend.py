@@ -29,6 +29,10 @@ from clearsight.kernels.plan import (
 from clearsight.kernels.reference import explicit_probabilities, finish_output, repeat_kv
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _first_explicit_row(plan: AttentionPlan, edit: LayerEdit | None, layer: int, Lq: int, Lk: int) -> int:
     """Index of the first query row that needs the explicit path (Lq = none). No host synchronisation."""
     q0 = Lq
@@ -107,7 +111,7 @@ def torch_attention(
     v = repeat_kv(value, n_rep)
     Lk = k.shape[2]
     scale = scaling if scaling is not None else D**-0.5
-    q_index = torch.arange(Lk - Lq, Lk, device=query.device)
+    q_index = plan.query_index(Lq, Lk)
     allowed = plan.allowed(Lq, Lk)
     q0 = _first_explicit_row(plan, edit, layer, Lq, Lk)
 
@@ -122,9 +126,11 @@ def torch_attention(
         if m is not None:
             masses.append(m)
     if q0 < Lq:
-        scores = torch.matmul(query[:, :, q0:].float(), k.float().transpose(-1, -2)) * scale
-        probs = explicit_probabilities(plan, layer, scores, allowed[:, :, q0:], q_index[q0:])
-        outs.append(torch.matmul(probs, v.float()))
+        # at decode this path's cost is its op count (one query row): no no-op casts or slices
+        scores = torch.matmul(_f32(query if q0 == 0 else query[:, :, q0:]), _f32(k).transpose(-1, -2)) * scale
+        probs = explicit_probabilities(plan, layer, scores, allowed if q0 == 0 else allowed[:, :, q0:],
+                                       q_index if q0 == 0 else q_index[q0:])
+        outs.append(torch.matmul(probs, _f32(v)))
         if stats and plan.stats.segment_mass:
             seg = plan.segments(layer, Lk)
             masses.append(torch.einsum("bhqk,bks->bhqs", probs, segment_one_hot(seg, probs.dtype)))
@@ -135,4 +141,5 @@ def torch_attention(
             assert probs is not None
             plan.stats_out.last_row.setdefault(layer, []).append(probs[:, :, -1, :].clone())
     out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-    return finish_output(plan, layer, out).to(query.dtype), None
+    out = finish_output(plan, layer, out)
+    return (out if out.dtype == query.dtype else out.to(query.dtype)), None

@@ -626,7 +626,6 @@ class AttentionPlan:
         self._mask_cache = (key, allowed)
         return allowed
 
-
     def counterfactual_grid(self, layer: int, allowed: torch.Tensor, q_index: torch.Tensor, dtype: torch.dtype,
                             random: bool) -> CounterfactualGrid:
         """``counterfactual_grid`` for this layer's image keys and these query rows (``allowed`` [B, 1, Lq, Lk]

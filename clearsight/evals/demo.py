@@ -12,7 +12,7 @@ FALLBACK_MODEL = "builtin:tiny-llava"
 
 
 def demo_model() -> str:
-    from clearsight.models.builtin import shapes_llava_path
+    from clearsight.models.shipped import shapes_llava_path
 
     if (shapes_llava_path() / "config.json").is_file():
         return DEMO_MODEL

@@ -160,15 +160,24 @@ def model_identity(system: SystemSpec) -> str:
     from clearsight import __version__
 
     src = system.model
-    if src.startswith("builtin:"):
+    if src == "builtin:shapes-llava":  # shipped weights: a retrained checkpoint must not reuse old generations
+        from clearsight.models.shipped import shapes_llava_path
+
+        return f"{src}#{_folder_hash(shapes_llava_path(), contents=True)}"
+    if src.startswith("builtin:"):  # built in code, seeded: the version identifies them
         return f"{src}@clearsight-{__version__}"
     path = Path(src).expanduser()
     if (path / "config.json").is_file():
-        h = hashlib.sha256((path / "config.json").read_bytes())
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-        return f"{path.resolve()}#{h.hexdigest()[:16]}"
+        return f"{path.resolve()}#{_folder_hash(path)}"
     return src
+
+
+def _folder_hash(path: Path, contents: bool = False) -> str:
+    """config.json plus each safetensors file's name and size (or, for small shipped files, its bytes)."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.read_bytes() if contents else f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ package's own checkpoint folder through the same path as any HF checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -140,8 +139,6 @@ def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: LlamaForCausalLM(cfg), 4), TextOnlyProcessor(tok)
 
 
-def shapes_llava_path() -> Path:
-    return Path(__file__).parent / "weights" / "shapes-llava"
 
 
 BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]] | None]] = {

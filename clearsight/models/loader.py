@@ -15,8 +15,9 @@ from clearsight.config import ModelSpec
 from clearsight.errors import InputError, ModelNotFoundError
 from clearsight.kernels.registry import attn_implementation, default_backend
 from clearsight.models.adapters import Adapter, adapter_for
-from clearsight.models.builtin import BUILTINS, shapes_llava_path
+from clearsight.models.builtin import BUILTINS
 from clearsight.models.processors import TextOnlyProcessor
+from clearsight.models.shipped import shapes_llava_path
 
 BUILTIN_PREFIX = "builtin:"
 

@@ -242,3 +242,24 @@ def test_example_job_file_is_valid():
     job = load_job(Path(__file__).resolve().parents[2] / "examples" / "shapes_eval.toml")
     assert [s.label for s in job.systems] == ["none", "var+vhr", "vcd (sampled)"]
     assert job.systems[2].decode_for(16).do_sample
+
+
+def test_model_identity_follows_the_weights(tmp_path, monkeypatch):
+    """A cache entry is reused only for the same weights: a retrained shipped checkpoint (same version)
+    or a local folder whose weights changed gets a new identity; code-built builtins go by the version."""
+    import clearsight.models.shipped as shipped
+    from clearsight.evals.job import SystemSpec
+    from clearsight.evals.runner import model_identity
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    monkeypatch.setattr(shipped, "shapes_llava_path", lambda: folder)
+    shipped_before = model_identity(SystemSpec(model="builtin:shapes-llava"))
+    local_before = model_identity(SystemSpec(model=str(folder)))
+    (folder / "model.safetensors").write_bytes(b"\x01" * 64)  # same size, new weights
+    assert model_identity(SystemSpec(model="builtin:shapes-llava")) != shipped_before
+    (folder / "model.safetensors").write_bytes(b"\x01" * 65)
+    assert model_identity(SystemSpec(model=str(folder))) != local_before
+    assert model_identity(SystemSpec(model="builtin:tiny-llava")).startswith("builtin:tiny-llava@clearsight-")

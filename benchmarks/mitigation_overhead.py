@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="requests in the workload table")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = ap.parse_args()
+    if args.requests < 1 or args.new_tokens < 1 or args.repeats < 1:
+        ap.error("--requests, --new-tokens and --repeats must be >= 1")
     warnings.simplefilter("ignore")
 
     lvlm = llava_shaped(args.hidden, args.layers, args.heads, image_size=args.image_size)

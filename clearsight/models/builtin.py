@@ -139,8 +139,6 @@ def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: LlamaForCausalLM(cfg), 4), TextOnlyProcessor(tok)
 
 
-
-
 BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]] | None]] = {
     "tiny-llava": ("random-weight LLaVA-1.5-style model (CLIP 32 px, 4x4 image grid, Llama 4 layers)", tiny_llava),
     "tiny-llava-next": ("random-weight LLaVA-NeXT model (anyres tiles + image newline tokens)", tiny_llava_next),

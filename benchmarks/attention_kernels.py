@@ -192,7 +192,7 @@ def flex_runner(edit: str, plan: AttentionPlan, q, k, v, scale: float, smoke: bo
 
         def run() -> torch.Tensor:  # noqa: F811
             masses = fa(q, k, onehot, block_mask=bm, scale=scale, enable_gqa=gqa)[..., :4].float()
-            log_c = torch.log(redistribution_factors(masses, e.redistribute, q_index)[0]).to(q.dtype)
+            log_c = torch.log(redistribution_factors(masses, e.redistribute, q_index)).to(q.dtype)
 
             def var_mod(score, b, h, q_idx, kv_idx):
                 return score + log_c[b, h, q_idx, seg[b, kv_idx]]

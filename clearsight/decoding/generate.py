@@ -166,7 +166,7 @@ class _Chunk:
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.texts: list[str] = ["" for _ in requests]
         self.finish: list[str | None] = [None for _ in requests]
-        self.timings = {"prepare_s": time.perf_counter() - t0, "prefill_s": 0.0, "decode_s": 0.0}
+        self.timings = {"prepare_s": time.perf_counter() - t0, "prefill_s": 0.0}
         self.eos = adapter.eos_token_ids
 
     def _transform_pixels(self, batch: dict[str, torch.Tensor], rows: list[_Row]) -> None:
@@ -228,17 +228,16 @@ class _Chunk:
         self.timings["prefill_s"] = time.perf_counter() - t0
         self._t_decode = time.perf_counter()
         row_request = torch.tensor([r.request for r in self.rows])
+        pad_id, device = lvlm.adapter.pad_token_id, lvlm.device
         for step in range(decode.max_new_tokens):
-            chosen = torch.full((len(self.requests),), lvlm.adapter.pad_token_id, dtype=torch.long)
+            chosen = torch.full((len(self.requests),), pad_id, dtype=torch.long)
             for k in range(len(self.requests)):
                 if self.finish[k] is not None:
                     continue
                 token = select_token(self.combined_logits(logits, k, step), decode, self.generators[k])
                 chosen[k] = token
                 yield from self._accept(k, token, tok)
-            if all(f is not None for f in self.finish):
-                break
-            if step == decode.max_new_tokens - 1:
+            if all(f is not None for f in self.finish):  # _accept ends every request by max_new_tokens
                 break
             keep = self._rows_to_keep(step)
             if len(keep) < len(self.rows):
@@ -246,12 +245,8 @@ class _Chunk:
                 row_request = torch.tensor([r.request for r in self.rows])
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             self.position_ids = lvlm.adapter.next_position_ids(lvlm.adapter.last_positions(self.position_ids))
-            step_ids = chosen[row_request].view(-1, 1).to(lvlm.device)
+            step_ids = chosen[row_request].view(-1, 1).to(device)
             logits, cache = self.forward(step_ids, mask, cache, {}, step=step + 1)
-        for k in range(len(self.requests)):  # requests still running when max_new_tokens ran out
-            if self.finish[k] is None:
-                self.finish[k] = "length"
-                yield TokenEvent(self.indices[k], -1, "", self._result(k))
 
     def _rows_to_keep(self, step: int) -> list[int]:
         """Rows still needed after this step: not of a finished request, not a branch past its until_step.

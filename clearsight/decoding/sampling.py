@@ -11,7 +11,8 @@ def select_token(logits: torch.Tensor, decode: DecodeSpec, generator: torch.Gene
     """Pick the next token from logits [V] (float32; -inf marks tokens a plausibility cut removed)."""
     if not decode.do_sample:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / decode.temperature, dim=-1)
+    # the generators live on the CPU: sampling there works on any device and draws the same numbers
+    probs = torch.softmax(logits.float().cpu() / decode.temperature, dim=-1)
     if decode.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

@@ -35,6 +35,8 @@ import torch
 
 # ranks and limits of generated tokens live above every prompt rank
 GENERATED_RANK_OFFSET = 1 << 30
+# counterfactual draws of all layers in one hash only while small (decode steps), in int64 elements
+_BATCHED_DRAWS_MAX = 1 << 22
 
 
 class Segment(enum.IntEnum):
@@ -48,7 +50,6 @@ class Segment(enum.IntEnum):
 
 NUM_SEGMENTS = len(Segment)
 IMAGE_SEGMENTS = (Segment.IMAGE, Segment.IMAGE_SINK)
-SINK_SEGMENTS = (Segment.IMAGE_SINK, Segment.TEXT_SINK)
 
 
 class QueryRows(enum.StrEnum):
@@ -111,8 +112,12 @@ class LayerEdit:
     segment: torch.Tensor | None = None  # [B, L0] int8 override of the plan's segments
     # host-side facts kept up to date by the plan's writers, so backends never sync on tensors
     abs_rows_from: int | None = None  # smallest abs_from over rows with a non-zero abs_bias
-    counterfactual_active: bool = False  # some row has a counterfactual kind other than NONE
-    counterfactual_kinds: frozenset[int] = frozenset()  # the kinds some row uses
+    counterfactual_kinds: frozenset[int] = frozenset()  # the kinds some row uses, NONE included
+
+    @property
+    def counterfactual_active(self) -> bool:
+        """Some row has a counterfactual kind other than NONE."""
+        return bool(self.counterfactual_kinds - {int(Counterfactual.NONE)})
 
     @property
     def edits_scores(self) -> bool:
@@ -139,10 +144,6 @@ class PlanStats:
 
     segment_mass: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # [B, H, Lq, S]
     last_row: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # [B, H, Lk]
-
-    def clear(self) -> None:
-        self.segment_mass.clear()
-        self.last_row.clear()
 
 
 def hash_positions(head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -259,13 +260,11 @@ def counterfactual_weights(
     return torch.where(kind_ != Counterfactual.NONE, replaced, a) if Counterfactual.NONE in present else replaced
 
 
-def redistribution_factors(
-    masses: torch.Tensor, red: Redistribute, q_index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-segment multipliers c_g for VAR and whether each row was edited.
+def redistribution_factors(masses: torch.Tensor, red: Redistribute, q_index: torch.Tensor) -> torch.Tensor:
+    """Per-segment multipliers c_g for VAR.
 
     masses: [B, H, Lq, S] post-softmax segment masses; q_index: [Lq]. Returns c: [B, H, Lq, S]
-    (1 where the row is not edited) and applied: [B, H, Lq, 1] bool.
+    (1 where the row is not edited).
     """
     B = masses.shape[0]
     m_img = masses[..., Segment.IMAGE] + masses[..., Segment.IMAGE_SINK]
@@ -279,8 +278,7 @@ def redistribution_factors(
     c[..., Segment.IMAGE_SINK] = 1.0 - p
     c[..., Segment.TEXT_SINK] = 1.0 - p
     c[..., Segment.IMAGE] = 1.0 + p * m_sink / m_ns.clamp_min(1e-30)
-    c = torch.where(applied.unsqueeze(-1), c, torch.ones_like(c))
-    return c, applied.unsqueeze(-1)
+    return torch.where(applied.unsqueeze(-1), c, torch.ones_like(c))
 
 
 def _as_rows(rows: list[int] | range | torch.Tensor) -> torch.Tensor:
@@ -343,16 +341,6 @@ class AttentionPlan:
         else:
             vals = [lay.image_end for lay in self.layouts]
         return torch.tensor(vals, dtype=torch.long, device=self.device)
-
-    def is_empty(self) -> bool:
-        return (
-            not self.layers
-            and self.k_rank is None
-            and self.position_ids is None
-            and not self.stats.segment_mass
-            and not self.stats.last_row
-            and self.capture_layer is None
-        )
 
     @property
     def has_custom_mask(self) -> bool:
@@ -484,7 +472,7 @@ class AttentionPlan:
                     cf.source[row] = self._shuffle_source(row, seed, layer)
             # every row's kind, NONE included (host-side, so backends can skip what no row uses)
             e.counterfactual_kinds = frozenset(int(k) for k in cf.kind.unique().tolist())
-            e.counterfactual_active = bool(e.counterfactual_kinds - {int(Counterfactual.NONE)})
+        self._grid_cache.clear()  # cached draws follow the seeds
 
     def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
         """A seeded permutation of this row's image keys (identity elsewhere), independent of padding."""
@@ -514,6 +502,7 @@ class AttentionPlan:
             e.segment = self.segment.clone()
         e.segment[r] = segment.to(device=self.device, dtype=torch.int8)
         self._seg_cache.clear()
+        self._grid_cache.clear()
 
     def set_mask(self, rows, k_rank: torch.Tensor, q_limit: torch.Tensor, owner: str) -> None:
         """Custom prompt mask: key j visible to query i iff k_rank[j] <= q_limit[i] (plus padding)."""
@@ -560,7 +549,6 @@ class AttentionPlan:
                 c = e.counterfactual
                 e.counterfactual = CounterfactualEdit(sel(c.kind), sel(c.seed), sel(c.source))
                 e.counterfactual_kinds = frozenset(int(k) for k in e.counterfactual.kind.unique().tolist())
-                e.counterfactual_active = bool(e.counterfactual_kinds - {int(Counterfactual.NONE)})
             if e.abs_bias is not None and e.abs_from is not None:
                 active = e.abs_bias.abs().sum((1, 2)) > 0
                 e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None
@@ -587,7 +575,6 @@ class AttentionPlan:
         if len(self._seg_cache) > 64:
             self._seg_cache.clear()
         self._seg_cache[key] = seg
-        self._grid_cache.clear()
         return seg
 
     def _ranks(self, values: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -636,6 +623,8 @@ class AttentionPlan:
         hit = self._grid_cache.get(key)
         if hit is not None:
             return hit
+        if any(k[1:3] != (Lq, Lk) for k in self._grid_cache):  # a new forward: the old grids are done
+            self._grid_cache.clear()
         seg = self.segments(layer, Lk)
         image = (seg == IMAGE_SEGMENTS[0]) | (seg == IMAGE_SEGMENTS[1])
         grid = counterfactual_grid(image.view(self.batch, 1, 1, Lk) & allowed, q_index, self.pad, self.num_heads,
@@ -644,16 +633,16 @@ class AttentionPlan:
         return grid
 
     def counterfactual_draws(self, layer: int, grid: CounterfactualGrid) -> torch.Tensor:
-        """The RANDOM counterfactual's numbers for this layer's seeds. The first layer to ask draws them for
-        every RANDOM layer at once (one batched hash instead of one per layer)."""
+        """The RANDOM counterfactual's numbers for this layer's seeds. When they are small (decode steps), the
+        first layer to ask draws them for every RANDOM layer at once (one batched hash instead of one per layer)."""
         hit = grid.draws.get(layer)
         if hit is not None:
             return hit
         assert grid.positions is not None
         layers = [i for i, e in sorted(self.layers.items())
                   if e.counterfactual is not None and Counterfactual.RANDOM in e.counterfactual_kinds]
-        if layer not in layers:
-            layers.append(layer)
+        if layer not in layers or len(layers) * grid.positions.numel() > _BATCHED_DRAWS_MAX:
+            layers = [layer]  # prefill: one layer at a time (all layers at once would be nL x B x H x L x L)
         seeds = torch.stack([self.layers[i].counterfactual.seed for i in layers])  # type: ignore[union-attr]
         draws = hash_mix(seeds.view(len(layers), self.batch, 1, 1, 1), grid.positions.unsqueeze(0))
         grid.draws.update(zip(layers, draws.unbind(0)))

@@ -8,6 +8,7 @@ the dashboard (``plan.capture_layer``).
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv  # grouped-query attention
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
@@ -18,14 +19,6 @@ from clearsight.kernels.plan import (
     redistribution_factors,
     segment_one_hot,
 )
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, Hkv, L, D] -> [B, Hkv * n_rep, L, D] (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    B, Hkv, L, D = x.shape
-    return x[:, :, None].expand(B, Hkv, n_rep, L, D).reshape(B, Hkv * n_rep, L, D)
 
 
 def hf_allowed(attention_mask: torch.Tensor | None, B: int, Lq: int, Lk: int, device) -> torch.Tensor:
@@ -74,7 +67,7 @@ def explicit_probabilities(
                                    plan.counterfactual_draws(layer, grid) if random else None)
     if edit.redistribute is not None:
         masses = torch.einsum("bhqk,bks->bhqs", a, segment_one_hot(seg, a.dtype))
-        c, _ = redistribution_factors(masses, edit.redistribute, q_index)
+        c = redistribution_factors(masses, edit.redistribute, q_index)
         a = a * torch.gather(c, 3, seg.view(seg.shape[0], 1, 1, -1).expand(a.shape))
     return a
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
@@ -26,7 +26,7 @@ from clearsight.kernels.plan import (
     redistribution_factors,
     segment_one_hot,
 )
-from clearsight.kernels.reference import explicit_probabilities, finish_output, repeat_kv
+from clearsight.kernels.reference import explicit_probabilities, finish_output
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _sdpa_rows(
         masses = F.scaled_dot_product_attention(q, k, onehot, attn_mask=mask, scale=scale).float()
     if red is not None:
         assert masses is not None
-        c, _ = redistribution_factors(masses, red, q_index)
+        c = redistribution_factors(masses, red, q_index)
         log_c = torch.log(c).to(q.dtype)  # [B, H, Lq, S]
         mask = mask + torch.gather(log_c, 3, seg.view(B, 1, 1, Lk).expand(B, H, Lq, Lk))
         masses = masses * c

@@ -374,7 +374,6 @@ class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
     family = "text"
-    model_classes = ()
 
     @property
     def text_config(self):
@@ -402,9 +401,6 @@ class TextOnlyAdapter(Adapter):
 
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         return []
-
-    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise InputError(f"{type(self.model).__name__} is a text-only model: it has no vision attention")
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)

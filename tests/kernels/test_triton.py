@@ -14,6 +14,7 @@ read, so they are excluded, as in test_backends.py.
 from __future__ import annotations
 
 import os
+import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton kernel is defined (TRITON_INTERPRET=0: GPU tier)
 
@@ -105,7 +106,7 @@ def test_feature_matches_reference(feature, phase):
     plan = make_plan(L=L)
     FEATURES[feature](plan)
     Lq, Lk = _shapes(phase)
-    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=hash(feature) % 1000)
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=zlib.crc32(feature.encode()) % 1000)
     out = _run(triton_attention, plan, q, k, v)
     ref = _run(reference_attention, plan, q, k, v)
     assert out.shape == ref.shape == (len(PADS), Lq, H, D)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clearsight.errors import InputError
+from clearsight.mitigations.pai import boost_layers
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in image pixels
 
@@ -125,7 +126,8 @@ class AttentionMatcher(Matcher):
         from clearsight.kernels.plan import StatsRequest
 
         L = lvlm.adapter.num_layers
-        layers = self.layers if self.layers is not None else list(range(L // 4, max(3 * L // 4, L // 4 + 1)))
+        layers = (boost_layers(self.layers, L) if self.layers is not None
+                  else list(range(L // 4, max(3 * L // 4, L // 4 + 1))))
         res = generate(lvlm, [{"prompt": prompt, "image": image}], decode=DecodeSpec(max_new_tokens=1),
                        stats=StatsRequest(last_row=True, layers=frozenset(layers)))[0]
         if not res.stats or not res.stats.get("last_row"):

@@ -22,7 +22,6 @@ alpha = 0 and gamma = 1 write nothing: the tokens are exactly the unmitigated on
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import torch
@@ -30,6 +29,8 @@ from pydantic import BeforeValidator, Field
 
 from clearsight.errors import InputError
 from clearsight.kernels.plan import QueryRows, Segment
+from clearsight.mitigations._branch_common import cut as apply_cut
+from clearsight.mitigations._branch_common import plausible, weighted_sum
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import register
 
@@ -66,12 +67,8 @@ def guided_logits(main: torch.Tensor, noimg: torch.Tensor, gamma: float, cut: fl
     """PAI Eq. 7: gamma * log p_img + (1 - gamma) * log p_noimg, tokens with p_img < cut * max p_img removed."""
     lp_img = torch.log_softmax(main.float(), -1)
     lp_txt = torch.log_softmax(noimg.float(), -1)
-    out = gamma * lp_img + (1.0 - gamma) * lp_txt
-    if cut > 0:
-        # p >= cut * max p  <=>  log p >= log cut + max log p
-        keep = lp_img >= math.log(cut) + lp_img.max()
-        out = out.masked_fill(~keep, float("-inf"))
-    return out
+    # weighted_sum keeps tokens an earlier combiner removed at -inf (gamma * -inf would be NaN at gamma = 0)
+    return apply_cut(weighted_sum(lp_img, [(1.0 - gamma, lp_txt)], gamma), plausible(main, cut))
 
 
 @register
@@ -86,7 +83,8 @@ class PAI(Mitigation):
     layers: LayerList = Field(None, description="boosted layers (default 2..L-1, the paper's 2..31)")
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
-        return [Branch(NOIMG, image=None)] if self.gamma != 1.0 else []
+        # guidance contrasts with the image: a request without one would only duplicate its main row
+        return [Branch(NOIMG, image=None)] if self.gamma != 1.0 and ctx.image is not None else []
 
     def apply(self, ctx: RequestContext) -> None:
         if self.alpha == 0.0:

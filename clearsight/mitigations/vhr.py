@@ -109,23 +109,24 @@ class VHR(Mitigation):
     text_pass: Literal["branch", "probe"] = Field(
         "branch", description="branch: no-image row batched alongside; probe: one text-only prefill before")
 
-    def _active(self) -> bool:
-        return self.alpha != 1.0
+    def _active(self, ctx: RequestContext) -> bool:
+        # without an image there is no vision-aware head to find: no row, no hook, tokens unchanged
+        return self.alpha != 1.0 and ctx.image is not None
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         # the no-image row is needed for the measurement at the prefill only; it then leaves the batch
         # it is a measurement of the unedited model: other mitigations' single-pass edits leave it alone
         return ([Branch(NOIMG, image=None, until_step=0, receives_edits=False)]
-                if self._active() and self.text_pass == "branch" else [])
+                if self._active(ctx) and self.text_pass == "branch" else [])
 
     def apply(self, ctx: RequestContext) -> None:
         # the probe runs here, before any request of the batch installs its hooks
-        if self._active() and self.text_pass == "probe":
+        if self._active(ctx) and self.text_pass == "probe":
             layers = vhr_layers(self.layers, ctx.lvlm.adapter.num_layers)
             ctx.state["vhr.probe"] = self._probe(ctx, layers)
 
     def install(self, ctx: RequestContext) -> Any | None:
-        if not self._active():
+        if not self._active(ctx):
             return None
         layers = vhr_layers(self.layers, ctx.lvlm.adapter.num_layers)
         reference = ctx.state.get("vhr.probe")

@@ -179,3 +179,9 @@ def test_clip_matcher_from_a_local_folder(tmp_path):
     assert len(out.token_ids) == DECODE.max_new_tokens
     with pytest.raises(InputError, match="not a folder"):
         ClipMatcher(str(tmp_path / "missing")).match(None, make_image(8), PROMPT)
+
+
+def test_attention_matcher_layers_out_of_range():
+    lvlm = tiny("tiny-llava")
+    with pytest.raises(InputError, match="out of range"):
+        AttentionMatcher([99]).match(lvlm, make_image(2), PROMPT)

@@ -84,7 +84,7 @@ def planted(lvlm, per_row: dict[int, list[int]] | None = None, from_end: list[in
 def test_edit_rows_follow_receives_edits():
     rows = {"main": 0, "vcd.noised": 1, "vhr.noimg": 2, "other.row": 3}
     ctx = RequestContext(lvlm=None, request=None, index=0, rows=rows, layouts=[], plan=None,  # type: ignore[arg-type]
-                         decode=None, image=None)  # type: ignore[arg-type]
+                         decode=None, image="scene.png")  # type: ignore[arg-type]
     assert ctx.edit_rows == [0, 1, 2, 3]  # no specs known: every row receives edits
     ctx.branch_specs.update({"vcd.noised": Branch("noised"), "vhr.noimg": VHR().branches(ctx)[0]})
     assert ctx.branch_specs["vhr.noimg"].receives_edits is False

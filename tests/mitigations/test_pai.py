@@ -89,3 +89,25 @@ def test_parsing_and_layers():
     lvlm = tiny("tiny-llava")
     with pytest.raises(ValueError, match="out of range"):
         generate(lvlm, [{"prompt": PROMPT, "image": make_image(0)}], ["pai:layers=9"], decode=DECODE)
+
+
+def test_guidance_keeps_removed_tokens_removed():
+    """A token an earlier combiner set to -inf stays -inf (no NaN, even at gamma = 0); by hand."""
+    main = torch.tensor([2.0, float("-inf"), 1.0])
+    noimg = torch.tensor([0.0, 1.0, 2.0])
+    got = guided_logits(main, noimg, 0.0, 0.0)
+    lu = torch.log_softmax(noimg, -1)
+    torch.testing.assert_close(got, torch.tensor([lu[0].item(), float("-inf"), lu[2].item()]))
+
+
+@pytest.mark.parametrize("spec", ["pai", "vhr"])
+def test_text_only_request_adds_no_row_and_keeps_its_tokens(spec):
+    """Without an image PAI's guidance and VHR's measurement have nothing to contrast: no extra row runs and
+    the tokens are the unmitigated ones (PAI's boost has no image keys to boost)."""
+    lvlm = tiny("tiny-llava")
+    req = {"prompt": PROMPT}
+    base = generate(lvlm, [req], decode=DECODE)[0].token_ids
+    with spy_attention(lvlm, [0]) as spy:
+        out = generate(lvlm, [req], [spec], decode=DECODE)[0].token_ids
+    assert out == base
+    assert {c.q.shape[0] for c in spy.calls[0]} == {1}  # batch of one row at every forward

@@ -100,6 +100,11 @@ def test_model_card_pope_targets():
     assert pope["random"]["accuracy"] >= 0.85
     assert pope["adversarial"]["accuracy"] < pope["random"]["accuracy"]
     assert all(scores["thresholds_met"].values())
+    chair = scores["chair"]  # the recorded flags are the recorded numbers against the targets
+    assert scores["thresholds_met"] == {
+        "pope_random_accuracy>=0.85": pope["random"]["accuracy"] >= 0.85,
+        "pope_adversarial<random": pope["adversarial"]["accuracy"] < pope["random"]["accuracy"],
+        "chair_i>0": chair["chair_i"] > 0, "chair_recall>=0.60": chair["recall"] >= 0.60}
 
 
 def test_held_out_pope_live_with_margins(lvlm):

@@ -8,6 +8,7 @@ cached, so restarting a job finishes it with the same cache and metrics as an un
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -173,10 +174,19 @@ def model_identity(system: SystemSpec) -> str:
 
 
 def _folder_hash(path: Path, contents: bool = False) -> str:
-    """config.json plus each safetensors file's name and size (or, for small shipped files, its bytes)."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.read_bytes() if contents else f"{f.name}:{f.stat().st_size}".encode())
+    """config.json plus each safetensors file's name and size (or, for small shipped files, its bytes).
+
+    Cached by the files' names, sizes and modification times: a job asks once per system and stage."""
+    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    return _hash_files(tuple((str(f), st.st_size, st.st_mtime_ns) for f in files if (st := f.stat())), contents)
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_files(files: tuple[tuple[str, int, int], ...], contents: bool) -> str:
+    (config, _, _), *weights = files
+    h = hashlib.sha256(Path(config).read_bytes())
+    for name, size, _ in weights:
+        h.update(Path(name).read_bytes() if contents else f"{Path(name).name}:{size}".encode())
     return h.hexdigest()[:16]
 
 

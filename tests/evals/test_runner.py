@@ -56,6 +56,8 @@ def test_end_to_end_three_systems(tmp_path):
         assert s.chair.n_captions == 6
     assert set(results.crosscheck.scores) == {"base", "sampled", "next"}
     assert sorted(results.crosscheck.ranking) == ["base", "next", "sampled"]
+    scores = results.crosscheck.scores  # best (least hallucination) first, ties by name
+    assert results.crosscheck.ranking == sorted(scores, key=lambda s: (scores[s], s))
     files = {p.name for p in tmp_path.iterdir()}
     assert {"results.json", "report.md", "generations.jsonl", "job.json", "pope_f1.png", "chair.png"} <= files
     data = json.loads((tmp_path / "results.json").read_text())
@@ -220,9 +222,22 @@ def test_pope_from_lmms_lab_parquet(tmp_path):
 
 
 @pytest.mark.parametrize("scorer", ["judge", "implicit"])
-def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer):
+def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer, monkeypatch):
+    import clearsight
     from clearsight.evals.metrics.crosscheck import split_sentences
 
+    real_generate = clearsight.generate
+
+    def answers_no(lvlm, requests, *args, **kwargs):
+        """The captions are generated for real; every sentence check is answered "No"."""
+        results = real_generate(lvlm, requests, *args, **kwargs)
+        for req, r in zip(requests, results):
+            prompt = req if isinstance(req, str) else req["prompt"]
+            if "sentence" in prompt.lower():
+                r.text = "No"
+        return results
+
+    monkeypatch.setattr(clearsight, "generate", answers_no)
     job = _job(tmp_path, systems=SYSTEMS[:2],
                benchmarks=[{"kind": "chair", "n_images": 3, "max_new_tokens": 24},
                            {"kind": "crosscheck", "scorer": scorer}])
@@ -236,6 +251,9 @@ def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer):
         assert cc.n_sentences[system] == sum(len(split_sentences(c)) for c in captions)
         # every sentence score is 0, 0.5 or 1, averaged over evidence systems and sentences
         assert 0.0 <= cc.scores[system] <= 1.0
+        # "No" to every check: the judge ("is it supported?") scores each sentence 1, the implicit check
+        # ("does it contain an error?") 0 (SelfCheckGPT prompt / CrossCheck implicit mapping)
+        assert cc.scores[system] == (1.0 if scorer == "judge" else 0.0)
 
 
 def test_example_job_file_is_valid():
@@ -259,6 +277,7 @@ def test_model_identity_follows_the_weights(tmp_path, monkeypatch):
     shipped_before = model_identity(SystemSpec(model="builtin:shapes-llava"))
     local_before = model_identity(SystemSpec(model=str(folder)))
     (folder / "model.safetensors").write_bytes(b"\x01" * 64)  # same size, new weights
+    os.utime(folder / "model.safetensors", ns=(1, 10**18))  # a new modification time, whatever the clock
     assert model_identity(SystemSpec(model="builtin:shapes-llava")) != shipped_before
     (folder / "model.safetensors").write_bytes(b"\x01" * 65)
     assert model_identity(SystemSpec(model=str(folder))) != local_before

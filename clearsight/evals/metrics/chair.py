@@ -22,7 +22,6 @@ import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -42,7 +41,6 @@ from clearsight.evals._io import (
 from clearsight.evals.errors import EvalInputError
 
 COCO_VOCAB_RESOURCE = "coco_chair_vocab.json"
-DEFAULT_PROMPT = "Please describe this image in detail."
 
 # Lowercase word tokens (letters/digits with inner hyphens or apostrophes) and single punctuation marks.
 # Punctuation stays a token so that phrases never merge across it ("a baby, dog" is not "baby dog").
@@ -279,19 +277,6 @@ def sample_image_ids(annotation_file: str | os.PathLike[str], n: int = 500, seed
 
 
 # ------------------------------------------------------------------------------------ scoring
-@dataclass
-class CaptionChair:
-    """Per-caption detail: mentions (word, node) in order, the hallucinated ones, the GT set."""
-
-    image_id: int
-    caption: str
-    mentions: list[tuple[str, str]]
-    hallucinated: list[tuple[str, str]]
-    gt_objects: list[str]
-    n_words: int
-    recalled: list[str] = field(default_factory=list)
-
-
 class ChairResult(BaseModel):
     chair_s: float
     chair_i: float

@@ -514,6 +514,8 @@ class AttentionPlan:
         assert self.q_limit is not None
         if k_rank.max() >= GENERATED_RANK_OFFSET or q_limit.max() >= GENERATED_RANK_OFFSET:
             raise ValueError("prompt ranks and limits must stay below GENERATED_RANK_OFFSET")
+        # copy on write: a new tensor per change, so caches keyed by the tensor's identity stay valid
+        self.k_rank, self.q_limit = self.k_rank.clone(), self.q_limit.clone()
         self.k_rank[r] = k_rank.to(self.device, torch.long)
         self.q_limit[r] = q_limit.to(self.device, torch.long)
         self._mask_cache = None

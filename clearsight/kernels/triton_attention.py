@@ -602,24 +602,18 @@ class KernelPlan:
     want_last_row: bool = False
 
 
-# id(k_rank) -> (weak reference, version, block size, per-block minima). Keyed by id with an identity
-# check: a WeakKeyDictionary would compare tensor keys with == (elementwise) on lookup.
-_BLK_CACHE: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+# id(k_rank) -> (weak reference, block size, per-block minima). Keyed by id with an identity check (a
+# WeakKeyDictionary would compare tensor keys with == on lookup); valid because AttentionPlan.set_mask
+# writes a new rank tensor on every change (copy on write) and select_rows makes new ones.
+_BLK_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
-    """Smallest rank per key block [B, cdiv(L0, block_n)], cached per rank tensor, version and block.
-
-    Computed once per plan (a few device ops, no host sync) and reused by every layer and step;
-    recomputed per call for inference-mode tensors, which have no version counter to validate a cache.
-    """
-    try:
-        version = k_rank._version
-    except RuntimeError:  # an inference-mode tensor keeps no version counter: recompute (tiny, no sync)
-        version = None
+    """Smallest rank per key block [B, cdiv(L0, block_n)], cached per rank tensor and block size:
+    computed once per plan (a few device ops, no host sync) and reused by every layer and step."""
     hit = _BLK_CACHE.get(id(k_rank))
-    if version is not None and hit is not None and hit[0]() is k_rank and hit[1] == version and hit[2] == block_n:
-        return hit[3]
+    if hit is not None and hit[0]() is k_rank and hit[1] == block_n:
+        return hit[2]
     B, L0 = k_rank.shape
     nblk = triton.cdiv(L0, block_n)
     padded = torch.full((B, nblk * block_n), GENERATED_RANK_OFFSET, dtype=torch.long, device=k_rank.device)
@@ -627,8 +621,7 @@ def block_min_rank(k_rank: torch.Tensor, block_n: int) -> torch.Tensor:
     mins = padded.view(B, nblk, block_n).amin(-1).to(torch.int32).contiguous()
     for key in [key for key, val in _BLK_CACHE.items() if val[0]() is None]:
         del _BLK_CACHE[key]  # plans that are gone
-    if version is not None:
-        _BLK_CACHE[id(k_rank)] = (weakref.ref(k_rank), version, block_n, mins)
+    _BLK_CACHE[id(k_rank)] = (weakref.ref(k_rank), block_n, mins)
     return mins
 
 

@@ -170,3 +170,13 @@ def test_caption_file_and_image_sampling(coco, tmp_path):
     assert ids == sample_image_ids(ip, n=3, seed=0) and len(set(ids)) == 3 and set(ids) <= set(INSTANCES)
     with pytest.raises(EvalInputError, match="cannot sample 9"):
         sample_image_ids(ip, n=9)
+
+
+def test_custom_vocabulary_entries_are_normalised_and_phrases_merged():
+    """As the module docstring says: entries are stripped and lowercased, multi-word entries match whole."""
+    from clearsight.evals.metrics.chair import ChairVocabulary
+
+    v = ChairVocabulary.model_validate({"name": "t", "categories": [
+        {"name": "iPhone", "synonyms": [" Mobile  Phone"]}, {"name": "motorcycle", "synonyms": [" motor bike"]}]})
+    assert v.objects("An iphone, a mobile phone and a motor bike.") == ["iphone", "iphone", "motorcycle"]
+    assert v.objects("A phone and a bike.") == []

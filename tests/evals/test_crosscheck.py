@@ -129,3 +129,18 @@ def test_bad_inputs():
         crosscheck_explicit({"A": {"1": "Ok."}, "B": {"1": "Fine."}}, LastWordScorer())
     with pytest.raises(EvalInputError, match="empty dataset"):
         crosscheck_explicit({"A": {}, "B": {}}, LastWordScorer())
+
+
+def test_embedding_scorer_embeds_each_text_once():
+    """Sentences serve as target once and as evidence for every other system: one embed() per distinct text."""
+    seen: list[str] = []
+
+    def embed(texts):
+        seen.extend(texts)
+        return np.array([[len(t), 1.0] for t in texts])
+
+    scorer = EmbeddingScorer(embed)
+    first = scorer.score(["A red circle here.", "A blue star there."], "A red circle here.")
+    again = scorer.score(["A red circle here."], "A blue star there. A red circle here.")
+    assert first[0] == pytest.approx(0.0) and again == [pytest.approx(0.0)]
+    assert sorted(seen) == ["A blue star there.", "A red circle here."]

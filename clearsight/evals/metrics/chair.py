@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clearsight.evals._inflect import inflect_engine
 from clearsight.evals._io import (
@@ -48,10 +48,21 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _WORD_RE = re.compile(r"[a-z0-9]")
 
 
+def _normalised(value: Any) -> Any:
+    """Vocabulary entries as the caption tokens are: stripped, lowercased, single spaces."""
+    if isinstance(value, str):
+        return " ".join(value.lower().split())
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
 class ChairCategory(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="canonical ('node') word, e.g. the COCO category name")
     synonyms: list[str] = Field(default_factory=list)
+
+    _normalise = field_validator("name", "synonyms", mode="before")(lambda v: _normalised(v))
 
 
 class QualifiedHeads(BaseModel):
@@ -82,6 +93,8 @@ class ChairVocabulary(BaseModel):
     qualified_heads: list[QualifiedHeads] = Field(default_factory=list)
     rewrites: dict[str, str] = Field(default_factory=dict, description="phrase -> replacement word")
     drop_when_present: list[DropRule] = Field(default_factory=list)
+
+    _normalise = field_validator("compounds", mode="before")(lambda v: _normalised(v))
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
@@ -120,7 +133,7 @@ class ChairVocabulary(BaseModel):
     def phrases(self) -> dict[tuple[str, ...], str]:
         """Multi-word phrase -> the token it becomes (compounds map to themselves; rules override)."""
         out: dict[tuple[str, ...], str] = {}
-        for c in self.compounds:
+        for c in [*self.compounds, *(e for e in self.inverse if " " in e)]:  # multi-word entries match whole
             out[tuple(c.split())] = c
         for rule in self.qualified_heads:
             for q in rule.qualifiers:

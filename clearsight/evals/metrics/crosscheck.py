@@ -80,6 +80,18 @@ class EmbeddingScorer:
         self.embed = embed
         self.name = name
         self.min_tokens = min_tokens  # evidence sentences are not filtered by length by default
+        # every sentence is target once and evidence for every other system: embed each text once
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def _unit_vectors(self, texts: list[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if new:
+            rows = _unit(np.asarray(self.embed(new), dtype=np.float64))
+            if rows.shape[0] != len(new):
+                raise EvalInputError(f"{self.name}: embed() returned {rows.shape[0]} rows for {len(new)} texts; "
+                                     "it must return one row per text")
+            self._vectors.update(zip(new, rows))
+        return np.stack([self._vectors[t] for t in texts])
 
     def score(self, sentences: Sequence[str], evidence: str) -> list[float]:
         if not sentences:
@@ -87,11 +99,8 @@ class EmbeddingScorer:
         ev = split_sentences(evidence, self.min_tokens) or ([evidence] if evidence.strip() else [])
         if not ev:
             return [1.0] * len(sentences)  # empty evidence supports nothing
-        a = _unit(np.asarray(self.embed(list(sentences)), dtype=np.float64))
-        b = _unit(np.asarray(self.embed(ev), dtype=np.float64))
-        if a.shape[0] != len(sentences) or b.shape[0] != len(ev):
-            raise EvalInputError(f"{self.name}: embed() returned {a.shape[0]}/{b.shape[0]} rows for "
-                                 f"{len(sentences)}/{len(ev)} texts; it must return one row per text")
+        a = self._unit_vectors(list(sentences))
+        b = self._unit_vectors(ev)
         best = (a @ b.T).max(axis=1)
         return [float(x) for x in np.clip(1.0 - best, 0.0, 1.0)]
 

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from clearsight.mitigations._branch_common import require_image, weighted_sum
+from clearsight.mitigations._branch_common import contrast, require_image
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import register
 
@@ -50,7 +50,7 @@ def m3id_logits(main: torch.Tensor, noimg: torch.Tensor, t: int, lam: float, thr
     if float(torch.softmax(main.float(), -1).max()) >= threshold:
         return main
     w = m3id_weight(t, lam, max_weight)
-    return weighted_sum(main, [(-w, noimg)], 1.0 + w)
+    return contrast(main, noimg, w)  # (1 + w) l_c - w l_u
 
 
 @register

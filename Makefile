@@ -3,18 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 PYTEST_ARGS ?=
+LATEST := .venv-latest
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-latest lock bench lint clean
 
 setup: $(STAMP)
 
-# torch first, pinned: the CPU build on CPU machines (a plain `torch` requirement would pull CUDA wheels)
-$(STAMP): pyproject.toml
+# Installs are locked: every version comes from $(LOCK) (`make lock` refreshes it). torch first: the lock pins
+# the CPU build's version on CPU machines (a plain `torch` requirement would pull CUDA wheels).
+# PIP_CONSTRAINT also reaches pip's isolated build environment (setuptools for the editable install).
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) --upgrade pip setuptools
+	$(BIN)/python -m pip install --quiet -c $(LOCK) torch
+	PIP_CONSTRAINT=$(abspath $(LOCK)) $(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[all,dev]"
 	touch $(STAMP)
 
 demo: setup
@@ -22,6 +26,23 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Resolve the newest versions pyproject.toml allows and write them to $(LOCK).
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
+
+# By hand, now and then: the tests on the newest versions pyproject.toml allows (a fresh $(LATEST) venv,
+# no lock), with what differs from the lock printed first. Green here = `make lock` is safe to commit.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[all,dev]"
+	@$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/' \
+		| sort > $(LATEST)/freeze.txt
+	@echo "newer than $(LOCK):"; grep '==' $(LOCK) | sort | comm -13 - $(LATEST)/freeze.txt | sed 's/^/  /'
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	cd benchmarks && ../$(BIN)/python plan_overhead.py
@@ -33,4 +54,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) runs .pytest_cache .ruff_cache

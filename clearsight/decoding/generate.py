@@ -190,10 +190,10 @@ class _Chunk:
         with use_plan(self.plan):
             out = self.lvlm.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=self.position_ids,
-                past_key_values=cache if cache is not None else DynamicCache(config=self.lvlm.model.config),
+                cache=cache if cache is not None else DynamicCache(config=self.lvlm.model.config),
                 use_cache=True, logits_to_keep=1, **extra,
             )
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.cache
 
     def combined_logits(self, logits: torch.Tensor, k: int, step: int) -> torch.Tensor:
         ctx = self.ctxs[k]

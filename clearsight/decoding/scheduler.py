@@ -21,6 +21,7 @@ from collections import deque
 import torch
 
 from clearsight.decoding.batch import Batch, Entry
+from clearsight.errors import RequestCancelled
 from clearsight.models.loader import LVLM
 
 
@@ -80,13 +81,13 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for e in [e for e in self.waiting if e.cancelled]:
             self.waiting.remove(e)
-            self._finish(e)
+            self._error(e, RequestCancelled(f"request {e.index} was cancelled"))
         for batch in self.batches.values():
             gone = [e for e in batch.entries if e.cancelled]
             if gone:
                 batch.drop_inactive()
                 for e in gone:
-                    self._finish(e)
+                    self._error(e, RequestCancelled(f"request {e.index} was cancelled"))
 
     def _fits(self, entry: Entry, requests: int, rows: int) -> bool:
         if requests == 0:

@@ -172,8 +172,7 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise EngineClosed("the engine is closed: create a new Engine")
-            waiting = len(self._inbox) + self._snapshot["waiting"]
-            if waiting >= self.max_queue:
+            if self._waiting() >= self.max_queue:
                 raise EngineBusy(f"the engine's queue is full ({self.max_queue} requests waiting): retry later")
             handle = RequestHandle(self, self._counter if index is None else index)
             self._counter += 1
@@ -237,7 +236,7 @@ class Engine:
         """A snapshot (updated by the engine thread each step): waiting, requests, rows, tokens, key_columns,
         batches."""
         with self._cv:
-            return {**self._snapshot, "waiting": self._snapshot["waiting"] + len(self._inbox)}
+            return {**self._snapshot, "waiting": self._waiting()}
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the engine: every unfinished request ends with ``EngineClosed``; the model gets its backend back."""
@@ -256,6 +255,10 @@ class Engine:
         self.close()
 
     # ------------------------------------------------------------------ the engine thread
+    def _waiting(self) -> int:
+        """Requests submitted and not yet admitted (len() of a deque is atomic: no lock with the thread needed)."""
+        return len(self._inbox) + len(self._scheduler.waiting)
+
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
@@ -272,7 +275,6 @@ class Engine:
                     for e in self._inbox:
                         sched.add(e)
                     self._inbox.clear()
-                    self._snapshot = {**self._snapshot, "waiting": len(sched.waiting)}
                 try:
                     sched.step()
                 except Exception as exc:  # the scheduler's own bug: fail what is in flight, keep serving

@@ -81,10 +81,12 @@ class Entry:
         self.stats_acc: dict[str, dict[int, list[torch.Tensor]]] = {"segment_mass": {}, "last_row": {}}
 
     @property
-    def key(self) -> tuple[str | None, StatsRequest | None]:
+    def key(self) -> tuple[str | None, tuple | None]:
         """Requests with the same key share a batch (one backend and one statistics request per forward)."""
-        stats = self.stats if self.stats is not None and (self.stats.segment_mass or self.stats.last_row) else None
-        return self.backend, stats
+        s = self.stats
+        if s is None or not (s.segment_mass or s.last_row):
+            return self.backend, None
+        return self.backend, (s.segment_mass, s.last_row, None if s.layers is None else tuple(sorted(s.layers)))
 
     @property
     def active(self) -> bool:
@@ -204,9 +206,10 @@ def _layers(cache: DynamicCache) -> list[DynamicLayer]:
 class Batch:
     """Rows of requests in flight with one KV cache, mask and plan (see the module docstring)."""
 
-    def __init__(self, lvlm: LVLM, key: tuple[str | None, StatsRequest | None]) -> None:
+    def __init__(self, lvlm: LVLM, key: tuple[str | None, tuple | None], stats: StatsRequest | None = None) -> None:
         self.lvlm, self.key = lvlm, key
         self.backend = key[0] or lvlm.backend
+        self.stats = stats if key[1] is not None else None
         self.entries: list[Entry] = []
         self.rows: list[_Row] = []
         self.plan: AttentionPlan
@@ -236,7 +239,7 @@ class Batch:
 
         On an error every hook installed here is removed again and the error propagates.
         """
-        self = cls(lvlm, entries[0].key)
+        self = cls(lvlm, entries[0].key, entries[0].stats)
         adapter = lvlm.adapter
         t0 = time.perf_counter()
         try:
@@ -257,8 +260,8 @@ class Batch:
                     raise InputError("the processor inserted no image tokens: the chat template lacks an image slot")
             plan = AttentionPlan(num_layers=adapter.num_layers, num_heads=adapter.num_heads,
                                  segment=adapter.segments(batch).to(lvlm.device), layouts=layouts)
-            if self.key[1] is not None:
-                plan.stats = self.key[1]
+            if self.stats is not None:
+                plan.stats = self.stats
             self.plan = plan
             for e in entries:
                 ctx = e.ctx

@@ -32,6 +32,7 @@ class Scheduler:
         self.max_requests, self.max_rows, self.max_tokens = max_requests, max_rows, max_tokens
         self.waiting: deque[Entry] = deque()
         self.batches: dict[tuple, Batch] = {}
+        self.entries: dict[int, Entry] = {}  # every entry added and not yet done (whatever state it is in)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -57,6 +58,7 @@ class Scheduler:
                 "key_columns": max((b.num_keys for b in live), default=0), "batches": len(live)}
 
     def add(self, entry: Entry) -> None:
+        self.entries[id(entry)] = entry
         self.waiting.append(entry)
 
     # ------------------------------------------------------------------ one iteration
@@ -162,6 +164,7 @@ class Scheduler:
     def _finish(self, e: Entry) -> None:
         e.remove_hooks()
         e.done = True
+        self.entries.pop(id(e), None)
 
     def _error(self, e: Entry, exc: BaseException) -> None:
         self._finish(e)
@@ -170,7 +173,7 @@ class Scheduler:
 
     def abort(self, exc: BaseException | None = None) -> None:
         """End everything waiting or running (hooks removed); with ``exc``, report it to each request."""
-        entries = list(self.waiting) + self.running
+        entries = list(self.entries.values())
         self.waiting.clear()
         for b in self.batches.values():
             b.fail(exc or RuntimeError("aborted"))

@@ -28,3 +28,15 @@ def pydantic_message(exc: Exception, what: str) -> str:
             msg = "unknown parameter"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{what}: " + "; ".join(parts)
+
+
+class EngineBusy(ClearsightError):
+    """The engine's queue is full: the request was not accepted (retry later or raise ``max_queue``)."""
+
+
+class EngineClosed(ClearsightError):
+    """The engine was closed: a request still in flight ends with this, and ``submit`` refuses new ones."""
+
+
+class RequestCancelled(ClearsightError):
+    """The request was cancelled by its caller before it finished."""

@@ -1,32 +1,29 @@
-"""generate(): the decoding loop.
+"""generate(): the simple entry point of decoding.
 
-All rows of all requests in a chunk (each request's main row plus its mitigations' branch rows)
-run through one batched forward per step, left-padded, with one KV cache. The chunk's
-AttentionPlan is bound around every forward, so the language model's attention executes it.
+All rows of the requests in flight (each request's main row plus its mitigations' branch rows)
+run through one batched forward per step, left-padded, with one KV cache (``batch.Batch``); the
+batch's AttentionPlan is bound around every forward, so the language model's attention executes it.
 Per step, each request's branch logits are combined by its mitigations (in the order given:
 each combiner receives the logits combined so far as ``"main"``), one token is chosen per request,
-and every row of that request is fed that token.
+and every row of that request is fed that token. ``generate`` runs the Engine's machinery
+(``scheduler.Scheduler``: continuous batching) inline, with at most ``decode.batch_size`` requests
+in flight.
 """
 
 from __future__ import annotations
 
-import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import DynamicCache
 
 from clearsight.config import DecodeSpec, GenerationRequest
-from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError, pydantic_message
-from clearsight.kernels.context import use_plan
-from clearsight.kernels.plan import AttentionPlan, StatsRequest
-from clearsight.mitigations import MAIN, Mitigation, RequestContext, parse_mitigations
-from clearsight.mitigations.base import SAME_IMAGE
+from clearsight.kernels.plan import StatsRequest
+from clearsight.mitigations import Mitigation, parse_mitigations
 from clearsight.models.loader import LVLM
 
 
@@ -91,238 +88,6 @@ def as_request(r: GenerationRequest | dict[str, Any] | str) -> GenerationRequest
         raise InputError(pydantic_message(exc, "request")) from None
 
 
-@dataclass
-class _Row:
-    request: int
-    branch: str
-    prompt: str
-    image: Image.Image | None
-    pixel_transform: Any = None
-    until_step: int | None = None
-
-
-class _Chunk:
-    """The state of one batched generation: rows, plan, cache, per-request progress."""
-
-    def __init__(
-        self,
-        lvlm: LVLM,
-        requests: list[GenerationRequest],
-        indices: list[int],
-        mitigations: list[list[Mitigation]],
-        decode: DecodeSpec,
-        stats: StatsRequest | None,
-    ) -> None:
-        self.lvlm, self.requests, self.indices, self.mitigations, self.decode = (
-            lvlm, requests, indices, mitigations, decode)
-        adapter = lvlm.adapter
-        t0 = time.perf_counter()
-        images = [load_image(r.image, f"request {i}: image") if r.image is not None else None
-                  for i, r in zip(indices, requests)]
-        # rows: every request's main row, then its mitigations' branches
-        self.ctxs: list[RequestContext] = []
-        rows: list[_Row] = []
-        for k, (req, image, mits) in enumerate(zip(requests, images, mitigations)):
-            ctx = RequestContext(lvlm=lvlm, request=req, index=indices[k], rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
-                                 decode=decode, image=image)
-            ctx.rows[MAIN] = len(rows)
-            rows.append(_Row(k, MAIN, req.prompt, image))
-            for m in mits:
-                for br in m.branches(ctx):
-                    name = f"{m.name}.{br.name}"
-                    if name in ctx.rows:
-                        raise ValueError(f"mitigation {m.name} declared branch '{br.name}' twice")
-                    br_image = image if br.image == SAME_IMAGE else br.image
-                    if isinstance(br_image, str):
-                        br_image = load_image(br_image, f"{m.name} branch image")
-                    ctx.rows[name] = len(rows)
-                    ctx.branch_specs[name] = br
-                    rows.append(_Row(k, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
-            self.ctxs.append(ctx)
-        self.rows = rows
-        texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
-        batch = adapter.encode(texts, [r.image for r in rows])
-        self._transform_pixels(batch, rows)
-        self.batch = {k: v.to(lvlm.device) for k, v in batch.items()}
-        self.layouts = adapter.row_layouts(self.batch)
-        for r, lay in zip(rows, self.layouts):
-            if r.image is not None and not lay.image_spans:
-                raise InputError("the processor inserted no image tokens: the chat template lacks an image slot")
-        self.plan = AttentionPlan(num_layers=adapter.num_layers, num_heads=adapter.num_heads,
-                                  segment=adapter.segments(self.batch).to(lvlm.device), layouts=self.layouts)
-        if stats is not None:
-            self.plan.stats = stats
-        for ctx, mits in zip(self.ctxs, mitigations):
-            ctx.plan, ctx.layouts, ctx.inputs = self.plan, self.layouts, self.batch
-            for m in mits:
-                m.apply(ctx)
-        self.position_ids = adapter.prefill_position_ids(self.batch, self.layouts)
-        if self.plan.position_ids is not None:
-            if self.position_ids.ndim != 2:
-                raise InputError(f"position-id overrides are not supported for {adapter.family} (3-D M-RoPE)")
-            self.position_ids = self.plan.position_ids
-        self.generators = [torch.Generator().manual_seed(r.seed if r.seed is not None else decode.seed)
-                           for r in requests]
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.texts: list[str] = ["" for _ in requests]
-        self.finish: list[str | None] = [None for _ in requests]
-        self.timings = {"prepare_s": time.perf_counter() - t0, "prefill_s": 0.0}
-        self.eos = adapter.eos_token_ids
-
-    def _transform_pixels(self, batch: dict[str, torch.Tensor], rows: list[_Row]) -> None:
-        """Apply branches' pixel transforms to their own image's processed pixels."""
-        if not any(r.pixel_transform for r in rows):
-            return
-        slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
-        pixels = batch["pixel_values"].clone()
-        for r in rows:
-            if r.image is None:
-                continue
-            sl = next(slices)
-            if r.pixel_transform is not None:
-                pixels[sl] = r.pixel_transform(pixels[sl])
-        batch["pixel_values"] = pixels
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: DynamicCache | None,
-                extra: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, DynamicCache]:
-        for ctx in self.ctxs:
-            ctx.step = step
-        with use_plan(self.plan):
-            out = self.lvlm.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=self.position_ids,
-                cache=cache if cache is not None else DynamicCache(config=self.lvlm.model.config),
-                use_cache=True, logits_to_keep=1, **extra,
-            )
-        return out.logits[:, -1].float(), out.cache
-
-    def combined_logits(self, logits: torch.Tensor, k: int, step: int) -> torch.Tensor:
-        ctx = self.ctxs[k]
-        current = logits[ctx.main_row]
-        for m in self.mitigations[k]:
-            prefix = m.name + "."
-            own = {name[len(prefix):]: logits[row] for name, row in ctx.rows.items() if name.startswith(prefix)}
-            new = m.combine({MAIN: current, **own}, step, ctx)
-            if new is not None:
-                current = new
-        return current
-
-    def run(self) -> Iterator[TokenEvent]:
-        installed = []
-        try:
-            for ctx, mits in zip(self.ctxs, self.mitigations):
-                for m in mits:
-                    handle = m.install(ctx)
-                    if handle is not None:
-                        installed.append(handle)
-            yield from self._loop()
-        finally:
-            for handle in installed:
-                handle.remove()
-
-    def _loop(self) -> Iterator[TokenEvent]:
-        lvlm, decode = self.lvlm, self.decode
-        tok = lvlm.adapter.tokenizer
-        ids, mask = self.batch["input_ids"], self.batch["attention_mask"]
-        t0 = time.perf_counter()
-        logits, cache = self.forward(ids, mask, None, lvlm.adapter.forward_inputs(self.batch), step=0)
-        self.timings["prefill_s"] = time.perf_counter() - t0
-        self._t_decode = time.perf_counter()
-        row_request = torch.tensor([r.request for r in self.rows])
-        pad_id, device = lvlm.adapter.pad_token_id, lvlm.device
-        for step in range(decode.max_new_tokens):
-            chosen = torch.full((len(self.requests),), pad_id, dtype=torch.long)
-            for k in range(len(self.requests)):
-                if self.finish[k] is not None:
-                    continue
-                token = select_token(self.combined_logits(logits, k, step), decode, self.generators[k])
-                chosen[k] = token
-                yield from self._accept(k, token, tok)
-            if all(f is not None for f in self.finish):  # _accept ends every request by max_new_tokens
-                break
-            keep = self._rows_to_keep(step)
-            if len(keep) < len(self.rows):
-                mask, cache = self._select_rows(keep, mask, cache)
-                row_request = torch.tensor([r.request for r in self.rows])
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            self.position_ids = lvlm.adapter.next_position_ids(lvlm.adapter.last_positions(self.position_ids))
-            step_ids = chosen[row_request].view(-1, 1).to(device)
-            logits, cache = self.forward(step_ids, mask, cache, {}, step=step + 1)
-
-    def _rows_to_keep(self, step: int) -> list[int]:
-        """Rows still needed after this step: not of a finished request, not a branch past its until_step.
-
-        Statistics are recorded per forward with the batch's row numbers, so with statistics every row stays.
-        """
-        if self.plan.stats.segment_mass or self.plan.stats.last_row:
-            return list(range(len(self.rows)))
-        return [i for i, r in enumerate(self.rows)
-                if self.finish[r.request] is None and (r.until_step is None or r.until_step > step)]
-
-    def _select_rows(self, keep: list[int], mask: torch.Tensor, cache: DynamicCache
-                     ) -> tuple[torch.Tensor, DynamicCache]:
-        """Drop the other rows from the batch: KV cache, mask, positions, plan, and each request's row map."""
-        idx = torch.tensor(keep, device=mask.device)
-        cache.batch_select_indices(idx)
-        self.position_ids = self.position_ids.index_select(self.position_ids.ndim - 2, idx)
-        self.plan.select_rows(keep)
-        new_index = {old: new for new, old in enumerate(keep)}
-        self.rows = [self.rows[i] for i in keep]
-        self.layouts = self.plan.layouts
-        for ctx in self.ctxs:
-            ctx.rows = {name: new_index[row] for name, row in ctx.rows.items() if row in new_index}
-            ctx.layouts = self.layouts
-        return mask.index_select(0, idx), cache
-
-    def _accept(self, k: int, token: int, tok) -> Iterator[TokenEvent]:
-        if token in self.eos and not self.decode.ignore_eos:
-            self.finish[k] = "eos"
-            yield TokenEvent(self.indices[k], token, "", self._result(k))
-            return
-        self.tokens[k].append(token)
-        text = tok.decode(self.tokens[k], skip_special_tokens=True)
-        cut = find_stop(text, self.decode.stop)
-        if cut is not None:
-            text = text[:cut]
-        delta = text[len(self.texts[k]):] if text.startswith(self.texts[k]) else text
-        self.texts[k] = text
-        if cut is not None:
-            self.finish[k] = "stop"
-            yield TokenEvent(self.indices[k], token, delta, self._result(k))
-        elif len(self.tokens[k]) >= self.decode.max_new_tokens:
-            self.finish[k] = "length"
-            yield TokenEvent(self.indices[k], token, delta, self._result(k))
-        else:
-            yield TokenEvent(self.indices[k], token, delta)
-
-    def _result(self, k: int) -> GenerationResult:
-        timings = dict(self.timings)
-        timings["decode_s"] = time.perf_counter() - self._t_decode
-        timings["new_tokens"] = float(len(self.tokens[k]))
-        # decode steps after the first token (which comes from the prefill logits)
-        steps = max(len(self.tokens[k]) - 1, 0)
-        timings["decode_tokens_per_s"] = steps / timings["decode_s"] if steps and timings["decode_s"] > 0 else 0.0
-        return GenerationResult(
-            text=self.texts[k].strip(), token_ids=list(self.tokens[k]), finish_reason=self.finish[k] or "length",
-            prompt=self.requests[k].prompt, id=self.requests[k].id,
-            mitigations=[m.describe() for m in self.mitigations[k]], timings=timings,
-            stats=self._stats(k),
-        )
-
-    def _stats(self, k: int) -> dict[str, Any] | None:
-        out = self.plan.stats_out
-        if not (out.segment_mass or out.last_row):
-            return None
-        row = self.ctxs[k].main_row
-        pad = self.layouts[row].pad
-        stats: dict[str, Any] = {"pad": pad, "layout": self.layouts[row]}
-        if out.segment_mass:
-            stats["segment_mass"] = {l: torch.cat([m[row] for m in ms], 1)[:, pad:].cpu()
-                                     for l, ms in out.segment_mass.items()}
-        if out.last_row:
-            stats["last_row"] = {l: [m[row, :, pad:].cpu() for m in ms] for l, ms in out.last_row.items()}
-        return stats
-
-
 def _prepare(
     lvlm: LVLM, requests: Sequence[GenerationRequest | dict[str, Any] | str], mitigations: Sequence[Any],
 ) -> tuple[list[GenerationRequest], list[list[Mitigation]]]:
@@ -343,13 +108,26 @@ def stream_generate(
     stats: StatsRequest | None = None,
 ) -> Iterator[TokenEvent]:
     """Yield tokens as they are chosen; each request's last event carries its GenerationResult."""
+    from clearsight.decoding.batch import Entry
+    from clearsight.decoding.scheduler import Scheduler
+
     decode = decode or DecodeSpec()
     reqs, mits = _prepare(lvlm, requests, mitigations)
-    with torch.inference_mode():
-        for start in range(0, len(reqs), decode.batch_size):
-            idx = list(range(start, min(start + decode.batch_size, len(reqs))))
-            chunk = _Chunk(lvlm, [reqs[i] for i in idx], idx, [mits[i] for i in idx], decode, stats)
-            yield from chunk.run()
+    events: deque[TokenEvent] = deque()
+    errors: list[BaseException] = []
+    # the Engine's machinery, run inline: continuous batching of at most decode.batch_size requests
+    scheduler = Scheduler(lvlm, max_requests=decode.batch_size)
+    for i, (req, m) in enumerate(zip(reqs, mits)):
+        scheduler.add(Entry(req, m, decode, index=i, stats=stats, on_event=events.append, on_error=errors.append))
+    try:
+        while scheduler.busy:
+            scheduler.step()
+            if errors:
+                raise errors[0]
+            while events:
+                yield events.popleft()
+    finally:
+        scheduler.abort()
 
 
 def generate(

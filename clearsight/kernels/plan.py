@@ -186,6 +186,26 @@ class CounterfactualGrid:
     draws: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> uniform_hash draws [B, H, Lq, Lk]
 
 
+@dataclass
+class ForwardCache:
+    """What the backends derive from a plan and reuse within a forward (and across forwards of the same shape).
+
+    Kept apart from the plan's contract: every writer and row operation of the plan calls ``clear()``, so a
+    cache never outlives the plan state it was derived from.
+    """
+
+    seg: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    mask: tuple[tuple[int, int], torch.Tensor] | None = None
+    float_mask: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+    grid: dict[tuple, CounterfactualGrid] = field(default_factory=dict)
+    q_index: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def clear(self) -> None:
+        self.seg.clear()
+        self.mask = self.float_mask = self.q_index = None
+        self.grid.clear()
+
+
 def counterfactual_grid(image_keys: torch.Tensor, q_index: torch.Tensor, pad: torch.Tensor, num_heads: int,
                         dtype: torch.dtype, random: bool) -> CounterfactualGrid:
     B, _, Lq, Lk = image_keys.shape
@@ -312,11 +332,7 @@ class AttentionPlan:
         self.capture_layer: int | None = None  # reference backend only: keep one layer's full maps
         self.captured: list[torch.Tensor] = []
         self._owners: dict[tuple[str, int, int], str] = {}
-        self._seg_cache: dict[tuple[int, int], torch.Tensor] = {}
-        self._mask_cache: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._float_mask_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
-        self._grid_cache: dict[tuple, CounterfactualGrid] = {}
-        self._q_index_cache: tuple[tuple[int, int], torch.Tensor] | None = None
+        self.cache = ForwardCache()  # the backends' per-forward caches, never part of the contract
         self.pad = torch.tensor([lay.pad for lay in layouts], dtype=torch.long, device=self.device)
 
     # ----------------------------------------------------------------------------- shape facts
@@ -472,7 +488,7 @@ class AttentionPlan:
                     cf.source[row] = self._shuffle_source(row, seed, layer)
             # every row's kind, NONE included (host-side, so backends can skip what no row uses)
             e.counterfactual_kinds = frozenset(int(k) for k in cf.kind.unique().tolist())
-        self._grid_cache.clear()  # cached draws follow the seeds
+        self.cache.grid.clear()  # cached draws follow the seeds
 
     def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
         """A seeded permutation of this row's image keys (identity elsewhere), independent of padding."""
@@ -501,8 +517,7 @@ class AttentionPlan:
         if e.segment is None:
             e.segment = self.segment.clone()
         e.segment[r] = segment.to(device=self.device, dtype=torch.int8)
-        self._seg_cache.clear()
-        self._grid_cache.clear()
+        self.cache.clear()
 
     def set_mask(self, rows, k_rank: torch.Tensor, q_limit: torch.Tensor, owner: str) -> None:
         """Custom prompt mask: key j visible to query i iff k_rank[j] <= q_limit[i] (plus padding)."""
@@ -518,9 +533,7 @@ class AttentionPlan:
         self.k_rank, self.q_limit = self.k_rank.clone(), self.q_limit.clone()
         self.k_rank[r] = k_rank.to(self.device, torch.long)
         self.q_limit[r] = q_limit.to(self.device, torch.long)
-        self._mask_cache = None
-        self._float_mask_cache = None
-        self._grid_cache.clear()
+        self.cache.clear()
 
     def set_position_ids(self, rows, position_ids: torch.Tensor, owner: str) -> None:
         r = _as_rows(rows)
@@ -550,21 +563,173 @@ class AttentionPlan:
             if e.counterfactual is not None:
                 c = e.counterfactual
                 e.counterfactual = CounterfactualEdit(sel(c.kind), sel(c.seed), sel(c.source))
-                e.counterfactual_kinds = frozenset(int(k) for k in e.counterfactual.kind.unique().tolist())
-            if e.abs_bias is not None and e.abs_from is not None:
-                active = e.abs_bias.abs().sum((1, 2)) > 0
-                e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None
+            _host_facts(e)
         self._owners = {(w, l, old_to_new[r]): o for (w, l, r), o in self._owners.items() if r in old_to_new}
-        self._seg_cache.clear()
-        self._mask_cache = None
-        self._float_mask_cache = None
-        self._grid_cache.clear()
+        self.cache.clear()
+
+    # ----------------------------------------------------------------------------- row operations (joining)
+    def extend_prompt(self, num_keys: int) -> None:
+        """Treat the first ``num_keys`` keys as the plan's prompt: the generated keys among them become
+        prompt columns holding exactly what the plan gave generated keys (TEXT, generated ranks, identity
+        shuffle source). Nothing a query sees changes; the batch can then be left-padded and joined."""
+        L0 = self.prompt_len
+        n = num_keys - L0
+        if n < 0:
+            raise ValueError(f"extend_prompt: {num_keys} keys is shorter than the prompt ({L0})")
+        if n == 0:
+            return
+        B, dev = self.batch, self.device
+        idx = torch.arange(L0, num_keys, device=dev).repeat(B, 1)
+
+        def text(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_full((B, n), int(Segment.TEXT))], 1)
+
+        self.segment = text(self.segment)
+        if self.k_rank is not None and self.q_limit is not None:
+            self.k_rank = torch.cat([self.k_rank, idx + GENERATED_RANK_OFFSET], 1)
+            self.q_limit = torch.cat([self.q_limit, idx + GENERATED_RANK_OFFSET], 1)
+        if self.position_ids is not None:
+            last = self.position_ids[:, -1:]
+            self.position_ids = torch.cat([self.position_ids, last + torch.arange(1, n + 1, device=dev)], 1)
+        for e in self.layers.values():
+            if e.segment is not None:
+                e.segment = text(e.segment)
+            if e.counterfactual is not None:
+                c = e.counterfactual
+                c.source = torch.cat([c.source, idx], 1)
+        self.cache.clear()
+
+    def pad_left(self, n: int) -> None:
+        """Prepend ``n`` padding keys to every row (key index j becomes j + n); padding is masked by ``pad``."""
+        if n < 0:
+            raise ValueError(f"pad_left: n must be >= 0, got {n}")
+        if n == 0:
+            return
+        B, dev = self.batch, self.device
+
+        def cols(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+            return torch.cat([t.new_full((B, n), fill), t], 1)
+
+        self.segment = cols(self.segment, int(Segment.TEXT))
+        if self.k_rank is not None and self.q_limit is not None:
+            self.k_rank, self.q_limit = cols(self.k_rank), cols(self.q_limit)
+        if self.position_ids is not None:
+            self.position_ids = cols(self.position_ids, 1)
+        for e in self.layers.values():
+            if e.segment is not None:
+                e.segment = cols(e.segment, int(Segment.TEXT))
+            if e.abs_from is not None:
+                e.abs_from = e.abs_from + n
+            if e.redistribute is not None:
+                e.redistribute.rows_from = e.redistribute.rows_from + n
+            if e.counterfactual is not None:
+                c = e.counterfactual
+                c.source = torch.cat([torch.arange(n, device=dev).repeat(B, 1), c.source + n], 1)
+            _host_facts(e)
+        self.layouts = [_shift_layout(lay, n) for lay in self.layouts]
+        self.pad = self.pad + n
+        self.cache.clear()
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first ``n`` keys, padding in every row (compaction after rows left the batch)."""
+        if n == 0:
+            return
+        if not 0 < n <= min(lay.pad for lay in self.layouts):
+            raise ValueError(f"trim_left: only leading padding can be dropped (n={n}, pads "
+                             f"{[lay.pad for lay in self.layouts]})")
+        self.segment = self.segment[:, n:]
+        if self.k_rank is not None and self.q_limit is not None:
+            self.k_rank, self.q_limit = self.k_rank[:, n:], self.q_limit[:, n:]
+        if self.position_ids is not None:
+            self.position_ids = self.position_ids[:, n:]
+        for e in self.layers.values():
+            if e.segment is not None:
+                e.segment = e.segment[:, n:]
+            if e.abs_from is not None:
+                e.abs_from = (e.abs_from - n).clamp_min(0)
+            if e.redistribute is not None:
+                e.redistribute.rows_from = (e.redistribute.rows_from - n).clamp_min(0)
+            if e.counterfactual is not None:
+                e.counterfactual.source = e.counterfactual.source[:, n:] - n
+            _host_facts(e)
+        self.layouts = [_shift_layout(lay, -n) for lay in self.layouts]
+        self.pad = self.pad - n
+        self.cache.clear()
+
+    @classmethod
+    def concatenate(cls, a: AttentionPlan, b: AttentionPlan) -> AttentionPlan:
+        """The rows of ``a`` then the rows of ``b`` in one plan (their keys aligned: same ``prompt_len``, see
+        ``extend_prompt`` / ``pad_left``). Each row keeps its own edits; a field only one side wrote gets
+        its neutral value on the other side's rows (zero bias, unit head scale, no redistribution, no
+        counterfactual, the plan's own segments). Statistics requests must agree."""
+        if (a.num_layers, a.num_heads, a.prompt_len) != (b.num_layers, b.num_heads, b.prompt_len):
+            shape_a, shape_b = (a.num_layers, a.num_heads, a.prompt_len), (b.num_layers, b.num_heads, b.prompt_len)
+            raise ValueError(f"concatenate: plans differ in (layers, heads, keys): {shape_a} vs {shape_b}")
+        if a.stats != b.stats:
+            raise ValueError("concatenate: the plans record different statistics")
+        out = cls(num_layers=a.num_layers, num_heads=a.num_heads, segment=torch.cat([a.segment, b.segment]),
+                  layouts=[*a.layouts, *b.layouts])
+        out.stats = a.stats
+        if a.k_rank is not None or b.k_rank is not None:
+            ka, qa = a._rank_pair()
+            kb, qb = b._rank_pair()
+            out.k_rank, out.q_limit = torch.cat([ka, kb]), torch.cat([qa, qb])
+        if a.position_ids is not None or b.position_ids is not None:
+            out.position_ids = torch.cat([a._positions(), b._positions()])
+        for layer in sorted(set(a.layers) | set(b.layers)):
+            ea, eb = a.layers.get(layer, LayerEdit()), b.layers.get(layer, LayerEdit())
+            e = out.edit(layer)
+
+            def both(va: torch.Tensor | None, vb: torch.Tensor | None, neutral) -> torch.Tensor | None:
+                if va is None and vb is None:
+                    return None
+                return torch.cat([va if va is not None else neutral(a), vb if vb is not None else neutral(b)])
+
+            e.bias = both(ea.bias, eb.bias, lambda p: p._zeros_bhs())
+            e.abs_bias = both(ea.abs_bias, eb.abs_bias, lambda p: p._zeros_bhs())
+            e.abs_from = both(ea.abs_from, eb.abs_from, lambda p: p.pad.new_zeros(p.batch))
+            e.head_scale = both(ea.head_scale, eb.head_scale,
+                                lambda p: torch.ones(p.batch, p.num_heads, device=p.device))
+            e.segment = both(ea.segment, eb.segment, lambda p: p.segment)
+            if ea.redistribute is not None or eb.redistribute is not None:
+                ra, rb = a._redistribution(ea), b._redistribution(eb)
+                e.redistribute = Redistribute(*(torch.cat([x, y]) for x, y in
+                                                zip((ra.p_move, ra.rho, ra.min_image_mass, ra.rows_from),
+                                                    (rb.p_move, rb.rho, rb.min_image_mass, rb.rows_from))))
+            if ea.counterfactual is not None or eb.counterfactual is not None:
+                ca, cb = a._counterfactual(ea), b._counterfactual(eb)
+                e.counterfactual = CounterfactualEdit(torch.cat([ca.kind, cb.kind]), torch.cat([ca.seed, cb.seed]),
+                                                      torch.cat([ca.source, cb.source]))
+            _host_facts(e)
+        out._owners = {**a._owners, **{(w, l, r + a.batch): o for (w, l, r), o in b._owners.items()}}
+        return out
+
+    def _rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_rank is not None and self.q_limit is not None:
+            return self.k_rank, self.q_limit
+        pos = torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1)
+        return pos, pos.clone()
+
+    def _positions(self) -> torch.Tensor:
+        return self.position_ids if self.position_ids is not None else default_position_ids(self.pad, self.prompt_len)
+
+    def _redistribution(self, e: LayerEdit) -> Redistribute:
+        if e.redistribute is not None:
+            return e.redistribute
+        z = torch.zeros(self.batch, device=self.device)
+        return Redistribute(z, z, z, self.pad.new_zeros(self.batch))
+
+    def _counterfactual(self, e: LayerEdit) -> CounterfactualEdit:
+        if e.counterfactual is not None:
+            return e.counterfactual
+        z = self.pad.new_zeros(self.batch)
+        return CounterfactualEdit(z, z, torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1))
 
     # ----------------------------------------------------------------------------- reading (backends)
     def segments(self, layer: int, num_keys: int) -> torch.Tensor:
         """Key segments [B, Lk] (int64) for this layer; generated keys are TEXT."""
         key = (layer if (e := self.layers.get(layer)) is not None and e.segment is not None else -1, num_keys)
-        hit = self._seg_cache.get(key)
+        hit = self.cache.seg.get(key)
         if hit is not None:
             return hit
         base = self.segment if key[0] < 0 else self.layers[layer].segment
@@ -574,9 +739,9 @@ class AttentionPlan:
             extra = torch.full((self.batch, num_keys - seg.shape[1]), int(Segment.TEXT), device=self.device)
             seg = torch.cat([seg, extra], 1)
         seg = seg[:, :num_keys]
-        if len(self._seg_cache) > 64:
-            self._seg_cache.clear()
-        self._seg_cache[key] = seg
+        if len(self.cache.seg) > 64:
+            self.cache.seg.clear()
+        self.cache.seg[key] = seg
         return seg
 
     def _ranks(self, values: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -595,16 +760,16 @@ class AttentionPlan:
         are never read).
         """
         key = (num_queries, num_keys)
-        if self._mask_cache is not None and self._mask_cache[0] == key:
-            return self._mask_cache[1]
+        if self.cache.mask is not None and self.cache.mask[0] == key:
+            return self.cache.mask[1]
         q_index = self.query_index(num_queries, num_keys)
         kv = torch.arange(num_keys, device=self.device)
         if self.only_generated_queries(num_queries, num_keys):
             # decode: a generated token sees every non-padding key up to itself, whatever the prompt mask
             # (generated ranks exceed every prompt rank); the short form matters, it runs every step
             allowed = (kv.view(1, 1, -1) >= self.pad.view(-1, 1, 1)) & (kv.view(1, 1, -1) <= q_index.view(1, -1, 1))
-            self._mask_cache = (key, allowed.unsqueeze(1))
-            return self._mask_cache[1]
+            self.cache.mask = (key, allowed.unsqueeze(1))
+            return self.cache.mask[1]
         rank = self._ranks(self.k_rank, num_keys)  # [B, Lk]
         limit = self._ranks(self.q_limit, num_keys)[:, num_keys - num_queries :]  # [B, Lq]
         valid_k = kv.view(1, -1) >= self.pad.view(-1, 1)  # [B, Lk]
@@ -612,7 +777,7 @@ class AttentionPlan:
         pad_q = q_index.view(1, -1) < self.pad.view(-1, 1)  # [B, Lq]
         self_key = q_index.view(1, -1, 1) == kv.view(1, 1, -1)
         allowed = torch.where(pad_q.unsqueeze(2), self_key, allowed).unsqueeze(1)
-        self._mask_cache = (key, allowed)
+        self.cache.mask = (key, allowed)
         return allowed
 
     def counterfactual_grid(self, layer: int, allowed: torch.Tensor, q_index: torch.Tensor, dtype: torch.dtype,
@@ -622,16 +787,16 @@ class AttentionPlan:
         Lq, Lk = allowed.shape[2], allowed.shape[3]
         seg_key = layer if (e := self.layers.get(layer)) is not None and e.segment is not None else -1
         key = (seg_key, Lq, Lk, dtype, random)
-        hit = self._grid_cache.get(key)
+        hit = self.cache.grid.get(key)
         if hit is not None:
             return hit
-        if any(k[1:3] != (Lq, Lk) for k in self._grid_cache):  # a new forward: the old grids are done
-            self._grid_cache.clear()
+        if any(k[1:3] != (Lq, Lk) for k in self.cache.grid):  # a new forward: the old grids are done
+            self.cache.grid.clear()
         seg = self.segments(layer, Lk)
         image = (seg == IMAGE_SEGMENTS[0]) | (seg == IMAGE_SEGMENTS[1])
         grid = counterfactual_grid(image.view(self.batch, 1, 1, Lk) & allowed, q_index, self.pad, self.num_heads,
                                    dtype, random)
-        self._grid_cache[key] = grid
+        self.cache.grid[key] = grid
         return grid
 
     def counterfactual_draws(self, layer: int, grid: CounterfactualGrid) -> torch.Tensor:
@@ -653,24 +818,37 @@ class AttentionPlan:
     def query_index(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Key index of each query row, [Lq] int64 (cached with the mask: one per forward)."""
         key = (num_queries, num_keys)
-        if self._q_index_cache is None or self._q_index_cache[0] != key:
-            self._q_index_cache = (key, torch.arange(num_keys - num_queries, num_keys, device=self.device))
-        return self._q_index_cache[1]
+        if self.cache.q_index is None or self.cache.q_index[0] != key:
+            self.cache.q_index = (key, torch.arange(num_keys - num_queries, num_keys, device=self.device))
+        return self.cache.q_index[1]
 
     def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
         """``allowed`` as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every layer of a forward."""
         key = (num_queries, num_keys, dtype)
-        if self._float_mask_cache is not None and self._float_mask_cache[0] == key:
-            return self._float_mask_cache[1]
+        if self.cache.float_mask is not None and self.cache.float_mask[0] == key:
+            return self.cache.float_mask[1]
         allowed = self.allowed(num_queries, num_keys)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
-        self._float_mask_cache = (key, mask)
+        self.cache.float_mask = (key, mask)
         return mask
 
     def only_generated_queries(self, num_queries: int, num_keys: int) -> bool:
         """True at decode: every query is a generated token, which sees every non-padding key before it,
         whatever the custom prompt mask says (generated tokens rank above every prompt rank)."""
         return num_keys - num_queries >= self.prompt_len
+
+
+def _host_facts(e: LayerEdit) -> None:
+    """Recompute a layer edit's host-side facts from its tensors (after a row operation)."""
+    if e.counterfactual is not None:
+        e.counterfactual_kinds = frozenset(int(k) for k in e.counterfactual.kind.unique().tolist())
+    if e.abs_bias is not None and e.abs_from is not None:
+        active = e.abs_bias.abs().sum((1, 2)) > 0
+        e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None
+
+
+def _shift_layout(lay: RowLayout, n: int) -> RowLayout:
+    return RowLayout(pad=lay.pad + n, image_spans=tuple((s + n, e + n) for s, e in lay.image_spans), grids=lay.grids)
 
 
 def default_position_ids(pad: torch.Tensor, length: int) -> torch.Tensor:

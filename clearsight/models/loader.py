@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from clearsight.config import ModelSpec
 from clearsight.errors import InputError, ModelNotFoundError
-from clearsight.kernels.registry import attn_implementation, default_backend
+from clearsight.kernels.registry import attn_implementation, default_backend, dispatch_implementation
 from clearsight.models.adapters import Adapter, adapter_for
 from clearsight.models.builtin import BUILTINS
 from clearsight.models.processors import TextOnlyProcessor
@@ -42,8 +42,11 @@ class LVLM:
         return next(self.model.parameters()).dtype
 
     def set_backend(self, backend: str) -> None:
-        """Switch the language model's attention (reference | torch | triton | sdpa); the vision tower keeps its own."""
-        impl = attn_implementation(backend)
+        """Switch the language model's attention (reference | torch | triton | sdpa); the vision tower keeps its own.
+
+        ``dispatch``: the backend is chosen per forward (``kernels.context.use_backend``), as the Engine does.
+        """
+        impl = dispatch_implementation() if backend == "dispatch" else attn_implementation(backend)
         if backend == "triton" and self.device.type != "cuda":
             from clearsight.kernels.triton_attention import INTERPRET
 

@@ -1,0 +1,135 @@
+"""Open-loop load on the Engine vs static batching vs one-at-a-time.
+
+Poisson arrivals (seeded) at three rates, relative to the measured time of one request alone (rate x
+1/t_solo); a mix of unmitigated, single-pass (pai) and branch (vcd) requests. Prints throughput
+(generated tokens/s), p50/p99 latency and p50/p99 time to first token, and the Engine's ratios to
+static batching (collect up to B arrived requests, run them to completion, repeat) and to
+one-at-a-time. ``--smoke``: tiny sizes, for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import threading
+import time
+
+import torch
+from common import llava_shaped, machine, scene
+
+from clearsight import DecodeSpec, stream_generate
+from clearsight.engine import Engine
+
+MIX = [[], ["pai"], ["vcd"]]
+
+
+def workload(n: int, rate: float, seed: int, image_size: int):
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        out.append((t, {"prompt": f"question {i}: what is in the picture?", "image": scene(i, image_size)},
+                    MIX[rng.randrange(len(MIX))]))
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_engine(lvlm, work, decode, max_rows):
+    start, first, end, tokens = {}, {}, {}, {}
+    with Engine(lvlm, max_rows=max_rows) as eng:
+        t0 = time.perf_counter()
+        handles = []
+        for i, (at, req, mits) in enumerate(work):
+            time.sleep(max(0.0, t0 + at - time.perf_counter()))
+            start[i] = time.perf_counter()
+
+            def on_event(ev, i=i):
+                first.setdefault(i, time.perf_counter())
+                if ev.finished:
+                    end[i], tokens[i] = time.perf_counter(), len(ev.result.token_ids)
+
+            handles.append(eng.submit(req, mits, decode, on_event=on_event))
+        for h in handles:
+            h.result(600)
+    return start, first, end, tokens, t0
+
+
+def run_static(lvlm, work, decode, batch):
+    """One caller thread: when idle, take up to ``batch`` arrived requests (waiting for one if none) and run
+    them to completion; arrivals are recorded by the clock, as in the open-loop engine run."""
+    start, first, end, tokens = {}, {}, {}, {}
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(work):
+        now = time.perf_counter() - t0
+        if work[i][0] > now:
+            time.sleep(work[i][0] - now)
+            now = work[i][0]
+        group = [j for j in range(i, min(i + batch, len(work))) if work[j][0] <= now]
+        i = group[-1] + 1
+        for j in group:
+            start[j] = t0 + work[j][0]
+        reqs = [{**work[j][1], "mitigations": work[j][2]} for j in group]
+        for ev in stream_generate(lvlm, reqs, decode=decode.model_copy(update={"batch_size": len(group)})):
+            j = group[ev.request]
+            first.setdefault(j, time.perf_counter())
+            if ev.finished:
+                end[j], tokens[j] = time.perf_counter(), len(ev.result.token_ids)
+    return start, first, end, tokens, t0
+
+
+def summary(start, first, end, tokens, t0):
+    lat = [end[i] - start[i] for i in end]
+    ttft = [first[i] - start[i] for i in first]
+    return {"tok/s": sum(tokens.values()) / (max(end.values()) - t0), "p50 lat": statistics.median(lat),
+            "p99 lat": pct(lat, 0.99), "p50 ttft": statistics.median(ttft), "p99 ttft": pct(ttft, 0.99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8, help="static batch size; the engine gets 2x the rows")
+    ap.add_argument("--rates", default="0.5,2,6", help="arrival rates, in multiples of 1 / (one request alone)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.smoke:
+        args.requests, args.new_tokens = 6, 4
+        lvlm, image_size = llava_shaped(hidden=64, layers=2, heads=4, image_size=32), 32
+    else:
+        lvlm, image_size = llava_shaped(), 96
+    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
+    with torch.inference_mode():
+        probe = workload(3, 1.0, args.seed, image_size)
+        t = time.perf_counter()
+        for _, req, mits in probe:
+            list(stream_generate(lvlm, [{**req, "mitigations": mits}], decode=decode))
+        solo = (time.perf_counter() - t) / len(probe)
+    print(f"engine_load: {machine()}; one request alone {solo * 1e3:.0f} ms; {args.requests} requests, "
+          f"{args.new_tokens} new tokens, mix unmitigated/pai/vcd")
+    for mult in (float(x) for x in args.rates.split(",")):
+        work = workload(args.requests, mult / solo, args.seed, image_size)
+        results = {
+            "engine": summary(*run_engine(lvlm, work, decode, 2 * args.batch * 2)),
+            "static": summary(*run_static(lvlm, work, decode, args.batch)),
+            "one-at-a-time": summary(*run_static(lvlm, work, decode, 1)),
+        }
+        print(f"\nrate {mult:g} / t_solo")
+        keys = list(results["engine"])
+        print(f"{'':>14} " + " ".join(f"{k:>9}" for k in keys))
+        for name, r in results.items():
+            print(f"{name:>14} " + " ".join(f"{r[k]:9.3f}" for k in keys))
+        for base in ("static", "one-at-a-time"):
+            ratios = " ".join(f"{k} {results['engine'][k] / results[base][k]:.2f}x" for k in keys)
+            print(f"{'engine/' + base:>24}: {ratios}")
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "engine_load"
+    main()

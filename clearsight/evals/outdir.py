@@ -81,6 +81,8 @@ def output_lock(path: str | os.PathLike[str], *, create: bool = True, flag: str 
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):  # files in it may be writable, the folder is not
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
         fd = _acquire(lock_path, folder, fix)
     except FolderInUseError:
         raise

@@ -368,7 +368,8 @@ def merge_with_folder(job: EvalJob, out: Path) -> EvalJob:
         if mine is not None and _system_identity(mine) != _system_identity(s):
             theirs, here = _system_identity(s), _system_identity(mine)
             what = next(k for k in theirs if theirs[k] != here[k])
-            raise EvalInputError(f"output folder '{out}' already has a system {s.label!r} with another {what}: "
+            verb = "differ" if what.endswith("s") else "differs"
+            raise EvalInputError(f"output folder '{out}' already has a system {s.label!r} whose {what} {verb}: "
                                  "give this one another name (--system LABEL=...) or choose another --output")
         systems.append(mine or s)
     systems += list(new.values())

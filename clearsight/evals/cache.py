@@ -2,10 +2,11 @@
 
 Why this design (shared/evals.md, "Stages"; reference/evals.md section 6, point 2): generation is the
 expensive step, scoring must be re-runnable without a GPU, and a killed run must lose at most the record
-that was being written and never duplicate one. So each record is appended as one line, flushed and
-fsynced; on reload a truncated/invalid *last* line (the record being written when the process died) is
-reported and dropped so that sample is regenerated, while a malformed line *in the middle* means the file
-was edited or corrupted and is an error naming the file and line number.
+that was being written and never duplicate one. So each record is appended as one line (one ``write``
+on an ``O_APPEND`` descriptor) and fsynced; on reload a truncated/invalid *last* line (the record being
+written when the process died) is reported and dropped so that sample is regenerated, while a malformed
+line *in the middle* means the file was edited or corrupted and is an error naming the file and line
+number. One writer at a time: the eval runner holds the output folder's lock (``clearsight.evals.outdir``).
 """
 
 from __future__ import annotations
@@ -140,18 +141,24 @@ class GenerationCache:
         record = {"key": key, "system": dict(system_config), "sample_id": sample_id, "output": output, **meta}
         line = (canonical_json(record) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "r+b" if self.path.exists() else "wb") as f:
-            # Cut a dropped partial last line before appending, or the new record would be glued onto it
-            # and turn into mid-file corruption.
-            f.truncate(self._good_size)
-            f.seek(self._good_size)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            if self.dropped_tail is not None:
+                # Cut the dropped partial last line before appending, or the new record would be glued
+                # onto it and turn into mid-file corruption.
+                os.ftruncate(fd, min(self._good_size, os.fstat(fd).st_size))
             if self._needs_newline:
-                f.write(b"\n")
-                self._good_size += 1
-                self._needs_newline = False
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+                line = b"\n" + line
+            # One write of the whole line on an O_APPEND descriptor: the kernel places it at the end of the
+            # file in one piece, so even two writers (which the run lock prevents) could not interleave
+            # inside a record.
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._needs_newline = False
         self._good_size += len(line)
         self.dropped_tail = None
         self._records[key] = record

@@ -13,20 +13,58 @@ from clearsight.evals.runner import _tqdm_progress
 
 
 def _systems(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``--system`` values: mitigation specs joined by '+', optionally ``label=`` first ('none' = baseline)."""
+    """``--system`` values: mitigation specs joined by '+', optionally ``LABEL=`` first ('none' = baseline).
+
+    The text before the first '=' is a label only when it holds no ':' -- in ``var:p=0.4`` (or
+    ``var:p=0.4+vhr``) that '=' belongs to a mitigation parameter; ``mine=var:p=0.4`` is labelled."""
+    from clearsight.evals.errors import EvalInputError
+
     raw = args.system or ["none"]
     decode = _decode_overrides(args)
     out = []
     for s in raw:
         label, eq, spec = s.partition("=")
-        if not eq:
+        if not eq or ":" in label:
             label, spec = s, s
+        elif not label.strip():
+            raise EvalInputError(f"--system {s!r}: the label before '=' is empty: write LABEL={spec} or just {spec}")
         mits = [] if spec.strip() in ("", "none") else [m for m in spec.split("+") if m]
         system: dict[str, Any] = {"name": label, "model": args.model, "backend": args.backend,
                                   "device": args.device, "mitigations": mits}
         if decode:
             system["decode"] = decode
         out.append(system)
+    return out
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Whole-number flags out of range: one line naming the flag, before anything is built or written."""
+    from clearsight.evals.errors import EvalInputError
+    from clearsight.evals.job import MAX_BATCH_SIZE, MAX_NEW_TOKENS
+
+    ranges = {"batch_size": ("--batch-size", MAX_BATCH_SIZE), "max_new_tokens": ("--max-new-tokens", MAX_NEW_TOKENS),
+              "limit": ("--limit", None), "n_images": ("--n-images", None), "per_split": ("--per-split", None)}
+    for dest, (flag, high) in ranges.items():
+        value = getattr(args, dest, None)
+        if value is None or 1 <= value <= (high or value):
+            continue
+        allowed = f"from 1 to {high}" if high else "of at least 1"
+        raise EvalInputError(f"{flag} {value} is out of range: give a whole number {allowed}")
+
+
+def _files(values: list[str]) -> dict[str, str]:
+    """``--files SPLIT=PATH ...``"""
+    from clearsight.evals.errors import EvalInputError
+
+    out: dict[str, str] = {}
+    for value in values:
+        split, eq, path = value.partition("=")
+        if not eq or not split.strip() or not path.strip():
+            raise EvalInputError(f"--files: {value!r} is not SPLIT=PATH (e.g. random=coco_pope_random.json): "
+                                 "name the split of each file")
+        if split.strip() in out:
+            raise EvalInputError(f"--files: split {split.strip()!r} is given twice: give one file per split")
+        out[split.strip()] = path.strip()
     return out
 
 
@@ -41,6 +79,7 @@ def _run(job_data: dict[str, Any], args: argparse.Namespace) -> int:
     from clearsight.evals.job import parse_job
     from clearsight.evals.runner import run_job
 
+    _check_ranges(args)
     job = parse_job(job_data, where="eval options")
     run_job(job, progress=None if args.no_progress else _tqdm_progress)
     print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
@@ -69,13 +108,19 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_pope(args: argparse.Namespace) -> int:
+    from clearsight.evals.datasets.pope import SPLITS
+
     bench: dict[str, Any] = {"kind": "pope", "parser": args.parser, "limit": args.limit, "splits": args.splits}
     if args.files:
-        bench["files"] = dict(f.split("=", 1) for f in args.files)
+        bench["files"] = _files(args.files)
         bench["image_dir"] = args.image_dir
         bench["data"] = None
+        if args.splits is None:  # the splits of the files given
+            bench["splits"] = [s for s in SPLITS if s in bench["files"]] or list(bench["files"])
     else:
         bench["data"] = args.data
+    if bench["splits"] is None:
+        bench["splits"] = list(SPLITS)
     return _run({"systems": _systems(args), "benchmarks": [bench], "output": args.output,
                  "batch_size": args.batch_size}, args)
 
@@ -119,6 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clearsight.evals.demo import demo_job
     from clearsight.evals.runner import run_job
 
+    _check_ranges(args)
     job = demo_job(output=args.out, model=args.model, per_split=args.per_split, n_images=args.n_images)
     print(f"demo: {len(job.systems)} systems on builtin:shapes with {job.systems[0].model} "
           f"(POPE {args.per_split} questions x 3 splits, CHAIR {args.n_images} images)", file=sys.stderr)
@@ -133,10 +179,12 @@ def _common(p: argparse.ArgumentParser, output: str) -> None:
 
     add_model_arguments(p)
     p.add_argument("--system", action="append", default=[],
-                   help="a system: mitigations joined by '+', optionally LABEL=..., e.g. none, var:p=0.4, var+vhr "
-                        "(repeatable; default: none)")
-    p.add_argument("--output", default=output)
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="a system: mitigations joined by '+', optionally LABEL=..., e.g. none, var:p=0.4, "
+                        "var:p=0.4+vhr, mine=var:p=0.4 (repeatable; default: none)")
+    p.add_argument("--output", default=output,
+                   help="output folder (locked while a run writes into it; a folder with results takes only "
+                        "the same benchmarks, adding new systems)")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size (1 to 1024)")
     p.add_argument("--sample", action="store_true", help="sample (temperature / top-p / seed) instead of greedy")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -174,7 +222,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     pope.add_argument("--data", default="builtin:shapes")
     pope.add_argument("--files", nargs="*", default=[], help="SPLIT=PATH official / SEEM files (instead of --data)")
     pope.add_argument("--image-dir", default=None)
-    pope.add_argument("--splits", nargs="*", default=["random", "popular", "adversarial"])
+    pope.add_argument("--splits", nargs="*", default=None,
+                      help="default: random popular adversarial (with --files: the files' splits)")
     pope.add_argument("--parser", choices=["pope", "negation", "strict"], default="pope")
     pope.add_argument("--limit", type=int, default=None, help="questions per split")
     pope.set_defaults(func=cmd_eval_pope)

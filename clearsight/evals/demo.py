@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
+from clearsight.cli import DEFAULT_MODEL as DEMO_MODEL
 from clearsight.evals.job import EvalJob, parse_job
 
-DEMO_MODEL = "builtin:shapes-llava"
 FALLBACK_MODEL = "builtin:tiny-llava"
 
 

@@ -10,11 +10,23 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clearsight.cli import DEFAULT_MODEL
 from clearsight.config import DecodeSpec, DType, ModelSpec
 from clearsight.evals.datasets.pope import DEFAULT_PROMPT_SUFFIX, SPLITS
 from clearsight.evals.errors import EvalInputError
 
 CHAIR_PROMPT = "Please describe this image in detail."
+
+
+def _decode_bound(field: str, default: int) -> int:
+    """DecodeSpec's upper bound of a field, so that a job cannot ask for more than generation accepts."""
+    info = DecodeSpec.model_fields.get(field)
+    bounds = [m.le for m in (info.metadata if info else ()) if getattr(m, "le", None) is not None]
+    return int(bounds[0]) if bounds else default
+
+
+MAX_NEW_TOKENS = _decode_bound("max_new_tokens", 8192)
+MAX_BATCH_SIZE = 1024
 
 
 class SystemSpec(BaseModel):
@@ -23,7 +35,7 @@ class SystemSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    model: str = "builtin:tiny-llava"
+    model: str = DEFAULT_MODEL
     dtype: DType = "auto"
     device: str = "cpu"
     backend: str | None = None
@@ -41,7 +53,14 @@ class SystemSpec(BaseModel):
     @field_validator("decode")
     @classmethod
     def _valid_decode(cls, v: dict[str, Any]) -> dict[str, Any]:
-        DecodeSpec(**{k: val for k, val in v.items() if k != "max_new_tokens"})
+        from clearsight.errors import pydantic_message
+
+        try:
+            DecodeSpec(**v)  # max_new_tokens too: an override replaces each benchmark's
+        except ValidationError as exc:
+            raise ValueError(pydantic_message(exc, "decode").removeprefix("decode: ")) from None
+        except TypeError as exc:  # e.g. a non-string key from YAML
+            raise ValueError(f"not a table of DecodeSpec fields ({exc})") from None
         return v
 
     @property
@@ -81,7 +100,7 @@ class PopeBenchmark(BaseModel):
     splits: list[str] = Field(default_factory=lambda: list(SPLITS))
     parser: Literal["pope", "negation", "strict"] = "pope"
     prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     limit: int | None = Field(None, ge=1, description="questions per split (first N)")
 
     @field_validator("splits")
@@ -119,7 +138,7 @@ class ChairBenchmark(BaseModel):
     n_images: int = Field(500, ge=1)
     seed: int = 0
     prompt: str = CHAIR_PROMPT
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     drop_incomplete: bool = Field(True, description="drop a final incomplete sentence (short-caption protocol)")
 
     @model_validator(mode="after")
@@ -152,7 +171,7 @@ class EvalJob(BaseModel):
     benchmarks: list[Benchmark] = Field(min_length=1)
     output: str = "runs/eval"
     seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
 
@@ -175,7 +194,14 @@ def load_job(path: str | Path) -> EvalJob:
     p = Path(path)
     if not p.is_file():
         raise EvalInputError(f"job file '{path}' does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"job file '{path}' is not a text file (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start} is not UTF-8): give a .toml, .yaml or .json job") from None
+    except OSError as exc:
+        raise EvalInputError(f"job file '{path}' cannot be read ({exc.strerror or exc}): check its permissions") \
+            from None
     try:
         if p.suffix == ".toml":
             data = tomllib.loads(text)

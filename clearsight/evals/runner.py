@@ -4,6 +4,13 @@ The generation cache (``<output>/generations.jsonl``) is keyed by a stable hash 
 (model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt),
 flushed per record. A killed run loses at most the record being written and a rerun skips what is
 cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
+
+The output folder (see ``run_job``): everything is validated and prepared before anything is written;
+the run holds the folder's lock (``clearsight.evals.outdir``) from its first write to its last;
+``job.json`` is written (atomically) once the cache holds every generation it names, so ``clearsight
+report`` of a folder always finds what it needs. A folder that holds another job's ``job.json`` takes
+only the same benchmarks: new systems are added to it, a system of the same name must have the same
+settings, anything else is refused before the run starts.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clearsight.evals._io import atomic_write_bytes, atomic_write_text
 from clearsight.evals.cache import GenerationCache
 from clearsight.evals.datasets.pope import PopeSet, build_prompt, load_pope_file
 from clearsight.evals.datasets.pope import score_pope as _score_pope
 from clearsight.evals.datasets.shapes import resolve_builtin
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.executor import Executor, LocalExecutor, WorkItem
-from clearsight.evals.job import ChairBenchmark, CrossCheckBenchmark, EvalJob, PopeBenchmark, SystemSpec
+from clearsight.evals.job import ChairBenchmark, CrossCheckBenchmark, EvalJob, PopeBenchmark, SystemSpec, load_job
 from clearsight.evals.metrics.chair import (
     ChairVocabulary,
     build_ground_truth,
@@ -43,6 +51,7 @@ from clearsight.evals.metrics.crosscheck import (
     rank_systems,
     split_sentences,
 )
+from clearsight.evals.outdir import check_output_path, output_lock
 from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
 
 ProgressFactory = Callable[[int, str], Any]
@@ -55,6 +64,7 @@ class PreparedPope:
     sets: dict[str, PopeSet]
     items: list[WorkItem]
     where: dict[str, tuple[str, Any]]  # sample id -> (split, question id)
+    images: dict[Path, bytes] = field(default_factory=dict)  # parquet images, written by Prepared.materialize
 
 
 @dataclass
@@ -74,8 +84,13 @@ def _prompt_tag(prompt: str) -> str:
 
 
 def prepare_pope(bench: PopeBenchmark, output: Path) -> PreparedPope:
+    """Load and check the questions; writes nothing (parquet images are kept for ``Prepared.materialize``)."""
     if bench.parquet and not bench.files:
-        return _prepare_pope_sets(bench, _parquet_sets(bench, output / "pope_images"), output / "pope_images")
+        image_dir = output / "pope_images"
+        sets, images = _parquet_sets(bench, image_dir)
+        prep = _prepare_pope_sets(bench, sets, image_dir)
+        prep.images = images
+        return prep
     if bench.files:
         sets = {s: load_pope_file(bench.files[s], split=s, image_dir=bench.image_dir) for s in bench.splits}
         image_dir = Path(bench.image_dir) if bench.image_dir else None
@@ -86,7 +101,7 @@ def prepare_pope(bench: PopeBenchmark, output: Path) -> PreparedPope:
     return _prepare_pope_sets(bench, sets, image_dir)
 
 
-def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> dict[str, PopeSet]:
+def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> tuple[dict[str, PopeSet], dict[Path, bytes]]:
     """lmms-lab/POPE parquet: the embedded images are written once beside the results, named by image."""
     from clearsight.evals.datasets.pope import load_pope_parquet
 
@@ -95,17 +110,13 @@ def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> dict[str, PopeSet]:
     if missing:
         raise EvalInputError(f"parquet files {bench.parquet[0]}...: no questions of split {missing[0]!r}; "
                              f"they hold {', '.join(sorted(loaded))}")
-    image_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[Path, bytes] = {}
     for s in bench.splits:
         for q in loaded[s].questions:
-            target = image_dir / q.image
             if q.image_bytes is None:
                 raise EvalInputError(f"parquet question {q.question_id!r} has no embedded image bytes")
-            if not target.exists():
-                tmp = target.with_name(target.name + ".tmp")
-                tmp.write_bytes(q.image_bytes)
-                tmp.replace(target)
-    return {s: loaded[s] for s in bench.splits}
+            images[image_dir / q.image] = q.image_bytes
+    return {s: loaded[s] for s in bench.splits}, images
 
 
 def _prepare_pope_sets(bench: PopeBenchmark, sets: dict[str, PopeSet], image_dir: Path | None) -> PreparedPope:
@@ -208,6 +219,12 @@ class Prepared:
     def items(self) -> list[WorkItem]:
         return [*(self.pope.items if self.pope else []), *(self.chair.items if self.chair else [])]
 
+    def materialize(self) -> None:
+        """Write what preparing found but did not write (parquet images), each file atomically, once."""
+        for target, data in (self.pope.images if self.pope else {}).items():
+            if not target.exists():
+                atomic_write_bytes(target, data)
+
 
 def prepare(job: EvalJob) -> Prepared:
     prep = Prepared()
@@ -275,24 +292,89 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
 
 def run_job(job: EvalJob, executor: Executor | None = None, progress: ProgressFactory | None = _tqdm_progress,
             generate_only: bool = False) -> EvalResults | None:
-    """Generate (resuming from the cache), score and write the report into ``job.output``."""
+    """Generate (resuming from the cache), score and write the report into ``job.output``.
+
+    Validates and prepares everything before writing anything; holds the output folder's lock for the
+    run (a second run into the folder is refused with ``FolderInUseError``); writes ``job.json`` once
+    the cache holds every generation of the job. When the folder already holds a job, this job is merged
+    into it (see ``merge_with_folder``) and the results cover the merged job's systems.
+    """
+    out = check_output_path(job.output)
     prep = prepare(job)
-    out = Path(job.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(job.model_dump_json(indent=2), encoding="utf-8")
-    cache = GenerationCache(out / "generations.jsonl")
-    own = executor is None
-    executor = executor or make_executor(job)
-    try:
-        generate_stage(job, prep, cache, executor, progress)
-        if generate_only:
-            return None
-        results = score_job(job, prep, cache, executor if isinstance(executor, LocalExecutor) else None)
-    finally:
-        if own:
-            executor.close()
-    write_report(results, out)
+    with output_lock(out):
+        job = merge_with_folder(job, out)
+        prep.materialize()
+        cache = GenerationCache(out / "generations.jsonl")
+        own = executor is None
+        executor = executor or make_executor(job)
+        try:
+            generate_stage(job, prep, cache, executor, progress)
+            atomic_write_text(out / "job.json", job.model_dump_json(indent=2))
+            if generate_only:
+                return None
+            results = score_job(job, prep, cache, executor if isinstance(executor, LocalExecutor) else None)
+        finally:
+            if own:
+                executor.close()
+        write_report(results, out)
     return results
+
+
+def _system_identity(system: SystemSpec) -> dict[str, Any]:
+    """What makes a system's outputs: two systems of one name must agree on it to share a folder."""
+    decode = system.decode_for(1).model_dump(mode="json")
+    decode.pop("batch_size", None)
+    return {"model": system.model, "dtype": system.dtype, "mitigations": system.mitigation_config(),
+            "decode": decode}
+
+
+def _benchmark_difference(old: Sequence[Any], new: Sequence[Any]) -> str:
+    old_d = [b.model_dump(mode="json") for b in old]
+    new_d = [b.model_dump(mode="json") for b in new]
+    old_kinds, new_kinds = [b["kind"] for b in old_d], [b["kind"] for b in new_d]
+    if old_kinds != new_kinds:
+        return f"it has {', '.join(old_kinds)}, this run {', '.join(new_kinds)}"
+    for a, b in zip(old_d, new_d):
+        for key in a:
+            if a[key] != b.get(key):
+                return f"{a['kind']} {key} is {json.dumps(a[key])} there, {json.dumps(b.get(key))} here"
+    return "they differ"
+
+
+def merge_with_folder(job: EvalJob, out: Path) -> EvalJob:
+    """The job to run in ``out``: ``job`` itself, or the folder's job with ``job``'s systems added.
+
+    Policy: a folder holds one set of benchmarks. A run with the same benchmarks resumes it and adds
+    its new systems (the report then covers all of them); a system whose name is already there must have
+    the same model, dtype, mitigations and decode settings (device and backend may change). Different
+    benchmarks, a renamed-in-place system or an unreadable ``job.json`` are refused, with nothing written.
+    """
+    path = out / "job.json"
+    if not path.exists():
+        return job
+    try:
+        old = load_job(path)
+    except EvalInputError as exc:
+        raise EvalInputError(f"output folder '{out}' has a job.json that is not a valid job ({exc}): "
+                             "choose another --output") from None
+    if [b.model_dump(mode="json") for b in old.benchmarks] != [b.model_dump(mode="json") for b in job.benchmarks]:
+        raise EvalInputError(f"output folder '{out}' holds the results of other benchmarks "
+                             f"({_benchmark_difference(old.benchmarks, job.benchmarks)}): run the same benchmarks "
+                             "to add systems to it, or choose another --output")
+    new = {s.label: s for s in job.systems}
+    systems = []
+    for s in old.systems:
+        mine = new.pop(s.label, None)
+        if mine is not None and _system_identity(mine) != _system_identity(s):
+            theirs, here = _system_identity(s), _system_identity(mine)
+            what = next(k for k in theirs if theirs[k] != here[k])
+            verb = "differ" if what.endswith("s") else "differs"
+            raise EvalInputError(f"output folder '{out}' already has a system {s.label!r} whose {what} {verb}: "
+                                 "give this one another name (--system LABEL=...) or choose another --output")
+        systems.append(mine or s)
+    systems += list(new.values())
+    return EvalJob.model_validate({**job.model_dump(mode="json"), "systems": [s.model_dump(mode="json")
+                                                                             for s in systems]})
 
 
 def make_executor(job: EvalJob) -> Executor:
@@ -340,8 +422,10 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
             prep.chair.instances, prep.chair.captions, prep.chair.vocab, prep.chair.image_ids,
             cache_path=Path(job.output) / "chair_ground_truth.json")
     for system in job.systems:
+        decode = system.decode_for(1).model_dump(mode="json", exclude={"max_new_tokens"})
+        decode["batch_size"] = job.batch_size  # the batch size the run used (the executor's), not a default
         res = SystemResult(name=system.label, config={"model": system.model, "mitigations": system.mitigations},
-                           decode=system.decode_for(1).model_dump(mode="json", exclude={"max_new_tokens"}))
+                           decode=decode)
         if prep.pope:
             outs = _outputs(cache, system, prep.pope.items)
             answers: dict[str, dict[Any, str]] = {s: {} for s in prep.pope.sets}
@@ -442,11 +526,17 @@ def implicit_crosscheck(job: EvalJob, prep: Prepared, outputs: Mapping[str, Mapp
 
 
 def score_from_cache(job: EvalJob) -> EvalResults:
-    """Re-score an existing output folder without loading any model (explicit scorers only)."""
+    """Re-score an existing output folder without loading any model (explicit scorers only).
+
+    Takes the folder's lock like a run: refused while a run is writing into the folder."""
     prep = prepare(job)
-    cache = GenerationCache(Path(job.output) / "generations.jsonl")
-    if not len(cache):
-        raise EvalInputError(f"{cache.path} holds no generations: run the job first")
-    results = score_job(job, prep, cache)
-    write_report(results, job.output)
+    with output_lock(job.output, create=False, flag="report folder",
+                     fix="wait for it to finish, then report again",
+                     unwritable_fix="make it writable, or report a copy of the folder"):
+        prep.materialize()
+        cache = GenerationCache(Path(job.output) / "generations.jsonl")
+        if not len(cache):
+            raise EvalInputError(f"{cache.path} holds no generations: run the job first")
+        results = score_job(job, prep, cache)
+        write_report(results, job.output)
     return results

@@ -17,9 +17,10 @@ from clearsight.evals.errors import EvalInputError
 from clearsight.evals.job import load_job, parse_job
 from clearsight.evals.runner import run_job, score_from_cache
 
+TINY = "builtin:tiny-llava"  # the tests' fast model (a job's default is the demo model)
 SYSTEMS = [
-    {"name": "base"},
-    {"name": "sampled", "decode": {"do_sample": True, "seed": 3, "temperature": 1.2}},
+    {"name": "base", "model": TINY},
+    {"name": "sampled", "model": TINY, "decode": {"do_sample": True, "seed": 3, "temperature": 1.2}},
     {"name": "next", "model": "builtin:tiny-llava-next"},
 ]
 
@@ -64,6 +65,7 @@ def test_end_to_end_three_systems(tmp_path):
     assert data["pope_parser"] == "pope" and len(data["chair_image_ids"]) == 6
     assert all(len(f["sha256"]) == 64 for f in data["data_files"])
     assert "torch" in data["package_versions"]
+    assert {s["decode"]["batch_size"] for s in data["systems"]} == {4}  # the job's, not DecodeSpec's default
     # 3 systems x (18 POPE + 6 CHAIR) generations, each cached exactly once
     assert len(GenerationCache(tmp_path / "generations.jsonl")) == 72
     print(f"end-to-end eval: {elapsed:.1f} s")
@@ -141,7 +143,7 @@ def test_bad_input_errors_and_nothing_half_written(tmp_path, shapes_cache):
     empty = tmp_path / "coco_pope_random.json"
     empty.write_text("")
     out = tmp_path / "out"
-    job = parse_job({"systems": [{}], "output": str(out),
+    job = parse_job({"systems": [{"model": TINY}], "output": str(out),
                      "benchmarks": [{"kind": "pope", "data": None, "files": {"random": str(empty)},
                                      "splits": ["random"]}]})
     with pytest.raises(EvalInputError):
@@ -151,7 +153,7 @@ def test_bad_input_errors_and_nothing_half_written(tmp_path, shapes_cache):
     qfile = tmp_path / "coco_pope_popular.json"
     qfile.write_text(json.dumps({"question_id": 1, "image": "missing.png", "text": "Is there a cat?",
                                  "label": "yes"}) + "\n")
-    job = parse_job({"systems": [{}], "output": str(out),
+    job = parse_job({"systems": [{"model": TINY}], "output": str(out),
                      "benchmarks": [{"kind": "pope", "data": None, "files": {"popular": str(qfile)},
                                      "image_dir": str(tmp_path), "splits": ["popular"]}]})
     with pytest.raises(EvalInputError, match="missing.png"):
@@ -207,14 +209,14 @@ def test_pope_from_lmms_lab_parquet(tmp_path):
     path = tmp_path / "test-00000-of-00001.parquet"
     pq.write_table(table, path)
     out = tmp_path / "out"
-    job = parse_job({"systems": [{}], "output": str(out),
+    job = parse_job({"systems": [{"model": TINY}], "output": str(out),
                      "benchmarks": [{"kind": "pope", "data": None, "parquet": [str(path)],
                                      "splits": ["random", "popular"]}]})
     results = run_job(job, progress=None)
     assert {s: m.n for s, m in results.systems[0].pope.splits.items()} == {"random": 2, "popular": 2}
     assert sorted(p.name for p in (out / "pope_images").iterdir()) == ["img_a", "img_b"]
     assert json.loads((out / "results.json").read_text())["data_files"][0]["layout"] == "lmms-lab-parquet"
-    bad = parse_job({"systems": [{}], "output": str(out),
+    bad = parse_job({"systems": [{"model": TINY}], "output": str(out),
                      "benchmarks": [{"kind": "pope", "data": None, "parquet": [str(path)],
                                      "splits": ["adversarial"]}]})
     with pytest.raises(EvalInputError, match="no questions of split 'adversarial'"):

@@ -246,6 +246,8 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
             check_checkpoint_folder(path, source)
             try:
                 model, processor = _from_pretrained(str(path), dtype)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
                 first = (str(exc).strip().splitlines() or [""])[0][:300]
                 raise InputError(f"model folder '{source}' could not be loaded ({exc.__class__.__name__}: {first}): "

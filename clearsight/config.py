@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+# seeds feed torch.Generator.manual_seed and int64 tensors: non-negative and below 2**63
+MAX_SEED = 2**63 - 1
+
+
+def _seed_in_range(v: int) -> int:
+    if not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{v} is out of range: give a seed from 0 to 2**63-1 ({MAX_SEED})")
+    return v
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 class ModelSpec(BaseModel):
@@ -31,13 +43,13 @@ class ModelSpec(BaseModel):
 class DecodeSpec(BaseModel):
     """How to decode. Greedy unless ``do_sample``; sampling is seeded per request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_new_tokens: int = Field(64, ge=1, le=8192)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
     stop: tuple[str, ...] = ()
     batch_size: int = Field(8, ge=1, le=1024)
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
@@ -71,8 +83,15 @@ class GenerationRequest(BaseModel):
     prompt: str
     image: Any = None
     id: str | None = None
-    seed: int | None = Field(None, description="sampling seed of this request (default: the decode seed)")
+    seed: Seed | None = Field(None, description="sampling seed of this request (default: the decode seed)")
     mitigations: list[Any] | None = Field(None, description="per-request mitigations (default: the call's)")
+
+    @field_validator("mitigations", mode="before")
+    @classmethod
+    def _one_mitigation(cls, v: Any) -> Any:
+        if isinstance(v, str | dict):
+            return [v]  # one mitigation, as parse_mitigations takes it
+        return v
 
     @field_validator("prompt")
     @classmethod

@@ -1,4 +1,5 @@
-"""The README's examples run: every ```python block, and the cheap command-line lines."""
+"""The README's examples run: every ```python block, and the cheap command-line lines; the mitigation
+guides' python examples run in order; every image file an example names is shipped."""
 
 from __future__ import annotations
 
@@ -28,6 +29,30 @@ PY_BLOCKS = [(doc, i, block) for doc in RUNNABLE_DOCS
 def test_python_examples_run(doc, index, code, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     exec(compile(code, f"{doc} python block {index}", "exec"), {})
+
+
+# documents whose python blocks build on each other (the first loads the model): run in order, one namespace
+SEQUENTIAL_DOCS = ("docs/mitigations.md", "docs/branch-mitigations.md")
+
+
+@pytest.mark.parametrize("doc", SEQUENTIAL_DOCS)
+def test_guide_examples_run_in_order(doc, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    for i, block in enumerate(_blocks("python", (ROOT / doc).read_text(encoding="utf-8"))):
+        exec(compile(block, f"{doc} python block {i}", "exec"), namespace)
+
+
+def test_example_images_exist():
+    """Every image an example passes to a model (``--image X``, ``{"prompt": ..., "image": "X"}``) is a file
+    of the repository (dataset records such as ``{"image": "a.jpg", "objects": ...}`` are not examples)."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pattern = re.compile(r"""(?:--image\s+|["']image["']:\s*["'])([^\s"']+)""")
+    named = {(doc.name, m) for doc in docs for line in doc.read_text(encoding="utf-8").splitlines()
+             if "--image" in line or '"prompt"' in line for m in pattern.findall(line)}
+    assert named, "no example names an image: the pattern is stale"
+    missing = sorted((doc, path) for doc, path in named if not (ROOT / path).is_file())
+    assert not missing, f"examples name images that are not shipped: {missing}"
 
 
 CHEAP = ("clearsight generate", "clearsight models", "clearsight mitigations")

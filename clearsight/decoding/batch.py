@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from clearsight.config import DecodeSpec, GenerationRequest
-from clearsight.decoding.generate import GenerationResult, TokenEvent, load_image
+from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image
 from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError
 from clearsight.kernels.context import use_backend, use_plan
@@ -252,6 +252,11 @@ class Batch:
             self.entries, self.rows = list(entries), rows
             texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
             batch = adapter.encode(texts, [r.image for r in rows])
+            lengths = batch["attention_mask"].sum(1).tolist()  # every row's tokens, images expanded
+            first = 0
+            for e in entries:  # before any forward: a prompt past the context is never run
+                check_context(lvlm, e.index, int(max(lengths[first:first + len(e.rows)])), e.decode)
+                first += len(e.rows)
             self._transform_pixels(batch)
             batch = {k: v.to(lvlm.device) for k, v in batch.items()}
             layouts = adapter.row_layouts(batch)

@@ -12,6 +12,8 @@ in flight.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 
 from clearsight.config import DecodeSpec, GenerationRequest
 from clearsight.errors import InputError, pydantic_message
@@ -61,58 +64,136 @@ class TokenEvent:
         return self.result is not None
 
 
+# The largest image accepted, in pixels: 8192 x 8192 (64 megapixels). It takes any photo of a camera up to
+# 64 MP and decodes to at most 192 MiB of RGB, while a decompression bomb (a small file that decodes to
+# gigabytes: a 20000 x 20000 PNG is 48 KB) is refused from its header, before any pixel is decoded. The models
+# resize far below it (LLaVA-1.5 to 336 x 336, Qwen2-VL to 12.8 MP at most by default). It sits below PIL's
+# own bomb thresholds (a warning past 89 MP, an error past 179 MP), which end in the same one-line error.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _too_large(field_name: str, what: str, pixels: int | None, size: tuple[int, int] | None = None) -> InputError:
+    has = (f"is {size[0]} x {size[1]} pixels" if size is not None
+           else f"has {pixels:,} pixels" if pixels is not None else "has too many pixels")
+    return InputError(f"{field_name}: {what} {has}, more than the limit of {MAX_IMAGE_PIXELS:,} (8192 x 8192, "
+                      "clearsight.decoding.generate.MAX_IMAGE_PIXELS): downscale it first")
+
+
+def check_image_size(size: tuple[int, int], field_name: str = "image", what: str = "the image") -> None:
+    """Refuse an empty image (0 pixels wide or high) or one past ``MAX_IMAGE_PIXELS`` (one-line InputError)."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InputError(f"{field_name}: {what} is {width} x {height} pixels, empty: give an image of at least "
+                         "1 x 1 pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(field_name, what, width * height, (width, height))
+
+
 def load_image(image: Any, field_name: str = "image") -> Image.Image:
-    """A PIL RGB image from a path or an image; a one-line error for anything else."""
+    """A PIL RGB image from a path or an image; a one-line error for anything else.
+
+    The size is checked from the file's header before decoding (``check_image_size``): an empty image or
+    one past ``MAX_IMAGE_PIXELS`` (a decompression bomb) is refused, as is such a PIL image passed in.
+    """
     if isinstance(image, Image.Image):
+        check_image_size(image.size, field_name)
         return image.convert("RGB")
     path = Path(image).expanduser()
     if not path.exists():
         raise InputError(f"{field_name}: file '{image}' does not exist")
     if not path.is_file():
         raise InputError(f"{field_name}: '{image}' is not a file")
+    what = f"'{image}'"
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                check_image_size(im.size, field_name, what)
+                return im.convert("RGB")
+    except InputError:  # our own size check (an InputError is a ValueError too)
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own limits, at open
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(field_name, what, int(found.group(1)) if found else None) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError(f"{field_name}: '{image}' is not an image PIL can read ({exc.__class__.__name__})") from None
 
 
-def as_request(r: GenerationRequest | dict[str, Any] | str) -> GenerationRequest:
+def as_request(r: GenerationRequest | dict[str, Any] | str, what: str = "request") -> GenerationRequest:
     if isinstance(r, GenerationRequest):
         return r
+    if not isinstance(r, str | dict):
+        raise InputError(f"{what}: a request is a prompt, a dict ({{'prompt': ..., 'image': ...}}) or a "
+                         f"GenerationRequest; got {type(r).__name__}")
     try:
         if isinstance(r, str):
             return GenerationRequest(prompt=r)
         return GenerationRequest.model_validate(r)
     except Exception as exc:  # pydantic ValidationError
-        raise InputError(pydantic_message(exc, "request")) from None
+        raise InputError(pydantic_message(exc, what)) from None
+
+
+def as_decode(decode: DecodeSpec | dict[str, Any] | None) -> DecodeSpec:
+    """A DecodeSpec from one, from a dict of its fields (validated), or the defaults for None."""
+    if decode is None:
+        return DecodeSpec()
+    if isinstance(decode, DecodeSpec):
+        return decode
+    if isinstance(decode, dict):
+        try:
+            return DecodeSpec.model_validate(decode)
+        except ValidationError as exc:
+            raise InputError(pydantic_message(exc, "decode")) from None
+    raise InputError(f"decode must be a DecodeSpec or a dict of its fields (e.g. {{'max_new_tokens': 16}}), "
+                     f"got {type(decode).__name__}")
+
+
+def check_context(lvlm: LVLM, index: int, prompt_tokens: int, decode: DecodeSpec, at_least: bool = False) -> None:
+    """Refuse a request whose prompt tokens plus ``max_new_tokens`` run past the model's context length."""
+    context = lvlm.adapter.max_context
+    if context is not None and prompt_tokens + decode.max_new_tokens > context:
+        raise InputError(
+            f"request {index}: prompt is {'at least ' if at_least else ''}{prompt_tokens} tokens and max_new_tokens "
+            f"is {decode.max_new_tokens}, past the model's context of {context} tokens: shorten the prompt or lower "
+            "max_new_tokens")
+
+
+Requests = Sequence[GenerationRequest | dict[str, Any] | str] | GenerationRequest | dict[str, Any] | str
 
 
 def _prepare(
-    lvlm: LVLM, requests: Sequence[GenerationRequest | dict[str, Any] | str], mitigations: Sequence[Any],
-) -> tuple[list[GenerationRequest], list[list[Mitigation]]]:
-    reqs = [as_request(r) for r in requests]
+    lvlm: LVLM, requests: Requests, mitigations: Any, decode: DecodeSpec | dict[str, Any] | None,
+) -> tuple[list[GenerationRequest], list[list[Mitigation]], DecodeSpec]:
+    """Validate everything before anything runs: requests, mitigations, decoding, each prompt against the context."""
+    if not isinstance(lvlm, LVLM):
+        raise InputError(f"the first argument must be a loaded model (clearsight.load_model(...)), "
+                         f"got {type(lvlm).__name__}")
+    if requests is None:
+        raise InputError("requests is None: give a prompt, a request dict, or a list of them")
+    if isinstance(requests, GenerationRequest | str | dict):
+        requests = [requests]  # one request, not its letters or keys
+    if not isinstance(requests, Sequence):
+        raise InputError(f"requests must be a prompt, a request dict, or a list of them; got {type(requests).__name__}")
+    reqs = [as_request(r, f"request {i}") for i, r in enumerate(requests)]
     if not reqs:
         raise InputError("no requests: give at least one prompt")
-    default = parse_mitigations(list(mitigations))
+    decode = as_decode(decode)
+    default = parse_mitigations(mitigations)
     mits = [parse_mitigations(r.mitigations) if r.mitigations is not None else default for r in reqs]
-    return reqs, mits
+    adapter = lvlm.adapter
+    for i, r in enumerate(reqs):
+        # a cheap lower bound before any image is loaded or branch run: the prompt's text tokens (an image adds
+        # its tokens on top); the exact count, images expanded, is checked again before the prefill
+        text = adapter.chat_prompt(r.prompt, r.image is not None)
+        check_context(lvlm, i, adapter.count_tokens(text), decode, at_least=r.image is not None)
+    return reqs, mits, decode
 
 
-def stream_generate(
-    lvlm: LVLM,
-    requests: Sequence[GenerationRequest | dict[str, Any] | str],
-    mitigations: Sequence[Any] = (),
-    decode: DecodeSpec | None = None,
-    *,
-    stats: StatsRequest | None = None,
-) -> Iterator[TokenEvent]:
-    """Yield tokens as they are chosen; each request's last event carries its GenerationResult."""
+def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigation]], decode: DecodeSpec,
+            stats: StatsRequest | None) -> Iterator[TokenEvent]:
     from clearsight.decoding.batch import Entry
     from clearsight.decoding.scheduler import Scheduler
 
-    decode = decode or DecodeSpec()
-    reqs, mits = _prepare(lvlm, requests, mitigations)
     events: deque[TokenEvent] = deque()
     errors: list[BaseException] = []
     # the Engine's machinery, run inline: continuous batching of at most decode.batch_size requests
@@ -130,23 +211,43 @@ def stream_generate(
         scheduler.abort()
 
 
+def stream_generate(
+    lvlm: LVLM,
+    requests: Requests,
+    mitigations: Any = (),
+    decode: DecodeSpec | dict[str, Any] | None = None,
+    *,
+    stats: StatsRequest | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield tokens as they are chosen; each request's last event carries its GenerationResult.
+
+    The arguments are validated when it is called (bad input raises ``InputError`` here, before any token),
+    as ``generate``'s are.
+    """
+    reqs, mits, spec = _prepare(lvlm, requests, mitigations, decode)
+    return _stream(lvlm, reqs, mits, spec, stats)
+
+
 def generate(
     lvlm: LVLM,
-    requests: Sequence[GenerationRequest | dict[str, Any] | str] | GenerationRequest | str,
-    mitigations: Sequence[Any] = (),
-    decode: DecodeSpec | None = None,
+    requests: Requests,
+    mitigations: Any = (),
+    decode: DecodeSpec | dict[str, Any] | None = None,
     *,
     stats: StatsRequest | None = None,
 ) -> list[GenerationResult]:
     """Generate for every request; results in request order.
+
+    ``requests``: a prompt, a request dict (``{"prompt": ..., "image": path or PIL image}``), a
+    GenerationRequest, or a list of them. ``mitigations``: a list of names (``"var"``,
+    ``"var:p=0.4"``), dicts or specs; a single one may be given alone. ``decode``: a DecodeSpec or a
+    dict of its fields (validated), None for the defaults.
 
     >>> from clearsight import load_model, generate
     >>> lvlm = load_model("builtin:tiny-llava")
     >>> [r.finish_reason for r in generate(lvlm, "describe the image", decode=DecodeSpec(max_new_tokens=3))]
     ['length']
     """
-    if isinstance(requests, GenerationRequest | str | dict):
-        requests = [requests]
     results: dict[int, GenerationResult] = {}
     for event in stream_generate(lvlm, requests, mitigations, decode, stats=stats):
         if event.result is not None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clearsight.errors import InputError
+
 # ranks and limits of generated tokens live above every prompt rank
 GENERATED_RANK_OFFSET = 1 << 30
 # counterfactual draws of all layers in one hash only while small (decode steps), in int64 elements
@@ -69,8 +71,17 @@ class Counterfactual(enum.IntEnum):
     REVERSED = 4
 
 
-class PlanConflictError(ValueError):
-    """Two mitigations wrote the same exclusive plan field for the same row."""
+# the plan fields one mitigation owns per row (and per layer where it applies): a second writer is refused
+EXCLUSIVE_FIELDS = ("segments", "redistribution", "counterfactual", "mask", "position ids")
+
+
+class PlanConflictError(InputError):
+    """Two mitigations wrote the same exclusive plan field for the same row.
+
+    An ``InputError`` (the CLI prints it as one line, exit 2). ``parse_mitigations`` refuses such
+    combinations before any model loads (``clearsight.mitigations.registry.check_compatible``); this
+    error is the runtime safety net.
+    """
 
 
 @dataclass(frozen=True)
@@ -364,6 +375,7 @@ class AttentionPlan:
 
     # ----------------------------------------------------------------------------- writing
     def _claim(self, what: str, layer: int, rows: torch.Tensor, owner: str) -> None:
+        assert what in EXCLUSIVE_FIELDS, what
         for r in rows.tolist():
             key = (what, layer, r)
             prev = self._owners.get(key)

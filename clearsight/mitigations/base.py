@@ -121,15 +121,55 @@ def conflict(a: str, b: str, what: str, why: str) -> PlanConflictError:
 
 
 class Mitigation(BaseModel):
-    """Base class. Subclasses set ``name: Literal["..."]`` and the paper's defaults as fields."""
+    """Base class. Subclasses set ``name: Literal["..."]`` and the paper's defaults as fields.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Float parameters must be finite (``inf`` / ``nan`` are refused when the spec is validated).
+
+    Composition is declared, so that ``parse_mitigations`` refuses an impossible combination before
+    any model is loaded (``registry.check_compatible``); the plan's own ownership checks
+    (``PlanConflictError``) stay as the safety net, and a test checks both agree for every pair:
+
+    - ``plan_fields``: the exclusive AttentionPlan fields (``kernels.plan.EXCLUSIVE_FIELDS``) this
+      method writes for the rows it edits, each with what it uses it for. Two methods that write
+      the same one cannot be combined.
+    - ``refuses_plan_fields``: exclusive fields no other method may write on the rows this one
+      edits, each with why (e.g. the imbalanced-attention fix relabels the image keys that a
+      counterfactual would replace).
+    - ``abs_bias_rows``: the query rows (``QueryRows``) of the method's score-dependent image boost
+      (``AttentionPlan.add_abs_bias``), None without one. Boosts add up only on the same query rows.
+    - ``plan_rows``: which rows those fields are written for: ``"edited"`` (the request's rows that
+      receive edits: the main row and other methods' branch rows, ``RequestContext.edit_rows``) or
+      ``"own"`` (only this method's own branch rows, which receive the other methods' edits). Two
+      methods that write only their own rows never meet on a row.
+    - ``plan_layers()``: the decoder layers of those edits: the ``layers`` parameter when given, else
+      every layer from ``first_plan_layer`` on (the mask and position ids hold for every layer). Two
+      methods whose layers are disjoint in every model (``causalmm:layers=1`` and the imbalanced fix
+      on its default layers 2..L-1) can be combined.
+    - ``edits_plan()``: False when these parameters write nothing to the plan (zero strength).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     # one line shown by `clearsight mitigations`
     summary: ClassVar[str] = ""
     # "plan" (single-pass attention edit), "branch" (logits-level), or "baseline"
     kind: ClassVar[str] = "plan"
+    plan_fields: ClassVar[dict[str, str]] = {}
+    refuses_plan_fields: ClassVar[dict[str, str]] = {}
+    abs_bias_rows: ClassVar[str | None] = None
+    plan_rows: ClassVar[str] = "edited"
+    first_plan_layer: ClassVar[int] = 0
+
+    def edits_plan(self) -> bool:
+        """Whether these parameters write the plan fields declared above (False at zero strength)."""
+        return True
+
+    def plan_layers(self) -> frozenset[int] | int:
+        """The layers of the plan edits: a set (the ``layers`` parameter), or an int s for "s and every layer
+        after it" (the default range, which ends at the model's depth)."""
+        layers = getattr(self, "layers", None)
+        return frozenset(layers) if layers is not None else self.first_plan_layer
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         """Extra rows this request needs (their names must be unique within the mitigation)."""

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from clearsight.config import MAX_SEED, Seed
 from clearsight.errors import InputError
 from clearsight.kernels.plan import Counterfactual, counterfactual_weights, uniform_hash
 from clearsight.mitigations._branch_common import cut, plausible, require_image, weighted_sum
@@ -123,6 +124,8 @@ class CausalMM(Mitigation):
     name: Literal["causalmm"] = "causalmm"
     summary = "CausalMM (Zhou et al. 2025): contrast with counterfactual-attention branches, (1+g) l - g l_cf"
     kind = "branch"
+    plan_fields = {"counterfactual": "replaces the attention over the image keys of its counterfactual row"}
+    plan_rows = "own"
 
     gamma: float = Field(1.0, ge=0.0, description="contrast weight: (1+gamma) l - gamma l_cf")
     epsilon: float = Field(0.6, ge=0.0, le=1.0, description="plausibility cut: keep p >= epsilon * max p (0 = off)")
@@ -131,7 +134,10 @@ class CausalMM(Mitigation):
     llm_kind: Kind = Field("random", description="LLM-level counterfactual attention on image keys")
     vision_kind: Kind = Field("shuffled", description="vision-level counterfactual attention (released code: shuffle)")
     layers: LayerList = Field(None, description="decoder layers of the LLM-level counterfactual (default: all)")
-    seed: int = Field(0, description="seed of the random / shuffled counterfactuals")
+    seed: Seed = Field(0, description="seed of the random / shuffled counterfactuals")
+
+    def edits_plan(self) -> bool:
+        return CF_LLM in self._branch_names()  # the vision-level counterfactual is a hook, not a plan edit
 
     def _branch_names(self) -> list[str]:
         return {"llm": [CF_LLM], "vision": [CF_VISION], "multimodal": [CF_VISION, CF_LLM]}[self.level]
@@ -149,7 +155,8 @@ class CausalMM(Mitigation):
         row = ctx.rows[f"causalmm.{CF_LLM}"]
         kind = Counterfactual[self.llm_kind.upper()]
         for layer in boost_layers(self.layers, ctx.plan.num_layers, start=0):
-            ctx.plan.set_counterfactual([layer], [row], kind, self.seed + layer, owner=self.name)
+            # seed + layer, wrapped into int64 for seeds within num_layers of 2**63
+            ctx.plan.set_counterfactual([layer], [row], kind, (self.seed + layer) & MAX_SEED, owner=self.name)
 
     def install(self, ctx: RequestContext) -> Any | None:
         if CF_VISION not in self._branch_names():

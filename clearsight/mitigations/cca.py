@@ -102,6 +102,7 @@ class CCA(Mitigation):
     name: Literal["cca"] = "cca"
     summary = "CCA (Xing et al. 2024): concentric ring positions + ring-causal image mask (needs a CCA checkpoint)"
     kind = "plan"
+    plan_fields = {"mask": "makes the image block ring-causal", "position ids": "gives image tokens ring positions"}
 
     trained: bool = Field(False, description="assert the checkpoint was trained with CCA (silences the warning)")
 

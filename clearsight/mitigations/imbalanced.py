@@ -92,6 +92,11 @@ class Imbalanced(Mitigation):
     summary = ("imbalanced-attention fix / PAINT (Arif et al. 2025): boost local + summary image tokens chosen by "
                "the vision tower, per-head by visual sensitivity")
     kind = "plan"
+    first_plan_layer = 2  # default layers 2..L-1
+    plan_fields = {"segments": "relabels the image keys per layer as local, summary or text"}
+    refuses_plan_fields = {"counterfactual": "relabels the unselected image keys of those rows as text, so the "
+                                             "counterfactual would miss them"}
+    abs_bias_rows = QueryRows.LAST
 
     alpha: float = Field(0.7, ge=0.0, description="boost s += alpha*|s| on local tokens (mean over heads)")
     beta: float = Field(0.4, ge=0.0, description="boost on summary tokens (0.4 paper, 0.3 code)")
@@ -102,6 +107,9 @@ class Imbalanced(Mitigation):
     head_spread: float = Field(0.5, ge=0.0, le=1.0,
                                description="head modulation: alpha_h = alpha*(1 +- spread) by image-mass rank")
     layers: LayerList = Field(None, description="boosted layers (default 2..L-1)")
+
+    def edits_plan(self) -> bool:
+        return self.alpha != 0.0 or self.beta != 0.0
 
     def _image_index(self, ctx: RequestContext, row: int) -> int:
         return sum(1 for r in range(row) if ctx.layouts[r].image_spans)
@@ -125,6 +133,11 @@ class Imbalanced(Mitigation):
         else:
             pixels = pixels.unsqueeze(0)
         atts = adapter.vision_attentions(pixels)
+        for field in ("local_layer", "summary_layer"):
+            layer = getattr(self, field)
+            if not -len(atts) <= layer < len(atts):
+                raise InputError(f"imbalanced: {field}={layer} is out of range: the vision tower has {len(atts)} "
+                                 f"layers ({-len(atts)}..{len(atts) - 1})")
         local, summary, spatial = select_tokens(cls_attention(atts[self.local_layer][0]),
                                                 cls_attention(atts[self.summary_layer][0]),
                                                 self.local_ratio, self.spatial_ratio)

@@ -36,11 +36,14 @@ from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import register
 
 NOIMG = "noimg"
+# lam * t is saturated here: a weight of e^30 (1e13) already leaves only the contrast l_c - l_u to decide in
+# float32, and a larger exponent would overflow (math.expm1 raises past 709, float32 logits turn inf past 88)
+MAX_EXPONENT = 30.0
 
 
 def m3id_weight(t: int, lam: float, max_weight: float | None = None) -> float:
-    """(1 - g_t) / g_t with g_t = exp(-lam t), i.e. exp(lam t) - 1 (optionally capped)."""
-    w = math.expm1(lam * t)
+    """(1 - g_t) / g_t with g_t = exp(-lam t), i.e. exp(lam t) - 1 (optionally capped), lam t saturated at 30."""
+    w = math.expm1(min(lam * t, MAX_EXPONENT))
     return min(w, max_weight) if max_weight is not None else w
 
 

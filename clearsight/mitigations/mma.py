@@ -61,6 +61,7 @@ class MMA(Mitigation):
     name: Literal["mma"] = "mma"
     summary = "modality-mutual attention (AKI, Wang et al.): image queries also see the question (needs MMA SFT)"
     kind = "plan"
+    plan_fields = {"mask": "lets image queries see the question"}
 
     trained: bool = Field(False, description="assert the checkpoint was trained with MMA (silences the warning)")
 

@@ -76,11 +76,16 @@ class PAI(Mitigation):
     name: Literal["pai"] = "pai"
     summary = "PAI (Liu et al. 2024): boost image-key scores s += alpha|s| on the predicting row + text-only guidance"
     kind = "plan"
+    first_plan_layer = 2  # default layers 2..L-1
+    abs_bias_rows = QueryRows.LAST
 
     alpha: float = Field(0.2, ge=0.0, description="attention boost: s += alpha*|s| on image keys (0 = off)")
     gamma: float = Field(1.1, ge=0.0, description="guidance: gamma*log p_img + (1-gamma)*log p_noimg (1 = no branch)")
     cut: float = Field(0.1, ge=0.0, le=1.0, description="plausibility cut of the guidance: keep p_img >= cut*max")
     layers: LayerList = Field(None, description="boosted layers (default 2..L-1, the paper's 2..31)")
+
+    def edits_plan(self) -> bool:
+        return self.alpha != 0.0
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         # guidance contrasts with the image: a request without one would only duplicate its main row

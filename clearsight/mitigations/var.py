@@ -204,6 +204,9 @@ class VAR(Mitigation):
     name: Literal["var"] = "var"
     summary = "VAR (Kang et al. 2025): move p of the sink attention to non-sink image keys on image-centric heads"
     kind = "plan"
+    first_plan_layer = 2  # default layers 2..L-2
+    plan_fields = {"segments": "marks its attention sinks in the per-layer key segments",
+                   "redistribution": "moves sink attention to the non-sink image keys"}
 
     p: float = Field(0.6, ge=0.0, le=1.0, description="sink mass moved (paper) or kept (p_semantics=code)")
     p_semantics: Literal["paper", "code"] = Field("paper", description="paper: p is moved; code: p is kept")
@@ -216,6 +219,9 @@ class VAR(Mitigation):
     @property
     def p_move(self) -> float:
         return self.p if self.p_semantics == "paper" else 1.0 - self.p
+
+    def edits_plan(self) -> bool:
+        return self.p_move != 0.0
 
     def install(self, ctx: RequestContext) -> Any | None:
         if self.p_move == 0.0:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from clearsight.config import Seed
 from clearsight.mitigations._branch_common import contrast, cut, plausible, require_image
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import register
@@ -71,7 +72,7 @@ class VCD(Mitigation):
     noise_step: int = Field(500, ge=0, lt=NUM_STEPS, description="forward-diffusion step of the noised image (of 1000)")
     schedule: Literal["sigmoid", "linear"] = Field(
         "sigmoid", description="beta schedule: sigmoid (VCD's code, 1e-5..5e-3) or linear (DDPM, 1e-4..0.02)")
-    seed: int = Field(0, description="seed of the diffusion noise")
+    seed: Seed = Field(0, description="seed of the diffusion noise")
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         require_image(ctx, "vcd", "its branch is the noised image")

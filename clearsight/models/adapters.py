@@ -85,6 +85,13 @@ class Adapter:
         return int(getattr(self.text_config, "head_dim", None) or self.hidden_size // self.num_heads)
 
     @property
+    def max_context(self) -> int | None:
+        """The language model's context length in tokens (``max_position_embeddings`` of its text config),
+        None when the config does not say. A prompt (images expanded) plus its new tokens must fit in it."""
+        n = getattr(self.text_config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
@@ -125,6 +132,7 @@ class Adapter:
             "heads": self.num_heads,
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
+            "max_context": self.max_context,
         }
 
     # ------------------------------------------------------------------ prompts and inputs
@@ -134,6 +142,10 @@ class Adapter:
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a chat-formatted prompt as the processor tokenises it, before any image expansion."""
+        return len(self.tokenizer(text)["input_ids"])
 
     def encode(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
         """Tokenise a batch (left padding); images only for the rows that have one."""

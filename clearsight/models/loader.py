@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from clearsight.config import ModelSpec
@@ -97,6 +99,70 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
+# files a checkpoint folder may hold its weights in (transformers' names; sharded checkpoints have an index)
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint_folder(path: Path, source: str) -> None:
+    """One-line errors for a damaged checkpoint folder, before transformers reads it: config.json unreadable,
+    not JSON, without a model_type transformers knows; no weights; a safetensors file cut short or corrupt."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    where = f"model folder '{source}'"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: config.json is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}): "
+                         "fix or re-save the checkpoint") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where}: config.json cannot be read ({exc.__class__.__name__}): fix or re-save the "
+                         "checkpoint") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: config.json holds a JSON {type(config).__name__}, not an object: fix or re-save "
+                         "the checkpoint")
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise InputError(f"{where}: config.json's model_type '{model_type}' is not one transformers knows "
+                         f"(transformers {transformers.__version__}): fix config.json, or use a transformers that "
+                         "supports it")
+    if not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+        raise InputError(f"{where} has no weights (*.safetensors or pytorch_model.bin): copy the weights into it, or "
+                         "save the model there with save_pretrained")
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise InputError(f"{where}: {file.name} is truncated or corrupt ({problem}): re-copy the file")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, from its header alone (None if it is whole).
+
+    Layout: an 8-byte little-endian header length n, n bytes of JSON header, then the tensor data, which the
+    header's ``data_offsets`` must cover exactly.
+    """
+    size = file.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than its 8-byte header length"
+    with file.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if 8 + n > size:
+            return f"{size:,} bytes, but its header alone claims {8 + n:,}"
+        if n > SAFETENSORS_MAX_HEADER:
+            return f"a header length of {n:,} bytes, past the format's limit"
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, IndexError, TypeError, ValueError):
+            return "its header is not the JSON table of tensors it should be"
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"{size:,} bytes, its header expects {expected:,}"
+    return None
+
+
 def _load_processor(location: str) -> ProcessorMixin:
     try:
         return AutoProcessor.from_pretrained(location, local_files_only=True)
@@ -180,20 +246,27 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
             if not (path / "config.json").exists():
                 raise ModelNotFoundError(
                     f"model path '{source}' has no config.json: point to a saved HF checkpoint folder")
-            location = str(path)
+            check_checkpoint_folder(path, source)
+            try:
+                model, processor = _from_pretrained(str(path), dtype)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise InputError(f"model folder '{source}' could not be loaded ({exc.__class__.__name__}: {first}): "
+                                 "check or re-save the checkpoint") from None
         elif not _looks_like_hub_id(source):
             raise ModelNotFoundError(f"model path '{source}' does not exist: give a checkpoint folder, a cached HF id "
                                      "(org/name) or builtin:<name> (see `clearsight models`)")
         else:
-            location = source
-        try:
-            model, processor = _from_pretrained(location, dtype)
-        except OSError as exc:
-            raise ModelNotFoundError(
-                f"model '{source}' is not a local path and not in the local HF cache ({exc.__class__.__name__}); "
-                "nothing is downloaded here: fetch it where there is network (`hf download "
-                f"{source}`) or pass a local folder"
-            ) from None
+            try:
+                model, processor = _from_pretrained(source, dtype)
+            except OSError as exc:
+                raise ModelNotFoundError(
+                    f"model '{source}' is not a local path and not in the local HF cache ({exc.__class__.__name__}); "
+                    "nothing is downloaded here: fetch it where there is network (`hf download "
+                    f"{source}`) or pass a local folder"
+                ) from None
     model = model.to(spec.device).eval()
     lvlm = LVLM(model=model, processor=processor, adapter=adapter_for(model, processor), spec=spec)
     lvlm.set_backend(spec.backend or default_backend(spec.device))

@@ -130,7 +130,8 @@ def test_trained_flag_silences_and_families_refused():
 
 def test_conflicting_masks_rejected():
     lvlm = tiny("tiny-llava")
-    with pytest.raises(PlanConflictError, match="'mma' and 'cca' both set the attention mask"):
+    with pytest.raises(PlanConflictError, match="'cca' and 'mma' cannot be combined in one request: both set "
+                                                "the attention mask"):
         generate(lvlm, [{"prompt": PROMPT, "image": make_image(3)}], ["cca:trained=1", "mma:trained=1"],
                  decode=DECODE)
 

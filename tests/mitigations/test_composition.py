@@ -229,7 +229,8 @@ def test_cca_and_mma_with_branches():
     assert not torch.equal(plan.q_limit[rows["main"]], plan.k_rank[rows["main"]])
     assert torch.equal(plan.q_limit[rows["vcd.noised"]], plan.q_limit[rows["main"]])
     assert torch.equal(plan.q_limit[rows["m3id.noimg"]], plan.k_rank[rows["m3id.noimg"]])
-    with pytest.raises(PlanConflictError, match="'mma' and 'cca' both set the attention mask"):
+    with pytest.raises(PlanConflictError, match="'cca' and 'mma' cannot be combined in one request: both set "
+                                                "the attention mask"):
         generate(lvlm, [_req()], ["cca", "vcd", "mma"], decode=ONE)
 
 
@@ -248,13 +249,15 @@ def test_imbalanced_with_branches_and_refusals():
         assert torch.equal(e.abs_bias[noised], e.abs_bias[main])
         assert torch.equal(e.segment[noimg], ctx.plan.segment[noimg]) and float(e.abs_bias[noimg].abs().sum()) == 0
     assert _tokens(lvlm, ["imbalanced:alpha=0,beta=0", "vcd"]) == _tokens(lvlm, ["vcd"])
-    with pytest.raises(PlanConflictError, match="'imbalanced' and 'causalmm' both set the attention image keys"):
+    with pytest.raises(PlanConflictError, match="'imbalanced' and 'causalmm' cannot be combined in one request: "
+                                                "causalmm sets the attention counterfactual"):
         generate(lvlm, [_req()], ["imbalanced:head_spread=0", "causalmm"], decode=ONE)
-    with pytest.raises(PlanConflictError, match="'imbalanced' and 'causalmm'"):
+    with pytest.raises(PlanConflictError, match="'causalmm' and 'imbalanced' cannot be combined"):
         generate(lvlm, [_req()], ["causalmm:layers=2", "imbalanced:head_spread=0"], decode=ONE)
     assert len(_tokens(lvlm, ["causalmm:layers=1", "imbalanced:head_spread=0,layers=2|3"], decode=ONE)) == 1
-    # VAR and the fix both own the segments: refused before the prefill, with or without sinks in the prompt
-    with pytest.raises(PlanConflictError, match="'var' and 'imbalanced' both set the attention segments"):
+    # VAR and the fix both own the segments: refused before anything runs, with or without sinks in the prompt
+    with pytest.raises(PlanConflictError, match="'imbalanced' and 'var' cannot be combined in one request: both set "
+                                                "the attention segments"):
         generate(lvlm, [_req()], ["imbalanced:head_spread=0", "var:sink_dims=5,tau=7.9,layers=2"], decode=ONE)
 
 

@@ -108,5 +108,6 @@ def test_zero_strength_batch_families_conflicts():
     assert batched == [generate(lvlm, [r], decode=DECODE)[0].token_ids for r in reqs]
     with pytest.raises(InputError, match="CLS"):
         generate(tiny("tiny-qwen2-vl"), [req], ["imbalanced"], decode=DECODE)
-    with pytest.raises(PlanConflictError, match="'var' and 'imbalanced' both set the attention segments"):
+    with pytest.raises(PlanConflictError, match="'imbalanced' and 'var' cannot be combined in one request: both "
+                                                "set the attention segments"):
         generate(lvlm, [req], ["imbalanced", "var:sink_dims=5,tau=1,layers=2"], decode=DECODE)

@@ -23,7 +23,7 @@ from typing import Any
 
 from clearsight.config import DecodeSpec, GenerationRequest, ModelSpec
 from clearsight.decoding.batch import Entry
-from clearsight.decoding.generate import GenerationResult, TokenEvent, as_request
+from clearsight.decoding.generate import GenerationResult, TokenEvent, as_decode, as_request
 from clearsight.decoding.scheduler import Scheduler
 from clearsight.errors import ClearsightError, EngineBusy, EngineClosed, InputError
 from clearsight.kernels.plan import StatsRequest
@@ -160,9 +160,10 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ API
-    def submit(self, request: GenerationRequest | dict[str, Any] | str, mitigations: Sequence[Any] = (),
-               decode: DecodeSpec | None = None, *, stats: StatsRequest | None = None, backend: str | None = None,
-               index: int | None = None, on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
+    def submit(self, request: GenerationRequest | dict[str, Any] | str, mitigations: Any = (),
+               decode: DecodeSpec | dict[str, Any] | None = None, *, stats: StatsRequest | None = None,
+               backend: str | None = None, index: int | None = None,
+               on_event: Callable[[TokenEvent], None] | None = None) -> RequestHandle:
         """Queue one request; returns at once. Raises ``EngineBusy`` when the queue is full and
         ``EngineClosed`` after ``close()``; a bad request fails its handle (``InputError``), alone.
 
@@ -178,7 +179,8 @@ class Engine:
             self._counter += 1
             try:
                 req = as_request(request)
-                mits = parse_mitigations(list(req.mitigations if req.mitigations is not None else mitigations))
+                mits = parse_mitigations(req.mitigations if req.mitigations is not None else mitigations)
+                spec = as_decode(decode)
                 chosen = backend or self.backend
                 check_dispatchable(chosen)
             except ClearsightError as exc:
@@ -193,7 +195,7 @@ class Engine:
                     on_event(ev)
                 handle._post(ev)
 
-            entry = Entry(req, mits, decode or DecodeSpec(), index=handle.index, stats=stats, backend=chosen,
+            entry = Entry(req, mits, spec, index=handle.index, stats=stats, backend=chosen,
                           on_event=event, on_error=handle._post)
             handle._entry = entry
             self._inbox.append(entry)

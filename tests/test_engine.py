@@ -273,3 +273,14 @@ def test_per_request_backend(engine_of):
     assert tor.result(T).token_ids == solo("tiny-llava", B, ["pai"]).token_ids
     with pytest.raises(InputError):
         eng.submit(B, backend="eager").result(T)
+
+
+def test_submit_takes_the_same_arguments_as_generate():
+    """A single mitigation string is one mitigation (not its letters) and a decode dict is validated."""
+    lvlm = tiny("tiny-llava")
+    with Engine(lvlm) as eng:
+        alone = generate(lvlm, ["what is it?"], ["pai"], DecodeSpec(max_new_tokens=3))[0]
+        got = eng.submit("what is it?", "pai", {"max_new_tokens": 3}).result(120)
+        assert got.token_ids == alone.token_ids and got.mitigations == alone.mitigations
+        with pytest.raises(InputError, match="max_new_tokens"):
+            eng.submit("what is it?", decode={"max_new_tokens": 0}).result(120)

@@ -162,7 +162,8 @@ def main() -> None:
     def ours(spec: str | None):
         def once() -> float:
             lvlm.set_backend("torch")
-            return generate(lvlm, [req], [spec] if spec else [], decode=decode, max_batch=1)[0].timings["decode_tokens_per_s"]
+            res = generate(lvlm, [req], [spec] if spec else [], decode=decode, max_batch=1)
+            return res[0].timings["decode_tokens_per_s"]
         return once
 
     def naive(method: str):

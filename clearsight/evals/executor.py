@@ -69,24 +69,33 @@ class LocalExecutor:
     def _run(self, system: SystemSpec, requests: Sequence[dict[str, Any]], decode: DecodeSpec,
              mitigations: Sequence[Any]) -> Iterator[tuple[int, GenerationResult, str]]:
         """(index, result, backend) of each request as it finishes. At most 2 x batch_size requests are
-        submitted and unfinished at once (the rest wait here, not in the engine's queue). The first error
-        is raised after cancelling what is in flight."""
+        submitted and unfinished at once (the rest wait here, not in the engine's queue). After an error
+        nothing more is submitted; the requests in flight finish (their results are yielded, so a resumed
+        run need not redo them), then the first error is raised. Leaving early cancels what is in flight."""
         engine = self.engine(system)
         backend = system.backend or engine.backend
         done: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         window = 2 * self.batch_size
         in_flight: dict[int, RequestHandle] = {}
+        error: BaseException | None = None
         nxt = 0
         try:
-            while nxt < len(requests) or in_flight:
-                while nxt < len(requests) and len(in_flight) < window:
+            while (error is None and nxt < len(requests)) or in_flight:
+                while error is None and nxt < len(requests) and len(in_flight) < window:
                     handle = engine.submit(requests[nxt], mitigations, decode, backend=backend, index=nxt)
                     in_flight[nxt] = handle
                     handle.add_done_callback(done.put)
                     nxt += 1
                 handle = done.get()
                 del in_flight[handle.index]
-                yield handle.index, handle.result(0), backend
+                try:
+                    result = handle.result(0)
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others have finished
+                    error = error or exc
+                    continue
+                yield handle.index, result, backend
+            if error is not None:
+                raise error
         finally:
             for handle in in_flight.values():
                 handle.cancel()

@@ -75,7 +75,7 @@ def run_static(lvlm, work, decode, batch):
         for j in group:
             start[j] = t0 + work[j][0]
         reqs = [{**work[j][1], "mitigations": work[j][2]} for j in group]
-        for ev in stream_generate(lvlm, reqs, decode=decode.model_copy(update={"batch_size": len(group)})):
+        for ev in stream_generate(lvlm, reqs, decode=decode, max_batch=len(group)):
             j = group[ev.request]
             first.setdefault(j, time.perf_counter())
             if ev.finished:

@@ -157,12 +157,13 @@ def main() -> None:
     prompt = "describe the image in detail please"
     image = scene(0, args.image_size)
     req = {"prompt": prompt, "image": image}
-    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=1)
+    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def ours(spec: str | None):
         def once() -> float:
             lvlm.set_backend("torch")
-            return generate(lvlm, [req], [spec] if spec else [], decode=decode)[0].timings["decode_tokens_per_s"]
+            res = generate(lvlm, [req], [spec] if spec else [], decode=decode, max_batch=1)
+            return res[0].timings["decode_tokens_per_s"]
         return once
 
     def naive(method: str):
@@ -171,7 +172,7 @@ def main() -> None:
             lvlm.model.set_attn_implementation({"text_config": "bench_naive"})
             hook = naive_sink_hook(lvlm) if method == "var" else None
             try:
-                return generate(lvlm, [req], decode=decode)[0].timings["decode_tokens_per_s"]
+                return generate(lvlm, [req], decode=decode, max_batch=1)[0].timings["decode_tokens_per_s"]
             finally:
                 if hook is not None:
                     hook.remove()
@@ -187,13 +188,13 @@ def main() -> None:
 
     # the workload: N requests (different images, same prompt), generated tokens per wall-clock second
     reqs = [{"prompt": prompt, "image": scene(i, args.image_size)} for i in range(args.requests)]
-    batched = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=args.requests)
+    batched = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def ours_workload(spec: str | None):
         def once() -> float:
             lvlm.set_backend("torch")
             t0 = time.perf_counter()
-            res = generate(lvlm, reqs, [spec] if spec else [], decode=batched)
+            res = generate(lvlm, reqs, [spec] if spec else [], decode=batched, max_batch=args.requests)
             return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
         return once
 
@@ -205,7 +206,7 @@ def main() -> None:
                 lvlm.model.set_attn_implementation({"text_config": "bench_naive"})
                 hook = naive_sink_hook(lvlm) if method == "var" else None
                 try:
-                    n += len(generate(lvlm, [r], decode=decode)[0].token_ids)
+                    n += len(generate(lvlm, [r], decode=decode, max_batch=1)[0].token_ids)
                 finally:
                     if hook is not None:
                         hook.remove()

@@ -28,12 +28,12 @@ def main() -> None:
     lvlm = llava_shaped(args.hidden, args.layers, args.heads, image_size=args.image_size, device=args.device)
     requests = [{"prompt": "describe the image in detail please", "image": scene(i, args.image_size)}
                 for i in range(args.batch)]
-    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True, batch_size=args.batch)
+    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
 
     def run(backend: str):
         def once() -> float:
             lvlm.set_backend(backend)
-            results = generate(lvlm, requests, decode=decode)
+            results = generate(lvlm, requests, decode=decode, max_batch=args.batch)
             return results[0].timings["decode_tokens_per_s"] * args.batch
         return once
 

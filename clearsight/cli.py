@@ -34,7 +34,6 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--batch-size", type=int, default=8)
 
 
 def decode_spec_from_args(args: argparse.Namespace):
@@ -45,7 +44,7 @@ def decode_spec_from_args(args: argparse.Namespace):
 
     try:
         return DecodeSpec(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), batch_size=args.batch_size)
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     except ValidationError as exc:
         raise InputError(pydantic_message(exc, "decoding options")) from None
 
@@ -72,8 +71,8 @@ def model_spec_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from clearsight.config import GenerationRequest
-    from clearsight.decoding import generate, stream_generate
-    from clearsight.decoding.generate import as_request
+    from clearsight.decoding.generate import as_request, check_context
+    from clearsight.engine import Engine
     from clearsight.mitigations import parse_mitigations
     from clearsight.models.loader import load_model
 
@@ -85,14 +84,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         load_image(args.image, "--image")
     lvlm = load_model(model_spec_from_args(args))
-    if args.stream and not args.json:
-        for event in stream_generate(lvlm, [request], mitigations, decode):
-            print(event.text, end="", flush=True)
-        print()
-        return 0
-    result = generate(lvlm, [request], mitigations, decode)[0]
+    adapter = lvlm.adapter  # the prompt's text tokens against the context, before the engine starts
+    check_context(lvlm, 0, adapter.count_tokens(adapter.chat_prompt(request.prompt, request.image is not None)),
+                  decode, at_least=request.image is not None)
+    with Engine(lvlm, max_requests=1) as engine:  # one request; the engine is the one code path that runs models
+        if args.stream and not args.json:
+            for event in engine.stream([request], mitigations, decode):
+                print(event.text, end="", flush=True)
+            print()
+            return 0
+        result = engine.generate([request], mitigations, decode)[0]
+        backend = engine.backend
     if args.json:
-        _print_json({**result.to_dict(), "model": lvlm.spec.source, "backend": lvlm.backend,
+        _print_json({**result.to_dict(), "model": lvlm.spec.source, "backend": backend,
                      "decode": decode.model_dump()})
     else:
         print(result.text)

@@ -40,6 +40,11 @@ class ModelSpec(BaseModel):
         return v.strip()
 
 
+# batch_size was a DecodeSpec field; it is an engine limit (how many requests run together), not a decoding choice
+BATCH_SIZE_NOT_DECODING = ("batch_size is not a decoding option: it is an engine limit (generate(max_batch=...), "
+                           "Engine(max_requests=...), an eval job's batch_size)")
+
+
 class DecodeSpec(BaseModel):
     """How to decode. Greedy unless ``do_sample``; sampling is seeded per request."""
 
@@ -51,8 +56,14 @@ class DecodeSpec(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Seed = 0
     stop: tuple[str, ...] = ()
-    batch_size: int = Field(8, ge=1, le=1024)
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_batch_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "batch_size" in data:
+            raise ValueError(BATCH_SIZE_NOT_DECODING)
+        return data
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -87,6 +87,19 @@ class RequestHandle:
         assert self._result is not None
         return self._result
 
+    def add_done_callback(self, fn: Callable[[RequestHandle], None]) -> None:
+        """Call ``fn(handle)`` once when the request ends (result or error): at once if it already has,
+        else on the engine thread (keep it short, e.g. put the handle on a queue)."""
+        fired = False
+
+        def on_item(item: Any) -> None:
+            nonlocal fired
+            if not fired and (item is _END or isinstance(item, BaseException)):
+                fired = True
+                fn(self)
+
+        self._subscribe(on_item)
+
     def cancel(self) -> None:
         """Stop generating: the request's rows leave the batch at the next step; it ends with RequestCancelled."""
         if self._entry is not None:
@@ -141,7 +154,7 @@ class Engine:
     or call ``close()``.
     """
 
-    def __init__(self, model: LVLM | ModelSpec | str, *, max_rows: int = 64, max_tokens: int = 1 << 20,
+    def __init__(self, model: LVLM | ModelSpec | str, *, max_rows: int | None = 64, max_tokens: int = 1 << 20,
                  max_queue: int = 1024, max_requests: int | None = None, backend: str | None = None) -> None:
         self.lvlm = model if isinstance(model, LVLM) else load_model(model)
         self.backend = backend or self.lvlm.backend

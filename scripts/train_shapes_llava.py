@@ -395,7 +395,7 @@ def evaluate(out: Path, args) -> dict:
 
     def run(prompts: list[tuple[str, str]], max_new: int) -> list[str]:
         reqs = [{"prompt": p, "image": images[f]} for f, p in prompts]
-        res = generate(lvlm, reqs, decode=DecodeSpec(max_new_tokens=max_new, batch_size=args.eval_batch))
+        res = generate(lvlm, reqs, decode=DecodeSpec(max_new_tokens=max_new), max_batch=args.eval_batch)
         return [r.text for r in res]
 
     def metrics(qs, texts) -> dict:

@@ -129,7 +129,8 @@ def test_bomb_in_a_pope_image_folder(capsys, bomb, tmp_path):
     line = _refused(capsys, "eval", "pope", "--model", "builtin:tiny-llava", "--files", f"random={questions}",
                     "--image-dir", images, "--splits", "random", "--output", out, "--batch-size", "1",
                     "--no-progress")
-    assert line == f"error: request 0: image: '{images / 'bomb.png'}' has 400,000,000 pixels, {LIMIT}"
+    # request 1: the item's place in the system's work (it was its place in a batch of --batch-size)
+    assert line == f"error: request 1: image: '{images / 'bomb.png'}' has 400,000,000 pixels, {LIMIT}"
     cached = _lines(out / "generations.jsonl")
     assert [r["sample_id"].split("/")[2] for r in cached] == ["1"]  # question 1 only: nothing for the bomb
     assert not (out / "results.json").exists()

@@ -284,3 +284,25 @@ def test_submit_takes_the_same_arguments_as_generate():
         assert got.token_ids == alone.token_ids and got.mitigations == alone.mitigations
         with pytest.raises(InputError, match="max_new_tokens"):
             eng.submit("what is it?", decode={"max_new_tokens": 0}).result(120)
+
+
+@pytest.mark.parametrize("flags", [["--json"], ["--stream"]])
+def test_cli_generate_runs_through_an_engine_and_closes_it(monkeypatch, capsys, flags):
+    import json
+
+    from clearsight.cli import main
+
+    engines = []
+    real_init = Engine.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        engines.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    assert main(["generate", "--model", "builtin:tiny-llava", "--prompt", "hi", "--max-new-tokens", "3", *flags]) == 0
+    assert len(engines) == 1 and not engines[0]._thread.is_alive()  # closed at the end
+    out = capsys.readouterr().out
+    if flags == ["--json"]:
+        data = json.loads(out)
+        assert data["backend"] == "torch" and len(data["token_ids"]) <= 3 and "batch_size" not in data["decode"]

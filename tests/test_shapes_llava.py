@@ -117,7 +117,7 @@ def test_held_out_pope_live_with_margins(lvlm):
     gt = [{"image": s.file_name, "objects": s.object_names, "image_id": s.image_id} for s in scenes]
     qs = generate_pope_questions(gt, "random", PopeGenerationConfig(img_num=None, seed=spec.seed, dataset="shapes"))
     res = generate(lvlm, [{"prompt": build_prompt(q.text), "image": images[q.image]} for q in qs],
-                   decode=DecodeSpec(max_new_tokens=3, batch_size=64))
+                   decode=DecodeSpec(max_new_tokens=3), max_batch=64)
     acc = pope_metrics([q.label for q in qs], [parse_pope(r.text) for r in res]).accuracy
     assert acc >= 0.80, acc  # recorded on all 200 scenes: >= 0.85 (0.86 on these 40 when shipped)
 
@@ -139,7 +139,7 @@ def test_co_occurrence_prior_shows_as_partner_hallucination(lvlm):
                 other = rng.choice([s for s in SHAPES if s not in names and PARTNER[s] not in names])
                 asked += [("partner", PARTNER[obj], image), ("other", other, image)]
     res = generate(lvlm, [{"prompt": build_prompt(f"Is there a {q} in the image?"), "image": im} for _, q, im in asked],
-                   decode=DecodeSpec(max_new_tokens=3, batch_size=64))
+                   decode=DecodeSpec(max_new_tokens=3), max_batch=64)
     yes = {k: [parse_pope(r.text) == "yes" for (kind, _, _), r in zip(asked, res) if kind == k]
            for k in ("partner", "other")}
     rate = {k: sum(v) / len(v) for k, v in yes.items()}

@@ -6,8 +6,9 @@ batch's AttentionPlan is bound around every forward, so the language model's att
 Per step, each request's branch logits are combined by its mitigations (in the order given:
 each combiner receives the logits combined so far as ``"main"``), one token is chosen per request,
 and every row of that request is fed that token. ``generate`` runs the Engine's machinery
-(``scheduler.Scheduler``: continuous batching) inline, with at most ``decode.batch_size`` requests
-in flight.
+(``scheduler.Scheduler``: continuous batching) inline, with at most ``max_batch`` requests in flight
+(a keyword of ``generate`` / ``stream_generate``, default ``DEFAULT_MAX_BATCH``; it bounds memory and never
+changes a request's tokens). An ``Engine``'s limits are its constructor's.
 """
 
 from __future__ import annotations
@@ -158,6 +159,19 @@ def check_context(lvlm: LVLM, index: int, prompt_tokens: int, decode: DecodeSpec
             "max_new_tokens")
 
 
+# requests in flight at once in generate() / stream_generate(): an engine limit, not a decoding choice
+DEFAULT_MAX_BATCH = 8
+MAX_BATCH = 1024
+
+
+def check_max_batch(max_batch: Any) -> int:
+    """``max_batch`` as an int from 1 to ``MAX_BATCH``, or a one-line InputError."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise InputError(f"max_batch must be an integer from 1 to {MAX_BATCH} (requests in flight at once), "
+                         f"got {max_batch!r}")
+    return max_batch
+
+
 Requests = Sequence[GenerationRequest | dict[str, Any] | str] | GenerationRequest | dict[str, Any] | str
 
 
@@ -190,14 +204,14 @@ def _prepare(
 
 
 def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigation]], decode: DecodeSpec,
-            stats: StatsRequest | None) -> Iterator[TokenEvent]:
+            stats: StatsRequest | None, max_batch: int) -> Iterator[TokenEvent]:
     from clearsight.decoding.batch import Entry
     from clearsight.decoding.scheduler import Scheduler
 
     events: deque[TokenEvent] = deque()
     errors: list[BaseException] = []
-    # the Engine's machinery, run inline: continuous batching of at most decode.batch_size requests
-    scheduler = Scheduler(lvlm, max_requests=decode.batch_size)
+    # the Engine's machinery, run inline: continuous batching of at most max_batch requests
+    scheduler = Scheduler(lvlm, max_requests=max_batch)
     for i, (req, m) in enumerate(zip(reqs, mits)):
         scheduler.add(Entry(req, m, decode, index=i, stats=stats, on_event=events.append, on_error=errors.append))
     try:
@@ -218,14 +232,16 @@ def stream_generate(
     decode: DecodeSpec | dict[str, Any] | None = None,
     *,
     stats: StatsRequest | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> Iterator[TokenEvent]:
     """Yield tokens as they are chosen; each request's last event carries its GenerationResult.
 
     The arguments are validated when it is called (bad input raises ``InputError`` here, before any token),
     as ``generate``'s are.
     """
+    max_batch = check_max_batch(max_batch)
     reqs, mits, spec = _prepare(lvlm, requests, mitigations, decode)
-    return _stream(lvlm, reqs, mits, spec, stats)
+    return _stream(lvlm, reqs, mits, spec, stats, max_batch)
 
 
 def generate(
@@ -235,13 +251,15 @@ def generate(
     decode: DecodeSpec | dict[str, Any] | None = None,
     *,
     stats: StatsRequest | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> list[GenerationResult]:
     """Generate for every request; results in request order.
 
     ``requests``: a prompt, a request dict (``{"prompt": ..., "image": path or PIL image}``), a
     GenerationRequest, or a list of them. ``mitigations``: a list of names (``"var"``,
     ``"var:p=0.4"``), dicts or specs; a single one may be given alone. ``decode``: a DecodeSpec or a
-    dict of its fields (validated), None for the defaults.
+    dict of its fields (validated), None for the defaults. ``max_batch``: at most this many requests
+    in flight at once (continuously batched; the results do not depend on it).
 
     >>> from clearsight import load_model, generate
     >>> lvlm = load_model("builtin:tiny-llava")
@@ -249,7 +267,7 @@ def generate(
     ['length']
     """
     results: dict[int, GenerationResult] = {}
-    for event in stream_generate(lvlm, requests, mitigations, decode, stats=stats):
+    for event in stream_generate(lvlm, requests, mitigations, decode, stats=stats, max_batch=max_batch):
         if event.result is not None:
             results[event.request] = event.result
     return [results[i] for i in sorted(results)]

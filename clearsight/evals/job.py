@@ -55,6 +55,8 @@ class SystemSpec(BaseModel):
     def _valid_decode(cls, v: dict[str, Any]) -> dict[str, Any]:
         from clearsight.errors import pydantic_message
 
+        if isinstance(v, dict) and "batch_size" in v:
+            raise ValueError("batch_size is not a decoding option: set the job's batch_size")
         try:
             DecodeSpec(**v)  # max_new_tokens too: an override replaces each benchmark's
         except ValidationError as exc:

@@ -202,8 +202,7 @@ def _hash_files(files: tuple[tuple[str, int, int], ...], contents: bool) -> str:
 
 
 def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
-    decode = system.decode_for(max_new_tokens).model_dump(mode="json")
-    decode.pop("batch_size", None)  # batching does not change outputs
+    decode = system.decode_for(max_new_tokens).model_dump(mode="json")  # no batch size: it is not a decoding option
     return {"model": model_identity(system), "dtype": system.dtype, "mitigations": system.mitigation_config(),
             "decode": decode}
 
@@ -323,7 +322,6 @@ def run_job(job: EvalJob, executor: Executor | None = None, progress: ProgressFa
 def _system_identity(system: SystemSpec) -> dict[str, Any]:
     """What makes a system's outputs: two systems of one name must agree on it to share a folder."""
     decode = system.decode_for(1).model_dump(mode="json")
-    decode.pop("batch_size", None)
     return {"model": system.model, "dtype": system.dtype, "mitigations": system.mitigation_config(),
             "decode": decode}
 
@@ -448,7 +446,12 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
         notes={"decode": {s.label: s.decode_for(1).describe().split(",")[0] for s in job.systems}},
     )
     if prep.crosscheck and prep.chair:
-        results.crosscheck = run_crosscheck(job, prep, captions_by_system, model_source or LocalExecutor())
+        models = model_source or LocalExecutor(batch_size=job.batch_size)
+        try:
+            results.crosscheck = run_crosscheck(job, prep, captions_by_system, models)
+        finally:
+            if model_source is None:
+                models.close()
         results.correlations = _correlations(results)
     return results
 
@@ -479,12 +482,11 @@ def run_crosscheck(job: EvalJob, prep: Prepared, captions: Mapping[str, Mapping[
         return crosscheck_explicit(outputs, EmbeddingScorer(minilm_embed, name="embedding:all-MiniLM-L6-v2"))
     if bench.scorer == "judge":
         judge_system = SystemSpec(model=bench.judge_model or job.systems[0].model)
-        lvlm = models.model(judge_system)
 
         def ask(prompt: str) -> str:
-            from clearsight import DecodeSpec, generate
+            from clearsight import DecodeSpec
 
-            return generate(lvlm, [prompt], decode=DecodeSpec(max_new_tokens=4))[0].text
+            return models.generate_requests(judge_system, [prompt], DecodeSpec(max_new_tokens=4))[0].text
 
         return crosscheck_explicit(outputs, PromptJudgeScorer(ask, name=f"judge:{judge_system.model}"))
     return implicit_crosscheck(job, prep, outputs, models)
@@ -493,7 +495,7 @@ def run_crosscheck(job: EvalJob, prep: Prepared, captions: Mapping[str, Mapping[
 def implicit_crosscheck(job: EvalJob, prep: Prepared, outputs: Mapping[str, Mapping[int, str]],
                         models: LocalExecutor) -> CrossCheckResult:
     """Each evidence system is asked, with the image, whether the target sentence contains an error."""
-    from clearsight import DecodeSpec, generate
+    from clearsight import DecodeSpec
 
     assert prep.chair is not None
     path_of = {prep.chair.image_of[it.sample_id]: it.image for it in prep.chair.items}
@@ -502,13 +504,12 @@ def implicit_crosscheck(job: EvalJob, prep: Prepared, outputs: Mapping[str, Mapp
     per_sentence: dict[tuple[str, int, int], list[float]] = {}
     sentences = {(name, i): split_sentences(text) for name, texts in outputs.items() for i, text in texts.items()}
     for ev in evidence:
-        lvlm = models.model(ev)
         keys, reqs = [], []
         for (name, i), sents in sentences.items():
             for j, s in enumerate(sents):
                 keys.append((name, i, j))
                 reqs.append({"prompt": IMPLICIT_PROMPT.format(sentence=s), "image": path_of[i]})
-        results = generate(lvlm, reqs, ev.mitigations, DecodeSpec(max_new_tokens=4, batch_size=job.batch_size))
+        results = models.generate_requests(ev, reqs, DecodeSpec(max_new_tokens=4))
         for key, r in zip(keys, results):
             per_sentence.setdefault(key, []).append(implicit_answer_to_score(r.text))
     scores, n_samples, n_sentences, skipped = {}, {}, {}, {}

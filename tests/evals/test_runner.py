@@ -225,21 +225,21 @@ def test_pope_from_lmms_lab_parquet(tmp_path):
 
 @pytest.mark.parametrize("scorer", ["judge", "implicit"])
 def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer, monkeypatch):
-    import clearsight
+    from clearsight.evals.executor import LocalExecutor
     from clearsight.evals.metrics.crosscheck import split_sentences
 
-    real_generate = clearsight.generate
+    real_generate = LocalExecutor.generate_requests  # the scorers ask through the executor's engines
 
-    def answers_no(lvlm, requests, *args, **kwargs):
+    def answers_no(self, system, requests, *args, **kwargs):
         """The captions are generated for real; every sentence check is answered "No"."""
-        results = real_generate(lvlm, requests, *args, **kwargs)
+        results = real_generate(self, system, requests, *args, **kwargs)
         for req, r in zip(requests, results):
             prompt = req if isinstance(req, str) else req["prompt"]
             if "sentence" in prompt.lower():
                 r.text = "No"
         return results
 
-    monkeypatch.setattr(clearsight, "generate", answers_no)
+    monkeypatch.setattr(LocalExecutor, "generate_requests", answers_no)
     job = _job(tmp_path, systems=SYSTEMS[:2],
                benchmarks=[{"kind": "chair", "n_images": 3, "max_new_tokens": 24},
                            {"kind": "crosscheck", "scorer": scorer}])

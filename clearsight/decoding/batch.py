@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from clearsight.config import DecodeSpec, GenerationRequest
-from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image
+from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image, make_probe
 from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError
 from clearsight.kernels.context import use_backend, use_plan
@@ -99,7 +99,7 @@ class Entry:
         req = self.request
         image = load_image(req.image, f"request {self.index}: image") if req.image is not None else None
         ctx = RequestContext(lvlm=lvlm, request=req, index=self.index, rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
-                             decode=self.decode, image=image)
+                             decode=self.decode, image=image, probe=make_probe(lvlm, self.backend))
         rows = [_Row(self, MAIN, req.prompt, image)]
         ctx.rows[MAIN] = 0
         for m in self.mitigations:

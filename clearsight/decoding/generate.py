@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from clearsight.config import DecodeSpec, GenerationRequest
 from clearsight.errors import InputError, pydantic_message
 from clearsight.kernels.plan import StatsRequest
-from clearsight.mitigations import Mitigation, parse_mitigations
+from clearsight.mitigations import Mitigation, Probe, parse_mitigations
+from clearsight.mitigations.base import set_probe_factory
 from clearsight.models.loader import LVLM
 
 
@@ -204,7 +205,7 @@ def _prepare(
 
 
 def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigation]], decode: DecodeSpec,
-            stats: StatsRequest | None, max_batch: int) -> Iterator[TokenEvent]:
+            stats: StatsRequest | None, max_batch: int, backend: str | None = None) -> Iterator[TokenEvent]:
     from clearsight.decoding.batch import Entry
     from clearsight.decoding.scheduler import Scheduler
 
@@ -213,7 +214,8 @@ def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigatio
     # the Engine's machinery, run inline: continuous batching of at most max_batch requests
     scheduler = Scheduler(lvlm, max_requests=max_batch)
     for i, (req, m) in enumerate(zip(reqs, mits)):
-        scheduler.add(Entry(req, m, decode, index=i, stats=stats, on_event=events.append, on_error=errors.append))
+        scheduler.add(Entry(req, m, decode, index=i, stats=stats, backend=backend, on_event=events.append,
+                            on_error=errors.append))
     try:
         while scheduler.busy:
             scheduler.step()
@@ -266,8 +268,37 @@ def generate(
     >>> [r.finish_reason for r in generate(lvlm, "describe the image", decode=DecodeSpec(max_new_tokens=3))]
     ['length']
     """
+    return _collect(stream_generate(lvlm, requests, mitigations, decode, stats=stats, max_batch=max_batch))
+
+
+def _collect(events: Iterator[TokenEvent]) -> list[GenerationResult]:
     results: dict[int, GenerationResult] = {}
-    for event in stream_generate(lvlm, requests, mitigations, decode, stats=stats, max_batch=max_batch):
+    for event in events:
         if event.result is not None:
             results[event.request] = event.result
     return [results[i] for i in sorted(results)]
+
+
+def make_probe(lvlm: LVLM, backend: str | None = None) -> Probe:
+    """The probe of ``lvlm`` (``clearsight.mitigations.Probe``): ``generate`` bound to the model and a backend.
+
+    Mitigations run their probe generations through it (``RequestContext.probe``, set by the batch for each
+    request with the request's backend; None = the model's), so ``clearsight.mitigations`` never imports
+    this package. Each call drives its own inline scheduler to completion: inside the Engine's thread it
+    runs between the engine's forwards, and the hooks of requests in flight stay idle (their step is
+    ``NOT_RUNNING``). Registered as the default probe of every model (``mitigations.base.probe_for``).
+
+    >>> probe = make_probe(load_model("builtin:tiny-llava"))  # doctest: +SKIP
+    >>> probe(["describe the image"], decode={"max_new_tokens": 1})[0].finish_reason  # doctest: +SKIP
+    'length'
+    """
+
+    def probe(requests: Requests, mitigations: Any = (), decode: DecodeSpec | dict[str, Any] | None = None, *,
+              stats: StatsRequest | None = None, max_batch: int = 8) -> list[GenerationResult]:
+        reqs, mits, spec = _prepare(lvlm, requests, mitigations, decode)
+        return _collect(_stream(lvlm, reqs, mits, spec, stats, check_max_batch(max_batch), backend))
+
+    return probe
+
+
+set_probe_factory(make_probe)

@@ -6,7 +6,7 @@ Every module of this package is imported here, so adding a method is adding a fi
 import importlib
 import pkgutil
 
-from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
+from clearsight.mitigations.base import MAIN, Branch, Mitigation, Probe, RequestContext, probe_for
 from clearsight.mitigations.registry import (
     REGISTRY,
     describe_mitigations,
@@ -22,6 +22,6 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "MAIN", "REGISTRY", "Branch", "Mitigation", "RequestContext", "describe_mitigations", "mitigation_type",
-    "parse_mitigation", "parse_mitigations", "register",
+    "MAIN", "REGISTRY", "Branch", "Mitigation", "Probe", "RequestContext", "describe_mitigations",
+    "mitigation_type", "parse_mitigation", "parse_mitigations", "probe_for", "register",
 ]

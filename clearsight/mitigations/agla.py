@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from clearsight.errors import InputError
 from clearsight.mitigations._branch_common import cut, plausible, require_image, weighted_sum
-from clearsight.mitigations.agla_matchers import MATCHERS, augmented_view
+from clearsight.mitigations.agla_matchers import MATCHERS, augmented_view, match_for
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.pai import LayerList
 from clearsight.mitigations.registry import register
@@ -67,7 +67,7 @@ class AGLA(Mitigation):
     def branches(self, ctx: RequestContext) -> list[Branch]:
         require_image(ctx, "agla", "its branch is the image with the prompt-irrelevant pixels masked")
         assert ctx.image is not None
-        match = MATCHERS[self._matcher_name()](self).match(ctx.lvlm, ctx.image, ctx.request.prompt)
+        match = match_for(MATCHERS[self._matcher_name()](self), ctx)
         ratio = self.mask_ratio if self.mask_ratio is not None else min(match.similarity / 2, 0.99)
         view = augmented_view(ctx.image, match, ratio, self.sigma)
         ctx.state["agla"] = {"match": match, "ratio": ratio, "view": view}

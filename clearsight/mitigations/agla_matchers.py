@@ -7,7 +7,8 @@ and BLIP's ITC cosine; here:
 - ``attention`` (default, no extra model): the LVLM's own attention from the last prompt row (the
   row that predicts the first answer token) to the image tokens, averaged over heads and the
   chosen layers (default: the middle half), read from the plan's ``last_row`` statistics of one
-  unmitigated prefill. The similarity is that row's attention mass on the image keys.
+  unmitigated prefill (run through the request's probe, ``RequestContext.probe``). The similarity is
+  that row's attention mass on the image keys.
 - ``clip``: a ``transformers`` CLIP model from a local folder (``clip_path``): the relevance of each
   patch is the cosine between its projected token and the projected text (MaskCLIP-style dense
   features, no gradients), the similarity is the CLIP image-text cosine (AGLA's ITC).
@@ -22,6 +23,7 @@ The masked fraction is ``ratio = similarity / 2`` unless fixed (AGLA: 1 - keep =
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clearsight.errors import InputError
+from clearsight.mitigations.base import Probe, RequestContext, probe_for
 from clearsight.mitigations.pai import boost_layers
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in image pixels
@@ -47,10 +50,27 @@ class Match:
 
 
 class Matcher(ABC):
-    """Image-prompt matching: where in the image the prompt looks, and how well image and prompt match."""
+    """Image-prompt matching: where in the image the prompt looks, and how well image and prompt match.
+
+    A matcher that runs the LVLM takes a keyword ``probe`` (``clearsight.mitigations.Probe``, None = the
+    model's default probe): AGLA passes the request's own (``RequestContext.probe``) to a matcher whose
+    ``match`` accepts it (``match_for``); a matcher without the keyword is called as before.
+    """
 
     @abstractmethod
     def match(self, lvlm: Any, image: Image.Image, prompt: str) -> Match: ...
+
+
+def match_for(matcher: Matcher, ctx: RequestContext) -> Match:
+    """``matcher.match`` on the request's model, image and prompt, with the request's probe when it takes one."""
+    kwargs: dict[str, Any] = {}
+    try:
+        if "probe" in inspect.signature(matcher.match).parameters:
+            kwargs["probe"] = ctx.probe
+    except (TypeError, ValueError):  # no signature (a builtin or C callable): call it without the probe
+        pass
+    assert ctx.image is not None
+    return matcher.match(ctx.lvlm, ctx.image, ctx.request.prompt, **kwargs)
 
 
 def center_crop_box(image_processor: Any, image: Image.Image) -> Box | None:
@@ -120,16 +140,15 @@ class AttentionMatcher(Matcher):
     def __init__(self, layers: list[int] | None = None) -> None:
         self.layers = layers
 
-    def match(self, lvlm: Any, image: Image.Image, prompt: str) -> Match:
+    def match(self, lvlm: Any, image: Image.Image, prompt: str, probe: Probe | None = None) -> Match:
         from clearsight.config import DecodeSpec
-        from clearsight.decoding.generate import generate
         from clearsight.kernels.plan import StatsRequest
 
         L = lvlm.adapter.num_layers
         layers = (boost_layers(self.layers, L) if self.layers is not None
                   else list(range(L // 4, max(3 * L // 4, L // 4 + 1))))
-        res = generate(lvlm, [{"prompt": prompt, "image": image}], decode=DecodeSpec(max_new_tokens=1),
-                       stats=StatsRequest(last_row=True, layers=frozenset(layers)))[0]
+        res = probe_for(lvlm, probe)([{"prompt": prompt, "image": image}], decode=DecodeSpec(max_new_tokens=1),
+                                     stats=StatsRequest(last_row=True, layers=frozenset(layers)))[0]
         if not res.stats or not res.stats.get("last_row"):
             raise InputError(f"agla's attention matcher needs attention statistics, which the '{lvlm.backend}' "
                              "backend does not record: use the torch or reference backend")

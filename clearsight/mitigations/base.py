@@ -4,13 +4,21 @@ A mitigation is a frozen pydantic model discriminated by ``name``. Given one req
 may (1) write AttentionPlan edits for the request's rows, (2) ask for extra branch rows (input
 variants: no image, another image, another prompt) and combine the branches' next-token logits
 per step, (3) calibrate through the adapter's hooks. It never touches model code.
+
+Probes: a mitigation that needs a generation or a prefill of its own before the request's generation
+(VAR's sink-dimension calibration, VHR's text-only pass, the imbalanced fix's head spread, AGLA's
+attention matcher) runs it through ``ctx.probe``, a ``Probe`` that the decoding layer puts into the
+context it builds (a nested inline scheduler on the same model and the request's backend). So this
+package never imports the decoding layer: the layering rule (see ``tests/test_layering.py``) holds.
+Outside a request context, ``probe_for(lvlm)`` gives the default probe of a model (registered by
+the decoding layer when it is imported, see ``set_probe_factory``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
@@ -20,10 +28,45 @@ from clearsight.kernels.plan import AttentionPlan, PlanConflictError, RowLayout
 
 if TYPE_CHECKING:
     from clearsight.config import DecodeSpec, GenerationRequest
+    from clearsight.kernels.plan import StatsRequest
     from clearsight.models.loader import LVLM
 
 MAIN = "main"
 SAME_IMAGE = "same"
+
+
+class Probe(Protocol):
+    """Runs requests through the model outside the request's own rows: ``generate``'s signature, bound to a model.
+
+    ``requests``: prompts, request dicts (``{"prompt": ..., "image": path or PIL image}``) or
+    GenerationRequests; ``mitigations``: as ``generate``'s (default: none, the unmitigated model);
+    ``decode``: a DecodeSpec or a dict of its fields (None = the defaults); ``stats``: the attention
+    statistics to record. Returns one result per request, in order (the decoding layer's ``GenerationResult``:
+    ``text``, ``token_ids``, ``stats``...). Hooks installed on ``lvlm.adapter`` around the call see the probe's
+    forwards (row 0 = the first request). Provided by the decoding layer's ``make_probe``.
+    """
+
+    def __call__(self, requests: Sequence[Any] | Any, mitigations: Any = (), decode: Any = None, *,
+                 stats: StatsRequest | None = None) -> list[Any]: ...
+
+
+_probe_factory: Callable[[Any], Probe] | None = None
+
+
+def set_probe_factory(factory: Callable[[Any], Probe]) -> None:
+    """Register ``factory(lvlm) -> Probe``, the default probe of a model (the decoding layer registers its own)."""
+    global _probe_factory
+    _probe_factory = factory
+
+
+def probe_for(lvlm: Any, probe: Probe | None = None) -> Probe:
+    """``probe`` when given, else the default probe of ``lvlm`` (``set_probe_factory``)."""
+    if probe is not None:
+        return probe
+    if _probe_factory is None:
+        raise RuntimeError("no probe to run the model: import the decoding layer first (importing clearsight.generate "
+                           "does), or pass probe=make_probe(lvlm), the decoding package's probe of the model")
+    return _probe_factory(lvlm)
 
 
 @dataclass(frozen=True)
@@ -70,6 +113,14 @@ class RequestContext:
     step: int = 0  # the forward being run: 0 = prefill, t = decode step t (set by the loop)
     # branch row name ("<mitigation>.<branch>") -> its Branch (filled by the loop next to ``rows``)
     branch_specs: dict[str, Branch] = field(default_factory=dict)
+    # runs probe generations on this request's model and backend (set by the decoding layer; None = the
+    # model's default probe, see ``run_probe``)
+    probe: Probe | None = None
+
+    def run_probe(self, requests: Sequence[Any] | Any, mitigations: Any = (), decode: Any = None, *,
+                  stats: StatsRequest | None = None) -> list[Any]:
+        """Run a probe generation (see ``Probe``) with this request's probe."""
+        return probe_for(self.lvlm, self.probe)(requests, mitigations, decode, stats=stats)
 
     @property
     def main_row(self) -> int:

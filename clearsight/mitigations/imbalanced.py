@@ -205,12 +205,11 @@ class Imbalanced(Mitigation):
         if self.head_spread == 0.0 or self.alpha == 0.0:
             return {layer: self.alpha for layer in layers}
         from clearsight.config import DecodeSpec
-        from clearsight.decoding.generate import generate
         from clearsight.kernels.plan import StatsRequest
 
         req = {"prompt": ctx.request.prompt, "image": ctx.image}
-        probe = generate(ctx.lvlm, [req], decode=DecodeSpec(max_new_tokens=1),
-                         stats=StatsRequest(segment_mass=True, layers=frozenset(layers)))[0]
+        probe = ctx.run_probe([req], decode=DecodeSpec(max_new_tokens=1),
+                              stats=StatsRequest(segment_mass=True, layers=frozenset(layers)))[0]
         assert probe.stats is not None
         out: dict[int, Any] = {}
         ctx.state["imbalanced.image_mass"] = {}

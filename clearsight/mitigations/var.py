@@ -44,7 +44,7 @@ from pydantic import Field
 
 from clearsight.errors import InputError
 from clearsight.kernels.plan import QueryRows, Segment
-from clearsight.mitigations.base import MAIN, Mitigation, RequestContext, conflict, plan_owner
+from clearsight.mitigations.base import MAIN, Mitigation, Probe, RequestContext, conflict, plan_owner, probe_for
 from clearsight.mitigations.pai import LayerList, boost_layers
 from clearsight.mitigations.registry import register
 
@@ -114,11 +114,17 @@ class SinkCalibration:
 
 
 def calibrate_sink_dims(lvlm: Any, requests: list[Any], tau: float = 20.0, layers: list[int] | None = None,
-                        max_tokens: float = 0.1, max_dims: int = 4) -> SinkCalibration:
-    """Find VAR's sink dimensions of an unknown model from the prefill of a few requests (public API only)."""
-    from clearsight.config import DecodeSpec
-    from clearsight.decoding.generate import generate
+                        max_tokens: float = 0.1, max_dims: int = 4, *, probe: Probe | None = None
+                        ) -> SinkCalibration:
+    """Find VAR's sink dimensions of an unknown model from the prefill of a few requests.
 
+    The prefills run through ``probe`` (the decoding layer's ``make_probe(lvlm, backend)``); None = the model's
+    default probe (``mitigations.base.probe_for``: the decoding layer's, registered when that layer is
+    imported, as ``clearsight.generate`` does).
+    """
+    from clearsight.config import DecodeSpec
+
+    run = probe_for(lvlm, probe)
     adapter = lvlm.adapter
     chosen = var_layers(layers, adapter.num_layers)
     seen: list[torch.Tensor] = []
@@ -131,7 +137,7 @@ def calibrate_sink_dims(lvlm: Any, requests: list[Any], tau: float = 20.0, layer
                 got[layer] = x[0].detach().clone()
 
         with adapter.hook_layer_inputs(grab):
-            generate(lvlm, [req], decode=DecodeSpec(max_new_tokens=1))
+            run([req], decode=DecodeSpec(max_new_tokens=1))
         seen.extend(got.values())
         tokens += next(iter(got.values())).shape[0] if got else 0
     dims, counts = find_sink_dims(seen, tau, max_tokens, max_dims)

@@ -135,9 +135,8 @@ class VHR(Mitigation):
         return hook
 
     def _probe(self, ctx: RequestContext, layers: list[int]) -> dict[int, torch.Tensor]:
-        """Last-position head outputs of a text-only prefill of the same prompt (public API only)."""
+        """Last-position head outputs of a text-only prefill of the same prompt (the request's probe)."""
         from clearsight.config import DecodeSpec
-        from clearsight.decoding.generate import generate
 
         got: dict[int, torch.Tensor] = {}
 
@@ -146,5 +145,5 @@ class VHR(Mitigation):
                 got[layer] = x[0, -1].clone()
 
         with ctx.lvlm.adapter.hook_head_outputs(grab):
-            generate(ctx.lvlm, [{"prompt": ctx.request.prompt}], decode=DecodeSpec(max_new_tokens=1))
+            ctx.run_probe([{"prompt": ctx.request.prompt}], decode=DecodeSpec(max_new_tokens=1))
         return got

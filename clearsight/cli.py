@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-DEFAULT_MODEL = "builtin:shapes-llava"  # the demo model (trained, shipped in the package)
+from clearsight.config import DEFAULT_MODEL  # the demo model: one default for the CLI and eval jobs
 
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 

@@ -9,6 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
+# the one default model of every command and job: the demo model (trained, shipped in the package)
+DEFAULT_MODEL = "builtin:shapes-llava"
+
 # seeds feed torch.Generator.manual_seed and int64 tensors: non-negative and below 2**63
 MAX_SEED = 2**63 - 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from clearsight.cli import DEFAULT_MODEL as DEMO_MODEL
+from clearsight.config import DEFAULT_MODEL as DEMO_MODEL
 from clearsight.evals.job import EvalJob, parse_job
 
 FALLBACK_MODEL = "builtin:tiny-llava"

@@ -10,8 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clearsight.cli import DEFAULT_MODEL
-from clearsight.config import DecodeSpec, DType, ModelSpec
+from clearsight.config import DEFAULT_MODEL, DecodeSpec, DType, ModelSpec
 from clearsight.evals.datasets.pope import DEFAULT_PROMPT_SUFFIX, SPLITS
 from clearsight.evals.errors import EvalInputError
 

@@ -25,17 +25,7 @@ POPE = ["eval", "pope", "--model", TINY, "--limit", "2", "--splits", "random", "
 TIMEOUT = 600  # a hung subprocess fails the test instead of hanging the suite (not a speed assertion)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shapes_cache(tmp_path_factory):
-    """One shapes world for the module and its subprocesses."""
-    root = tmp_path_factory.mktemp("shapes-cache")
-    old = os.environ.get("CLEARSIGHT_CACHE")
-    os.environ["CLEARSIGHT_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("CLEARSIGHT_CACHE")
-    else:
-        os.environ["CLEARSIGHT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("shapes_cache")  # tests/evals/conftest.py: one world per session
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ class Entry:
         self.request, self.mitigations, self.decode, self.index = request, mitigations, decode, index
         self.stats, self.backend = stats, backend
         self.on_event, self.on_error = on_event, on_error
-        self.generator = torch.Generator().manual_seed(request.seed if request.seed is not None else decode.seed)
+        self.generator: torch.Generator | None = None  # seeded by prepare(), which every request runs first
         self.ctx: RequestContext | None = None
         self.rows: list[_Row] = []
         self.step = 0
@@ -114,7 +114,7 @@ class Entry:
                 ctx.branch_specs[name] = br
                 rows.append(_Row(self, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
         self.ctx, self.rows, self.step = ctx, rows, 0
-        # a retry (after a failed group prefill) starts from scratch
+        # every (re)start, e.g. a retry after a failed group prefill, samples from the request's seed again
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else self.decode.seed)
         self.tokens, self.text, self.finish = [], "", None
         self.timings.pop("first_token", None)

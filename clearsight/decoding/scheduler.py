@@ -16,6 +16,7 @@ batch's requests only. ``generate()`` drives a Scheduler inline; the Engine driv
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -129,8 +130,6 @@ class Scheduler:
 
     def _prefill(self, group: list[Entry]) -> list[Batch]:
         """Prefilled batches of the group (each token chosen); on an error, every request is retried alone."""
-        import time
-
         for e in group:
             e.timings.setdefault("admitted", time.perf_counter())
         try:

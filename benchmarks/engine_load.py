@@ -2,9 +2,13 @@
 
 On the demo model and a LLaVA-shaped random model: Poisson arrivals (seeded) at three rates, relative
 to the measured time of one request alone (rate x 1/t_solo); a mix of unmitigated, single-pass (pai)
-and branch (vcd) requests. Prints throughput (generated tokens/s), p50/p99 latency and p50/p99 time
-to first token, and the Engine's ratios to static batching (collect up to B arrived requests, run
-them to completion, repeat) and to one-at-a-time. ``--smoke``: tiny sizes, for CI.
+and branch (vcd) requests. Answer lengths: ``varied`` (default; each request's own length, seeded,
+uniform over [L/4, 7L/4] with mean L = ``--new-tokens``, as answers ending at EOS are) or ``fixed``
+(every request exactly L tokens: the case where static batching wastes nothing). Prints throughput
+(generated tokens/s), p50/p99 latency and p50/p99 time to first token, and the Engine's ratios to
+static batching (collect up to B arrived requests, run them to completion, repeat: submitted as one
+group to an Engine, so both run on the same thread and machinery) and to one-at-a-time (``generate()``
+of each request alone, in the caller's thread). ``--smoke``: tiny sizes, for CI.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from clearsight.engine import Engine
 MIX = [[], ["pai"], ["vcd"]]
 
 
-def workload(n: int, rate: float, seed: int, image_size: int):
+def workload(n: int, rate: float, seed: int, image_size: int, new_tokens: int, lengths: str):
+    """(arrival time, request, mitigations, decode) per request; the same seed gives the same requests."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
         t += rng.expovariate(rate)
+        length = rng.randint(max(1, new_tokens // 4), max(1, 7 * new_tokens // 4)) if lengths == "varied" \
+            else new_tokens
         out.append((t, {"prompt": f"question {i}: what is in the picture?", "image": scene(i, image_size)},
-                    MIX[rng.randrange(len(MIX))]))
+                    MIX[rng.randrange(len(MIX))], DecodeSpec(max_new_tokens=length, ignore_eos=True)))
     return out
 
 
@@ -39,76 +46,96 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_engine(lvlm, work, decode, max_rows):
-    start, first, end, tokens = {}, {}, {}, {}
+class Clock:
+    """Per request: arrival, first token and end times, and tokens generated."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.start: dict[int, float] = {}
+        self.first: dict[int, float] = {}
+        self.end: dict[int, float] = {}
+        self.tokens: dict[int, int] = {}
+
+    def on_event(self, i: int):
+        def record(ev) -> None:
+            self.first.setdefault(i, time.perf_counter())
+            if ev.finished:
+                self.end[i], self.tokens[i] = time.perf_counter(), len(ev.result.token_ids)
+        return record
+
+
+def run_engine(lvlm, work, max_rows) -> Clock:
+    """Open loop: each request is submitted when it arrives and joins the running batch."""
     with Engine(lvlm, max_rows=max_rows) as eng:
-        t0 = time.perf_counter()
+        clock = Clock()
         handles = []
-        for i, (at, req, mits) in enumerate(work):
-            time.sleep(max(0.0, t0 + at - time.perf_counter()))
-            start[i] = time.perf_counter()
-
-            def on_event(ev, i=i):
-                first.setdefault(i, time.perf_counter())
-                if ev.finished:
-                    end[i], tokens[i] = time.perf_counter(), len(ev.result.token_ids)
-
-            handles.append(eng.submit(req, mits, decode, on_event=on_event))
+        for i, (at, req, mits, decode) in enumerate(work):
+            time.sleep(max(0.0, clock.t0 + at - time.perf_counter()))
+            clock.start[i] = time.perf_counter()
+            handles.append(eng.submit(req, mits, decode, on_event=clock.on_event(i)))
         for h in handles:
             h.result(600)
-    return start, first, end, tokens, t0
+    return clock
 
 
-def run_static(lvlm, work, decode, batch):
-    """One caller thread: when idle, take up to ``batch`` arrived requests (waiting for one if none) and run
-    them to completion; arrivals are recorded by the clock, as in the open-loop engine run."""
-    start, first, end, tokens = {}, {}, {}, {}
-    t0 = time.perf_counter()
-    i = 0
-    while i < len(work):
-        now = time.perf_counter() - t0
-        if work[i][0] > now:
-            time.sleep(work[i][0] - now)
-            now = work[i][0]
-        group = [j for j in range(i, min(i + batch, len(work))) if work[j][0] <= now]
-        i = group[-1] + 1
-        for j in group:
-            start[j] = t0 + work[j][0]
-        reqs = [{**work[j][1], "mitigations": work[j][2]} for j in group]
-        for ev in stream_generate(lvlm, reqs, decode=decode, max_batch=len(group)):
-            j = group[ev.request]
-            first.setdefault(j, time.perf_counter())
-            if ev.finished:
-                end[j], tokens[j] = time.perf_counter(), len(ev.result.token_ids)
-    return start, first, end, tokens, t0
+def run_static(lvlm, work, batch) -> Clock:
+    """When idle, take up to ``batch`` arrived requests (waiting for one if none), run them to completion
+    as one group, repeat; arrival times are the workload's, as in the open-loop engine run."""
+    with Engine(lvlm, max_rows=None) as eng:
+        clock = Clock()
+        i = 0
+        while i < len(work):
+            now = time.perf_counter() - clock.t0
+            if work[i][0] > now:
+                time.sleep(work[i][0] - now)
+                now = work[i][0]
+            group = [j for j in range(i, min(i + batch, len(work))) if work[j][0] <= now]
+            i = group[-1] + 1
+            for j in group:
+                clock.start[j] = clock.t0 + work[j][0]
+            handles = [eng.submit(work[j][1], work[j][2], work[j][3], on_event=clock.on_event(j)) for j in group]
+            for h in handles:
+                h.result(600)
+    return clock
 
 
-def summary(start, first, end, tokens, t0):
-    lat = [end[i] - start[i] for i in end]
-    ttft = [first[i] - start[i] for i in first]
-    return {"tok/s": sum(tokens.values()) / (max(end.values()) - t0), "p50 lat": statistics.median(lat),
+def run_one_at_a_time(lvlm, work) -> Clock:
+    """``generate()`` of one arrived request at a time, in the caller's thread (what a plain loop does)."""
+    clock = Clock()
+    for j, (at, req, mits, decode) in enumerate(work):
+        time.sleep(max(0.0, clock.t0 + at - time.perf_counter()))
+        clock.start[j] = clock.t0 + at
+        record = clock.on_event(j)
+        for ev in stream_generate(lvlm, [req], mits, decode=decode):
+            record(ev)
+    return clock
+
+
+def summary(c: Clock):
+    lat = [c.end[i] - c.start[i] for i in c.end]
+    ttft = [c.first[i] - c.start[i] for i in c.first]
+    return {"tok/s": sum(c.tokens.values()) / (max(c.end.values()) - c.t0), "p50 lat": statistics.median(lat),
             "p99 lat": pct(lat, 0.99), "p50 ttft": statistics.median(ttft), "p99 ttft": pct(ttft, 0.99)}
 
 
 def bench_model(name: str, lvlm, image_size: int, args) -> None:
-    decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
     with torch.inference_mode():
-        probe = workload(3, 1.0, args.seed, image_size)
-        for _, req, mits in probe[:1]:  # warm-up: first-call costs are not a request's time
-            list(stream_generate(lvlm, [{**req, "mitigations": mits}], decode=decode))
+        probe = workload(3, 1.0, args.seed, image_size, args.new_tokens, "fixed")
+        for _, req, mits, decode in probe[:1]:  # warm-up: first-call costs are not a request's time
+            list(stream_generate(lvlm, [req], mits, decode=decode))
         t = time.perf_counter()
-        for _, req, mits in probe:
-            list(stream_generate(lvlm, [{**req, "mitigations": mits}], decode=decode))
+        for _, req, mits, decode in probe:
+            list(stream_generate(lvlm, [req], mits, decode=decode))
         solo = (time.perf_counter() - t) / len(probe)
     print(f"\n== {name}: one request alone {solo * 1e3:.0f} ms; {args.requests} requests, "
-          f"{args.new_tokens} new tokens, mix unmitigated/pai/vcd; static batch {args.batch}, "
-          f"engine max {2 * args.batch} requests")
+          f"{args.lengths} lengths, mean {args.new_tokens} new tokens, mix unmitigated/pai/vcd; "
+          f"static batch {args.batch}, engine max {2 * args.batch} rows")
     for mult in (float(x) for x in args.rates.split(",")):
-        work = workload(args.requests, mult / solo, args.seed, image_size)
+        work = workload(args.requests, mult / solo, args.seed, image_size, args.new_tokens, args.lengths)
         results = {
-            "engine": summary(*run_engine(lvlm, work, decode, 2 * args.batch)),
-            "static": summary(*run_static(lvlm, work, decode, args.batch)),
-            "one-at-a-time": summary(*run_static(lvlm, work, decode, 1)),
+            "engine": summary(run_engine(lvlm, work, 2 * args.batch)),
+            "static": summary(run_static(lvlm, work, args.batch)),
+            "one-at-a-time": summary(run_one_at_a_time(lvlm, work)),
         }
         print(f"\nrate {mult:g} / t_solo")
         keys = list(results["engine"])
@@ -126,7 +153,9 @@ def main() -> None:
     ap.add_argument("--models", default="demo,llava-shaped",
                     help="comma list: demo (builtin:shapes-llava), llava-shaped (random, benchmarks/common.py)")
     ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=24, help="mean answer length L")
+    ap.add_argument("--lengths", choices=("varied", "fixed"), default="varied",
+                    help="varied: uniform over [L/4, 7L/4] per request (seeded); fixed: every answer L tokens")
     ap.add_argument("--batch", type=int, default=8, help="static batch size; the engine admits 2x the requests")
     ap.add_argument("--rates", default="0.5,2,6", help="arrival rates, in multiples of 1 / (one request alone)")
     ap.add_argument("--seed", type=int, default=0)

@@ -139,7 +139,7 @@ def _fetch_allowed(url: str, field: str, limits: Limits, allow: tuple[str, ...])
                            "image_too_large")
         return path.read_bytes()
     if parsed.scheme in ("http", "https"):
-        import httpx
+        import httpx2 as httpx
 
         try:
             with httpx.stream("GET", url, timeout=10.0, follow_redirects=False) as r:
@@ -382,6 +382,8 @@ def build_app(backends: Mapping[str, Backend], settings: ServeSettings | None = 
                         yield chunk({"content": ev["text"]})
                     elif ev["type"] == "done":
                         result = ev["result"]
+                        if ev.get("text"):
+                            yield chunk({"content": ev["text"]})
                         yield chunk({}, _FINISH.get(result["finish_reason"], "stop"))
                         if include_usage:
                             n_out = len(result["token_ids"])
@@ -426,7 +428,8 @@ def build_app(backends: Mapping[str, Backend], settings: ServeSettings | None = 
                         n_out = len(ev["result"]["token_ids"])
                         body = {**ev["result"], "model": req.model,
                                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out}}
-                        yield f"data: {json.dumps({'result': body})}\n\n"
+                        last = {"token_id": ev["token_id"], "text": ev["text"], "result": body}
+                        yield f"data: {json.dumps(last)}\n\n"
                         break
                     elif ev["type"] == "error":
                         yield f"data: {json.dumps(error_body(ev['status'], ev['message'], ev.get('param'), ev.get('code')))}\n\n"  # noqa: E501

@@ -6,8 +6,8 @@ each Serve replica (``app.ModelWorker``). ``RemoteBackend`` reaches a replica th
 
 - ``{"type": "start", "prompt_tokens": n}``: the request was accepted (it is queued in the Engine);
 - ``{"type": "token", "token_id": i, "text": "..."}``: one token;
-- ``{"type": "done", "result": {...}, "prompt_tokens": n}``: the result (``GenerationResult.to_dict`` +
-  JSON-safe statistics);
+- ``{"type": "done", "token_id": i, "text": "...", "result": {...}, "prompt_tokens": n}``: the last token
+  (as the Engine's last ``TokenEvent``) and the result (``GenerationResult.to_dict`` + JSON-safe statistics);
 - ``{"type": "error", "status": 4xx/5xx, "message": "...", "param": ..., "code": ...}``: the end, failed.
 
 Errors travel as events, not exceptions, so nothing depends on pickling exception classes across Ray and
@@ -117,8 +117,8 @@ class EngineBackend:
                 if ev.result is not None:
                     result = {**ev.result.to_dict(), "stats": jsonable_stats(ev.result.stats),
                               "backend": payload.get("backend") or self.engine.backend}
-                    yield {"type": "token", "token_id": ev.token_id, "text": ev.text}
-                    yield {"type": "done", "result": result, "prompt_tokens": n_prompt}
+                    yield {"type": "done", "token_id": ev.token_id, "text": ev.text, "result": result,
+                           "prompt_tokens": n_prompt}
                     return
                 yield {"type": "token", "token_id": ev.token_id, "text": ev.text}
         except EngineBusy as exc:

@@ -1,0 +1,60 @@
+"""Shared pieces of the serving tests: the demo model's Engine (one per session), images as data URLs,
+an in-process API, and chat request bodies. Fixtures are imported by the test modules (no conftest.py, so
+this folder can hold other workers' tests with their own fixtures)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clearsight.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "builtin:shapes-llava"
+T = 300  # seconds: a bound on every wait, never a timing assertion
+EXAMPLE = ROOT / "docs" / "example.png"
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header; no pixel data worth decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def chat_body(model: str, text: str, image_url: str | None = None, **extra) -> dict:
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+@pytest.fixture(scope="session")
+def engine():
+    eng = Engine(MODEL)
+    yield eng
+    eng.close(timeout=T)
+
+
+@pytest.fixture(scope="session")
+def example_image() -> Image.Image:
+    return Image.open(EXAMPLE).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def example_url(example_image) -> str:
+    return data_url(example_image)

@@ -1,6 +1,4 @@
-"""Shared pieces of the serving tests: the demo model's Engine (one per session), images as data URLs,
-an in-process API, and chat request bodies. Fixtures are imported by the test modules (no conftest.py, so
-this folder can hold other workers' tests with their own fixtures)."""
+"""Helpers of the serving tests: images as data URLs, a decompression bomb's header, chat request bodies."""
 
 from __future__ import annotations
 
@@ -10,12 +8,9 @@ import struct
 import zlib
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from clearsight.engine import Engine
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODEL = "builtin:shapes-llava"
 T = 300  # seconds: a bound on every wait, never a timing assertion
 EXAMPLE = ROOT / "docs" / "example.png"
@@ -41,20 +36,3 @@ def chat_body(model: str, text: str, image_url: str | None = None, **extra) -> d
     if image_url is not None:
         content.append({"type": "image_url", "image_url": {"url": image_url}})
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-
-
-@pytest.fixture(scope="session")
-def engine():
-    eng = Engine(MODEL)
-    yield eng
-    eng.close(timeout=T)
-
-
-@pytest.fixture(scope="session")
-def example_image() -> Image.Image:
-    return Image.open(EXAMPLE).convert("RGB")
-
-
-@pytest.fixture(scope="session")
-def example_url(example_image) -> str:
-    return data_url(example_image)

@@ -20,7 +20,7 @@ from clearsight.workers.api import build_app
 from clearsight.workers.backend import EngineBackend
 from clearsight.workers.schemas import Limits, ServeSettings
 
-from .servehelp import T, chat_body, data_url, engine, example_image, example_url, png_header_only  # noqa: F401
+from .servehelp import T, chat_body, data_url, png_header_only
 
 PROMPT = "Describe the image."
 

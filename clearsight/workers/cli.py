@@ -21,6 +21,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise InputError(f"--port: {args.port} is not a TCP port: give 1 to 65535")
+    for text in args.model or ():
+        name, _, source = text.partition("=") if "=" in text else (text, "", text)
+        if not text.strip() or not source.strip() or not name.strip():
+            raise InputError(f"--model: {text!r} is incomplete: give SOURCE or NAME=SOURCE (e.g. "
+                             f"--model {DEFAULT_MODEL} or --model demo={DEFAULT_MODEL})")
     api_key = args.api_key if args.api_key is not None else os.environ.get("CLEARSIGHT_API_KEY") or None
     limits = {k: v for k, v in (("max_tokens", args.max_tokens), ("max_prompt_tokens", args.max_prompt_tokens))
               if v is not None}
@@ -34,7 +39,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              device=args.device, backend=args.backend, threads=args.threads, api_key=api_key,
                              limits=limits, image_url_allow=args.allow_image_url)
     except ValidationError as exc:
-        raise InputError(pydantic_message(exc, "serve options").replace("models.", "--model ")) from None
+        message = pydantic_message(exc, "serve options")
+        for field in ("replicas", "gpus_per_replica", "cpus_per_replica", "threads", "max_tokens",
+                      "max_prompt_tokens", "api_key", "device", "backend"):  # name the flag, not the field
+            message = message.replace(f" {field}: ", f" --{field.replace('_', '-')}: ")
+        raise InputError(message.replace("models: ", "--model: ")) from None
     from clearsight.workers.app import run_server
 
     return run_server(config, host=args.host, port=args.port, address=args.address)

@@ -36,6 +36,7 @@ class ServedModel(BaseModel):
     name: str = Field(min_length=1, description="the `model` of requests")
     source: str = Field(min_length=1, description="local path, cached HF id or builtin:<name>")
     replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int | None = Field(None, ge=1, le=1024, description="above replicas: Serve autoscales between them")
     gpus_per_replica: float = Field(0.0, ge=0.0, le=64.0)
     cpus_per_replica: float = Field(1.0, ge=0.0, le=1024.0)
     device: str | None = Field(None, description="None: cuda when the replica has a GPU, else cpu")
@@ -44,6 +45,27 @@ class ServedModel(BaseModel):
     max_queue: int = Field(256, ge=1, description="requests waiting in a replica's Engine (429 past it)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once (its Engine batches)")
     threads: int | None = Field(None, ge=1, description="torch threads in the replica (None = torch's default)")
+
+    @model_validator(mode="after")
+    def _range(self) -> ServedModel:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas}): give at least "
+                             "as many")
+        return self
+
+    def deployment_options(self, index: int) -> dict[str, Any]:
+        """Serve options of this model's deployment: a fixed replica count, or autoscaling up to max_replicas
+        (by requests in flight per replica: the Engine batches, so a replica takes many before it is busy)."""
+        options: dict[str, Any] = {
+            "name": deployment_name(index), "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_gpus": self.gpus_per_replica, "num_cpus": self.cpus_per_replica},
+        }
+        if self.max_replicas is not None and self.max_replicas > self.replicas:
+            options["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.max_replicas,
+                                             "target_ongoing_requests": max(1, self.max_ongoing_requests // 2)}
+        else:
+            options["num_replicas"] = self.replicas
+        return options
 
     def spec(self) -> ModelSpec:
         device = self.device or ("cuda" if self.gpus_per_replica > 0 else "cpu")
@@ -87,6 +109,10 @@ class ModelWorker:
         async for event in self.backend.stream(payload):
             yield event
 
+    def stats(self) -> dict[str, int]:
+        """The Engine's load: requests waiting and in flight, rows, tokens (``Engine.stats``)."""
+        return self.backend.engine.stats()
+
     def pid(self) -> int:
         """This replica's process id (the fault tests kill it)."""
         return os.getpid()
@@ -123,10 +149,8 @@ def build_application(config: ServeConfig) -> Application:
     """The Serve application of ``config``: model deployments ``model-0``, ``model-1``, ... behind ``Gateway``."""
     handles = {}
     for i, m in enumerate(config.models):
-        handles[m.name] = ModelWorker.options(
-            name=deployment_name(i), num_replicas=m.replicas, max_ongoing_requests=m.max_ongoing_requests,
-            ray_actor_options={"num_gpus": m.gpus_per_replica, "num_cpus": m.cpus_per_replica},
-        ).bind(m.model_dump(), config.settings.limits.max_prompt_tokens)
+        handles[m.name] = ModelWorker.options(**m.deployment_options(i)).bind(
+            m.model_dump(), config.settings.limits.max_prompt_tokens)
     return Gateway.options(
         max_ongoing_requests=config.gateway_max_ongoing_requests, ray_actor_options={"num_cpus": 0},
     ).bind(handles, config.settings.model_dump())
@@ -147,6 +171,7 @@ class BuilderArgs(BaseModel):
 
     models: str | list[str] = DEFAULT_MODEL
     replicas: int = 1
+    max_replicas: int | None = None
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     device: str | None = None
@@ -162,7 +187,8 @@ class BuilderArgs(BaseModel):
         return [s for s in (v.split(",") if isinstance(v, str) else v) if s.strip()]
 
 
-def config_from(models: list[str], *, replicas: int = 1, gpus_per_replica: float = 0.0,
+def config_from(models: list[str], *, replicas: int = 1, max_replicas: int | None = None,
+                gpus_per_replica: float = 0.0,
                 cpus_per_replica: float = 1.0, device: str | None = None, backend: str | None = None,
                 threads: int | None = None, api_key: str | None = None, limits: dict[str, Any] | None = None,
                 image_url_allow: list[str] | tuple[str, ...] = ()) -> ServeConfig:
@@ -170,7 +196,8 @@ def config_from(models: list[str], *, replicas: int = 1, gpus_per_replica: float
     served = []
     for text in models:
         name, source = parse_model_arg(text)
-        served.append(ServedModel(name=name, source=source, replicas=replicas, gpus_per_replica=gpus_per_replica,
+        served.append(ServedModel(name=name, source=source, replicas=replicas, max_replicas=max_replicas,
+                                  gpus_per_replica=gpus_per_replica,
                                   cpus_per_replica=cpus_per_replica, device=device, backend=backend, threads=threads))
     settings = ServeSettings(api_key=api_key, limits=Limits(**(limits or {})), image_url_allow=tuple(image_url_allow))
     return ServeConfig(models=served, settings=settings)
@@ -181,7 +208,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     The API key comes from ``api_key`` or the ``CLEARSIGHT_API_KEY`` environment variable."""
     a = BuilderArgs.model_validate(args)
     return build_application(config_from(
-        a.models, replicas=a.replicas, gpus_per_replica=a.gpus_per_replica, cpus_per_replica=a.cpus_per_replica,
+        a.models, replicas=a.replicas, max_replicas=a.max_replicas, gpus_per_replica=a.gpus_per_replica,
+        cpus_per_replica=a.cpus_per_replica,
         device=a.device, backend=a.backend, threads=a.threads,
         api_key=a.api_key or os.environ.get("CLEARSIGHT_API_KEY"),
         limits=a.limits, image_url_allow=a.image_url_allow))

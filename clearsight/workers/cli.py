@@ -34,13 +34,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from clearsight.workers.app import config_from  # imports ray: only now
 
-        config = config_from(args.model or [DEFAULT_MODEL], replicas=args.replicas,
+        config = config_from(args.model or [DEFAULT_MODEL], replicas=args.replicas, max_replicas=args.max_replicas,
                              gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
                              device=args.device, backend=args.backend, threads=args.threads, api_key=api_key,
                              limits=limits, image_url_allow=args.allow_image_url)
     except ValidationError as exc:
         message = pydantic_message(exc, "serve options")
-        for field in ("replicas", "gpus_per_replica", "cpus_per_replica", "threads", "max_tokens",
+        for field in ("replicas", "max_replicas", "gpus_per_replica", "cpus_per_replica", "threads", "max_tokens",
                       "max_prompt_tokens", "api_key", "device", "backend"):  # name the flag, not the field
             message = message.replace(f" {field}: ", f" --{field.replace('_', '-')}: ")
         raise InputError(message.replace("models: ", "--model: ")) from None
@@ -57,6 +57,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE",
                    help=f"a model to serve, named NAME (default: its source); repeatable (default: {DEFAULT_MODEL})")
     p.add_argument("--replicas", type=int, default=1, help="replicas per model (each one Engine)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale each model between --replicas and this many replicas (default: fixed)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (0 on CPU; 0.5 shares one)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")

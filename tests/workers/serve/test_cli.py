@@ -24,6 +24,7 @@ app = pytest.importorskip("clearsight.workers.app")
     (["--model", "a=builtin:shapes-llava", "--model", "a=builtin:tiny-llava"], "unique"),
     (["--model", " "], "--model"),
     (["--max-tokens", "0"], "max_tokens"),
+    (["--replicas", "3", "--max-replicas", "2"], "max_replicas"),
     (["--api-key", " "], "--api-key"),
 ])
 def test_bad_options_one_line_exit_2(argv, named, capsys, monkeypatch):
@@ -84,3 +85,15 @@ def test_serve_run_builder_validates_its_args():
         app.app_builder({"models": "a=x,a=y"})
     with pytest.raises(ValidationError):
         app.app_builder({"replica": 2})
+
+
+def test_replicas_fixed_or_autoscaled():
+    fixed = app.ServedModel(name="a", source="builtin:shapes-llava", replicas=2, gpus_per_replica=0.5)
+    opts = fixed.deployment_options(0)
+    assert opts["num_replicas"] == 2 and "autoscaling_config" not in opts
+    assert opts["ray_actor_options"]["num_gpus"] == 0.5 and opts["name"] == "model-0"
+    auto = app.ServedModel(name="a", source="builtin:shapes-llava", replicas=1, max_replicas=4).deployment_options(3)
+    assert "num_replicas" not in auto and auto["name"] == "model-3"
+    assert auto["autoscaling_config"]["min_replicas"] == 1 and auto["autoscaling_config"]["max_replicas"] == 4
+    # the GPU share decides the device unless one is given
+    assert fixed.spec().device == "cuda" and app.ServedModel(name="a", source="x").spec().device == "cpu"

@@ -113,21 +113,39 @@ def test_bounded_load_64_requests_16_threads(server, engine, example_image, exam
     assert all(b["choices"][0]["message"]["content"] == want[p] for p, _, b in results)
 
 
-def test_replica_killed_mid_run_is_replaced(server, engine, example_image, example_url):
-    handle = ray.serve.get_deployment_handle(serve_app.deployment_name(0), app_name=serve_app.APP_NAME)
-    pid = handle.pid.remote().result(timeout_s=T)
+def stream_and_kill(server: str, body: dict, pid: int) -> list[dict]:
+    """Stream ``body``; SIGKILL ``pid`` once the first token is out (hundreds to go). The events received."""
     events: list[dict] = []
-    with httpx.Client(timeout=T) as http, http.stream(
-            "POST", server + "/v1/generate", headers=AUTH,
-            json={"model": "shapes", "prompt": "Describe the image.", "image": example_url, "stream": True,
-                  "decode": {"max_new_tokens": 400, "ignore_eos": True}}) as r:
+    with httpx.Client(timeout=T) as http, http.stream("POST", server + "/v1/generate", headers=AUTH, json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             events.append(json.loads(line[6:]))
             if len(events) == 1:
-                os.kill(pid, signal.SIGKILL)  # mid-run: one token out, hundreds to go
+                os.kill(pid, signal.SIGKILL)
+    return events
+
+
+def test_replica_killed_mid_run_is_replaced(server, engine, example_image, example_url):
+    handle = ray.serve.get_deployment_handle(serve_app.deployment_name(0), app_name=serve_app.APP_NAME)
+    pid = handle.pid.remote().result(timeout_s=T)
+    long = {"model": "shapes", "prompt": "Describe the image.", "image": example_url,
+            "decode": {"max_new_tokens": 400, "ignore_eos": True}}
+    # a non-streamed request in flight on the replica when it dies
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(httpx.post, server + "/v1/generate", headers=AUTH, json=long, timeout=T)
+        for _ in range(600):
+            load = handle.stats.remote().result(timeout_s=T)
+            if load["requests"] + load["waiting"] >= 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first request never reached the replica")
+        events = stream_and_kill(server, {**long, "stream": True}, pid)
+        answer = held.result(timeout=T)
+    assert answer.status_code == 503 and answer.headers.get("Retry-After"), answer.text
+    assert answer.json()["error"]["code"] == "worker_unavailable"
     # the request in flight ends with a clean, retryable error event (not a hang, not a 500 page)
     assert "result" not in events[-1]
     assert events[-1]["error"]["code"] == "worker_unavailable", events[-1]

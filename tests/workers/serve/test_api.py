@@ -288,3 +288,31 @@ def test_queue_full_is_429_with_retry_after(engine):
         assert_error(r, 429)  # before the stream starts: a status, not an event
         with pytest.raises(EngineBusy), Client("http://testserver", http_client=http) as client:
             client.generate(["hello"])
+
+
+def test_http_urls_only_under_an_allowed_prefix(engine, example_image, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "ok").mkdir()
+    example_image.save(tmp_path / "ok" / "a.png")
+    example_image.save(tmp_path / "b.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as site:
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{site.server_address[1]}"
+        app = build_app({"shapes": EngineBackend(engine)}, ServeSettings(image_url_allow=(f"{base}/ok/",)))
+        try:
+            with TestClient(app) as client:
+                ok = client.post("/v1/chat/completions", json=chat_body("shapes", PROMPT, f"{base}/ok/a.png",
+                                                                        max_tokens=2))
+                assert ok.status_code == 200, ok.text
+                assert_error(client.post("/v1/chat/completions", json=chat_body("shapes", PROMPT, f"{base}/b.png")),
+                             400, code="image_url_not_allowed")
+                assert_error(client.post("/v1/chat/completions",
+                                         json=chat_body("shapes", PROMPT, f"{base}/ok/missing.png")),
+                             400, code="image_fetch_failed")
+        finally:
+            site.shutdown()

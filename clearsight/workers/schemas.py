@@ -53,6 +53,16 @@ class ServeSettings(BaseModel):
     image_url_allow: tuple[str, ...] = ()
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 429 (queue full) or 503 (worker lost)")
 
+    @field_validator("image_url_allow")
+    @classmethod
+    def _prefixes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in v:
+            # "https://host" would also let "https://host.evil.example/..." through: a prefix ends with a slash
+            if not prefix.startswith(("file:///", "http://", "https://")) or not prefix.endswith("/"):
+                raise ValueError(f"image URL prefix {prefix!r}: give file:///folder/, http://host/path/ or "
+                                 "https://host/path/ (ending with a slash)")
+        return v
+
     @field_validator("api_key")
     @classmethod
     def _key_non_empty(cls, v: str | None) -> str | None:

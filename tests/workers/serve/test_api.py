@@ -291,6 +291,11 @@ def test_queue_full_is_429_with_retry_after(engine):
 
 
 def test_http_urls_only_under_an_allowed_prefix(engine, example_image, tmp_path):
+    from pydantic import ValidationError
+
+    for prefix in ("https://images.example.org", "ftp://x/", "/data/"):  # a host prefix must end its host
+        with pytest.raises(ValidationError, match="ending with a slash"):
+            ServeSettings(image_url_allow=(prefix,))
     import functools
     import http.server
     import threading

@@ -15,6 +15,7 @@ different backends run as separate batches, stepped alternately by the same thre
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -107,14 +108,21 @@ class LocalExecutor:
     def __init__(self, batch_size: int = 8) -> None:
         self.batch_size = batch_size
         self._engines: dict[Any, Engine] = {}
+        # callers on several threads (a Ray worker runs its chunks at once) must share one Engine per model:
+        # two engines on one loaded model would step it from two threads
+        self._lock = threading.Lock()
 
     def engine(self, system: SystemSpec) -> Engine:
         """The engine of the system's model (loaded with its default backend: a backend is per request)."""
+        spec = system.model_spec().model_copy(update={"backend": None})
+        key = (spec.source, spec.dtype, spec.device)
+        with self._lock:
+            return self._engine(key, spec)
+
+    def _engine(self, key: Any, spec: Any) -> Engine:
         from clearsight.engine import Engine
         from clearsight.models.loader import load_model
 
-        spec = system.model_spec().model_copy(update={"backend": None})
-        key = (spec.source, spec.dtype, spec.device)
         if key not in self._engines:
             # requests in flight = the job's batch size (as before the engine); rows (branches) are not capped
             # beyond that, and the executor keeps the queue short itself (see _submit_all)

@@ -290,7 +290,7 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
         if cache.put(configs[(label, task.item.max_new_tokens)], task.item.sample_id, output, system_name=label,
                      **record):
             written += 1
-            tracker.add(label)
+        tracker.add(label)  # also when another system of the same config (e.g. another backend) wrote it first
         if bar is not None:
             bar.set_postfix_str(label, refresh=False)
             bar.update(1)

@@ -3,7 +3,8 @@ and dashboards (which read files, never the running process).
 
 Rewritten atomically (temp file + rename, ``clearsight.evals._io``), so a reader sees the previous or the
 next state, never a torn one; at most every ``interval`` seconds while generating (a rewrite per record
-would cost an fsync per record), and always at a change of state.
+would cost an fsync per record), and always at a change of state. First written with the first record,
+so that a run failing before it leaves a fresh folder empty (and removed, see ``outdir``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class ProgressFile:
         self.progress = Progress(executor=executor, systems={
             name: SystemProgress(done=done.get(name, 0), total=total) for name, total in totals.items()})
         self._last = 0.0
-        self.write()
+        self._written = False  # first written with the first record: a run that fails before leaves no file
+
 
     def add(self, system: str, n: int = 1) -> None:
         self.progress.systems[system].done += n
@@ -69,7 +71,8 @@ class ProgressFile:
 
     def set_state(self, state: State) -> None:
         self.progress.state = state
-        self.write()
+        if self._written or state != "failed":
+            self.write()
 
     @staticmethod
     def finish(folder: str | os.PathLike[str]) -> None:
@@ -84,6 +87,7 @@ class ProgressFile:
         self.progress.updated = time.time()
         atomic_write_text(self.path, self.progress.model_dump_json(indent=2))
         self._last = time.monotonic()
+        self._written = True
 
 
 def read_progress(folder: str | os.PathLike[str]) -> Progress | None:

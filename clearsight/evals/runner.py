@@ -263,10 +263,12 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
     """Generate what the cache lacks; returns the number of new records.
 
     Packed (``job.pack``, the default): every pending task of every system goes to the executor in one
-    call, ordered sample by sample (the systems' requests for one sample side by side) and longest
-    outputs first (so short ones fill the tail), and the executor batches tasks of different systems
-    together. Unpacked: one call per system and max_new_tokens, the systems one after the other. The
-    records are the same either way; this process is the only writer of the cache."""
+    call, one stream per model: no pass drains before the next starts, and requests of different
+    systems share batches wherever the stream moves on. Ordered system by system, longest outputs first
+    within a system, rather than sample by sample: on CPU a batch mixing many systems' mitigations ran
+    1.5x slower per request than batches of one system (measured, docs/evals.md). Unpacked: one call per
+    system and max_new_tokens. The records are the same either way; this process is the only writer of
+    the cache."""
     todo = pending_work(job, prep, cache)
     total = sum(len(v) for v in todo.values())
     labels = {s.label for s in job.systems}
@@ -297,8 +299,8 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
 
     try:
         if job.pack:
-            order = {it.sample_id: i for i, it in enumerate(prep.items)}
-            tasks.sort(key=lambda t: (-t.item.max_new_tokens, order[t.item.sample_id]))
+            rank = {s.label: i for i, s in enumerate(job.systems)}
+            tasks.sort(key=lambda t: (rank[t.system.label], -t.item.max_new_tokens))  # stable: sample order kept
             if tasks:
                 executor.generate_tasks(tasks, on_result)
         else:

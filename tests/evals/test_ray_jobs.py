@@ -146,3 +146,16 @@ def test_job_errors_are_one_line(head, tmp_path, capsys):
     port = _free_ports(1)[0]
     assert main(["eval", "status", "x", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "cannot reach a Ray dashboard" in capsys.readouterr().err
+
+
+def test_bad_run_flags_are_one_line_before_anything_starts(tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"systems": [{"model": TINY}], "benchmarks": [{"kind": "pope"}],
+                               "output": str(tmp_path / "out")}))
+    assert main(["eval", "run", str(job), "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: job file") and "workers: Input should be greater than or equal to 1" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    job.write_text(json.dumps({"systems": [{"model": TINY}], "benchmarks": [{"kind": "pope"}], "executor": "dask"}))
+    assert main(["eval", "run", str(job), "--no-progress"]) == 2
+    assert "executor: Input should be 'local' or 'ray'" in capsys.readouterr().err

@@ -100,6 +100,7 @@ class RayExecutor:
 
         if not ray.is_initialized():
             address = self.settings.address or os.environ.get("RAY_ADDRESS") or "local"
+            _check_reachable(address)
             kw: dict[str, Any] = {"include_dashboard": False} if address == "local" else {}
             try:
                 ray.init(address=address, logging_level="WARNING", log_to_driver=False, **kw)
@@ -197,6 +198,22 @@ class RayExecutor:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) nobody listens on: one line now, where ``ray.init`` would
+    retry for minutes."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if address in ("local", "auto") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EvalInputError(f"ray_address {address!r}: nothing answers there ({exc.strerror or exc}); start a "
+                             "cluster (ray start --head) or fix --address") from None
 
 
 def _from_job(job: Any) -> RayExecutor:

@@ -159,3 +159,10 @@ def test_bad_run_flags_are_one_line_before_anything_starts(tmp_path, capsys):
     job.write_text(json.dumps({"systems": [{"model": TINY}], "benchmarks": [{"kind": "pope"}], "executor": "dask"}))
     assert main(["eval", "run", str(job), "--no-progress"]) == 2
     assert "executor: Input should be 'local' or 'ray'" in capsys.readouterr().err
+    port = _free_ports(1)[0]  # nobody listens: one line at once, the fresh output folder removed again
+    job.write_text(json.dumps({"systems": [{"model": TINY}], "benchmarks": [{"kind": "pope"}],
+                               "output": str(tmp_path / "out")}))
+    assert main(["eval", "run", str(job), "--address", f"127.0.0.1:{port}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: ray_address '127.0.0.1:{port}': nothing answers there") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -51,6 +51,7 @@ bench: setup
 	cd benchmarks && ../$(BIN)/python attention_kernels.py
 	cd benchmarks && ../$(BIN)/python engine_load.py
 	cd benchmarks && ../$(BIN)/python serve_load.py
+	cd benchmarks && ../$(BIN)/python eval_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@ guides' python examples run in order; every image file an example names is shipp
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -73,3 +74,24 @@ def test_readme_cli_lines_run(line, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     argv = shlex.split(line)[1:]
     assert main(argv) == 0, capsys.readouterr().err
+
+
+def _cluster_lines() -> list[str]:
+    """docs/evals.md, "Running a job on a cluster": the lines that run the small example job."""
+    text = (ROOT / "docs/evals.md").read_text(encoding="utf-8")
+    section = text.split("### Running a job on a cluster", 1)[1].split("\n### ", 1)[0]
+    return [line.split("#")[0].strip() for block in _blocks("bash", section) for line in block.splitlines()
+            if "examples/ray_eval.toml" in line]
+
+
+@pytest.mark.parametrize("line", _cluster_lines())
+def test_evals_cluster_lines_run(line, tmp_path, monkeypatch, capsys):
+    """On a local Ray this test's run starts (and stops); into a temporary folder instead of runs/."""
+    pytest.importorskip("ray")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local Ray: no token file
+    argv = [*shlex.split(line)[1:], "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "| none" in out and "| vcd" in out  # the report names both systems
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["executor"] == "ray"

@@ -54,8 +54,6 @@ KNOWN_VIOLATIONS = {
     ("models/shapes_llava.py", "clearsight.evals.datasets.pope", "build_prompt"):
         "the POPE prompt template used to train the shapes model: move it below models with the vocabulary",
     ("models/shapes_llava.py", "clearsight.evals.datasets.pope", "question_text"): "as build_prompt",
-    ("evals/runner.py", "clearsight.workers.executor", "RayExecutor"):
-        "the runner picks the Ray executor by name: an executor registry that workers fills would invert it",
 }
 
 

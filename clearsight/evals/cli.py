@@ -87,19 +87,30 @@ def _run(job_data: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_run(args: argparse.Namespace) -> int:
-    from clearsight.evals.job import load_job
-    from clearsight.evals.runner import run_job
+def job_with_overrides(args: argparse.Namespace):
+    """The job file with the run flags applied (``--output``, ``--executor``, ``--address``, ``--workers``,
+    ``--no-pack``), validated again: a bad flag is one line naming it."""
+    from clearsight.evals.job import load_job, parse_job
 
     job = load_job(args.job)
     update: dict[str, Any] = {}
-    if args.output:
+    if getattr(args, "output", None):
         update["output"] = args.output
-    if args.executor:
+    if getattr(args, "executor", None):
         update["executor"] = args.executor
-    if args.address:
+    if getattr(args, "address", None):
         update.update(executor="ray", ray_address=args.address)
-    job = job.model_copy(update=update)
+    if getattr(args, "workers", None) is not None:
+        update["workers"] = args.workers
+    if getattr(args, "no_pack", False):
+        update["pack"] = False
+    return parse_job({**job.model_dump(mode="json"), **update}, where=f"job file '{args.job}' with the flags")
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from clearsight.evals.runner import run_job
+
+    job = job_with_overrides(args)
     results = run_job(job, progress=None if args.no_progress else _tqdm_progress, generate_only=args.generate_only)
     if results is not None:
         print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
@@ -203,6 +214,28 @@ def _chair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
 
 
+def add_run_options(p: argparse.ArgumentParser, cluster_address: bool = True) -> None:
+    """The flags that override a job file's run settings (``eval run``, ``eval submit``)."""
+    p.add_argument("--output", default=None, help="override the job's output folder")
+    p.add_argument("--executor", choices=["local", "ray"], default=None)
+    if cluster_address:
+        p.add_argument("--address", default=None, help="Ray cluster address to join (implies --executor ray)")
+    p.add_argument("--workers", type=int, default=None, help="Ray executor: worker actors (default: the job's, 1)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="run the systems one after the other instead of as one stream of mixed batches")
+
+
+_EVAL_COMMANDS: list[Any] = []
+# front ends that add `eval` subcommands (e.g. submit / status / logs / stop on Ray Jobs), imported by name
+EVAL_COMMAND_PLUGINS = ("clearsight.workers.jobs",)
+
+
+def eval_command(add: Any) -> Any:
+    """Register ``add(eval_subparsers)``: the plug-in point for `eval` subcommands of the layers above."""
+    _EVAL_COMMANDS.append(add)
+    return add
+
+
 @extra_command
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck) or a whole eval job")
@@ -210,9 +243,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
     run = es.add_parser("run", help="run an EvalJob file (.toml / .yaml / .json); resumes from its cache")
     run.add_argument("job")
-    run.add_argument("--output", default=None, help="override the job's output folder")
-    run.add_argument("--executor", choices=["local", "ray"], default=None)
-    run.add_argument("--address", default=None, help="Ray cluster address (implies --executor ray)")
+    add_run_options(run)
     run.add_argument("--generate-only", action="store_true", help="fill the cache, do not score")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=cmd_eval_run)
@@ -238,6 +269,17 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     _chair_args(cc)
     cc.add_argument("--scorer", choices=["embedding", "judge", "implicit"], default="embedding")
     cc.set_defaults(func=cmd_eval_crosscheck)
+
+    import importlib
+
+    for module in EVAL_COMMAND_PLUGINS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a front end not installed: its commands are absent
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+    for add in dict.fromkeys(_EVAL_COMMANDS):
+        add(es)
 
     rep = sub.add_parser("report", help="re-score an eval output folder from its cache (no model) and print it")
     rep.add_argument("dir")

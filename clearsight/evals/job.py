@@ -174,7 +174,13 @@ class EvalJob(BaseModel):
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     executor: Literal["local", "ray"] = "local"
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                                                      "Ray started in-process)")
+    workers: int = Field(1, ge=1, le=1024, description="Ray executor: worker actors, each with its own Engine")
+    worker_num_cpus: float = Field(1.0, ge=0, description="Ray executor: CPUs reserved per worker (its torch threads)")
+    worker_num_gpus: float = Field(0.0, ge=0, description="Ray executor: GPUs per worker (0 on CPU)")
+    pack: bool = Field(True, description="cross-system packing: the systems sharing a model run as one stream of "
+                                         "mixed batches (False: one system after the other)")
 
     @model_validator(mode="after")
     def _checks(self) -> EvalJob:

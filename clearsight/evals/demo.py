@@ -47,5 +47,5 @@ def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int
             {"kind": "chair", "data": "builtin:shapes", "n_images": n_images, "max_new_tokens": 48},
         ],
         "output": output,
-        "batch_size": 16,
+        "batch_size": 32,
     }, where="demo job")

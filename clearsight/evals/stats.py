@@ -55,7 +55,7 @@ def wilson_interval(k: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> t
     """Wilson (1927) score interval of the proportion k / n (scipy's implementation).
 
     >>> [round(x, 4) for x in wilson_interval(58, 100)]
-    [0.4821, 0.6719]
+    [0.4821, 0.672]
     """
     from scipy.stats import binomtest
 

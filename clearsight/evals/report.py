@@ -197,7 +197,8 @@ def render_markdown(results: EvalResults) -> str:
         parser = results.pope_parser or pope_sys[0].pope.parser  # type: ignore[union-attr]
         parts += [f"## POPE (parser: `{parser}`)", "", _table(header, rows), ""]
         parts += _stats_tables(results, _pope_columns(results), "POPE")
-    if any(s.partner is not None for s in results.systems):
+    if any(s.partner is not None for s in results.systems) or (
+            results.stats is not None and any(f.split == "partner" for f in results.stats.figures)):
         parts += ["## Prior-driven hallucination: questions about the absent partner of a present shape", "",
                   "Partner = the absent partner of a present shape (label no); other-absent = an absent shape that "
                   "is no present shape's partner (label no); present = the shape whose partner is absent (label "

@@ -82,19 +82,21 @@ def describe(d: Difference) -> str:
     return f"{d.label}{where} {_pts(d.estimate)} points [{_pts(d.low)}, {_pts(d.high)}]"
 
 
-def _reading(sig: list[Difference]) -> str | None:
-    """A plain-words reading of the partner-question effects, when they tell one."""
+def _reading(sig: list[Difference], diffs: list[Difference]) -> str | None:
+    """A plain-words reading of the partner-question effects, when they tell one: ``sig`` are the
+    significant differences, ``diffs`` all of the system's (to know which kinds were measured)."""
+    measured = {d.metric for d in diffs if d.split == "partner"}
     by = {d.metric: d for d in sig if d.split == "partner"}
-    signs = {k: (by[k].estimate or 0) > 0 for k in by}
+    up = {k: (by[k].estimate or 0) > 0 for k in by}
     kinds = ("partner_yes", "control_yes", "present_yes")
-    if all(k in by for k in kinds) and all(signs[k] for k in kinds):
+    if all(k in by for k in kinds) and all(up[k] for k in kinds):
         return "more yes to everything"
-    if all(k in by for k in kinds) and not any(signs[k] for k in kinds):
+    if all(k in by for k in kinds) and not any(up[k] for k in kinds):
         return "more no to everything"
-    if "partner_yes" in by and not signs["partner_yes"] and "present_yes" not in by:
-        return "fewer yes to absent partners"
-    if "partner_yes" in by and signs["partner_yes"] and "control_yes" not in by:
-        return "more yes to absent partners"
+    if "partner_yes" in by and not up["partner_yes"] and "present_yes" in measured and "present_yes" not in by:
+        return "fewer yes to absent partners, not fewer to present shapes"
+    if "partner_yes" in by and up["partner_yes"] and "control_yes" in measured and "control_yes" not in by:
+        return "more yes to absent partners, not to other absent shapes"
     return None
 
 
@@ -117,7 +119,7 @@ def verdict_lines(results: EvalResults) -> dict[str, str]:
             text = f"identical to {st.baseline} on every question and caption"
         elif sig:
             text = "; ".join(describe(d) for d in sig) + ", significant"
-            reading = _reading(sig)
+            reading = _reading(sig, diffs)
             if reading:
                 text += f": {reading}"
         else:

@@ -138,7 +138,8 @@ def render_verdict(results: EvalResults) -> str:
         return ""
     n_sys = len(lines)
     head = (f"## Verdict: differences from `{st.baseline}`\n\n"
-            f"Significant = Holm-adjusted p < {1 - st.confidence:.2f} over the {n_sys} systems compared "
+            f"Significant = Holm-adjusted p < {1 - st.confidence:.2f} over the {n_sys} "
+            f"system{'s' if n_sys != 1 else ''} compared "
             f"(per metric); [{100 * st.confidence:.0f}% paired bootstrap CI], {st.resamples} resamples, "
             f"seed {st.seed}. Points = percentage points.\n")
     return head + "\n" + "\n".join(f"- **{name}**: {text}." for name, text in lines.items()) + "\n"

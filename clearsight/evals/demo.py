@@ -1,5 +1,5 @@
-"""The demo job (``make demo``): POPE (3 splits) and CHAIR on held-out shapes scenes for the demo model,
-unmitigated and with every implemented mitigation at its defaults."""
+"""The demo job (``make demo``): POPE (3 splits plus the partner question set) and CHAIR on held-out shapes
+scenes for the demo model, unmitigated and with every implemented mitigation at its defaults."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from clearsight.config import DEFAULT_MODEL as DEMO_MODEL
 from clearsight.evals.job import EvalJob, parse_job
 
 FALLBACK_MODEL = "builtin:tiny-llava"
+
+# Sizes (issue 16): >= 600 partner questions give the partner yes-rate (~58%) a Wilson 95% CI half-width
+# <= 4 points (1.96 sqrt(0.58 x 0.42 / 600) = 3.9).
+PER_SPLIT = 120
+N_IMAGES = 50
+PARTNER = 600
 
 
 def demo_model() -> str:
@@ -31,14 +37,15 @@ def demo_systems(model: str) -> list[dict]:
     return systems
 
 
-def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = 120, n_images: int = 50) -> EvalJob:
+def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = PER_SPLIT,
+             n_images: int = N_IMAGES, partner: int = PARTNER) -> EvalJob:
     model = model or demo_model()
     return parse_job({
         "systems": demo_systems(model),
         "benchmarks": [
-            {"kind": "pope", "data": "builtin:shapes", "limit": per_split},
+            {"kind": "pope", "data": "builtin:shapes", "limit": per_split, "partner": partner},
             {"kind": "chair", "data": "builtin:shapes", "n_images": n_images, "max_new_tokens": 48},
         ],
         "output": output,
-        "batch_size": 16,
+        "batch_size": 32,
     }, where="demo job")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clearsight.config import DEFAULT_MODEL, DecodeSpec, DType, ModelSpec
 from clearsight.evals.datasets.pope import DEFAULT_PROMPT_SUFFIX, SPLITS
 from clearsight.evals.errors import EvalInputError
+from clearsight.evals.stats import StatsSettings
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
@@ -103,6 +104,9 @@ class PopeBenchmark(BaseModel):
     prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX
     max_new_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     limit: int | None = Field(None, ge=1, description="questions per split (first N)")
+    partner: int = Field(0, ge=0, description="shapes world only: at least this many questions about the absent "
+                         "partner of a present shape (whole scenes, each with a control-absent and a present "
+                         "question); 0 = none")
 
     @field_validator("splits")
     @classmethod
@@ -122,6 +126,9 @@ class PopeBenchmark(BaseModel):
                 raise ValueError(f"files: no file for split {missing[0]!r}; add it or drop it from splits")
         elif not self.data and not self.parquet:
             raise ValueError("give data = 'builtin:shapes', files = {split: path} or parquet = [paths]")
+        if self.partner and (self.files or self.parquet or not self.data):
+            raise ValueError("partner questions need a world that knows its partner pairs: use "
+                             "data = 'builtin:shapes', or set partner = 0")
         return self
 
 
@@ -181,6 +188,9 @@ class EvalJob(BaseModel):
     worker_num_gpus: float = Field(0.0, ge=0, description="Ray executor: GPUs per worker (0 on CPU)")
     pack: bool = Field(True, description="cross-system packing: the systems sharing a model run as one stream of "
                                          "mixed batches (False: one system after the other)")
+    baseline: str | None = Field(None, description="the system every other is compared with (default: the "
+                                 "system named 'none', if any)")
+    stats: StatsSettings = Field(default_factory=StatsSettings)
 
     @model_validator(mode="after")
     def _checks(self) -> EvalJob:
@@ -188,12 +198,21 @@ class EvalJob(BaseModel):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"two systems are both named {dupes[0]!r}: give each a unique name")
+        if self.baseline is not None and self.baseline not in labels:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the systems ({', '.join(labels)})")
         kinds = [b.kind for b in self.benchmarks]
         if "crosscheck" in kinds and "chair" not in kinds:
             raise ValueError("crosscheck scores the CHAIR captions: add a chair benchmark")
         if "crosscheck" in kinds and len(self.systems) < 2:
             raise ValueError("crosscheck needs at least 2 systems")
         return self
+
+    @property
+    def baseline_label(self) -> str | None:
+        """The baseline's label: ``baseline``, else the system named 'none', else None (no comparisons)."""
+        if self.baseline is not None:
+            return self.baseline
+        return "none" if any(s.label == "none" for s in self.systems) else None
 
 
 def load_job(path: str | Path) -> EvalJob:

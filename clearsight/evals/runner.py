@@ -25,7 +25,7 @@ from typing import Any
 
 from clearsight.evals._io import atomic_write_bytes, atomic_write_text
 from clearsight.evals.cache import GenerationCache
-from clearsight.evals.datasets.pope import PopeSet, build_prompt, load_pope_file
+from clearsight.evals.datasets.pope import PopeFile, PopeSet, build_prompt, get_parser, load_pope_file
 from clearsight.evals.datasets.pope import score_pope as _score_pope
 from clearsight.evals.datasets.shapes import resolve_builtin
 from clearsight.evals.errors import EvalInputError
@@ -51,9 +51,17 @@ from clearsight.evals.metrics.crosscheck import (
     rank_systems,
     split_sentences,
 )
+from clearsight.evals.metrics.partner import (
+    PartnerQuestion,
+    load_partner_file,
+    partner_map,
+    score_partner,
+    take_partner_questions,
+)
 from clearsight.evals.outdir import check_output_path, output_lock
 from clearsight.evals.progress import ProgressFile
 from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
+from clearsight.evals.stats import Measure, chair_measures, compute_stats, partner_measures, pope_measures
 
 ProgressFactory = Callable[[int, str], Any]
 
@@ -66,6 +74,8 @@ class PreparedPope:
     items: list[WorkItem]
     where: dict[str, tuple[str, Any]]  # sample id -> (split, question id)
     images: dict[Path, bytes] = field(default_factory=dict)  # parquet images, written by Prepared.materialize
+    partner: list[PartnerQuestion] = field(default_factory=list)  # the shapes world's partner question set
+    partner_file: PopeFile | None = None
 
 
 @dataclass
@@ -78,6 +88,7 @@ class PreparedChair:
     instances: list[str]
     captions: list[str]
     ground_truth: dict[int, set[str]] = field(default_factory=dict)
+    partners: dict[str, str] | None = None  # shape -> partner, where the world knows them (the shapes world)
 
 
 def _prompt_tag(prompt: str) -> str:
@@ -99,7 +110,32 @@ def prepare_pope(bench: PopeBenchmark, output: Path) -> PreparedPope:
         world = resolve_builtin(bench.data or "builtin:shapes")
         sets = {s: load_pope_file(world.pope[s], split=s, image_dir=world.images_dir) for s in bench.splits}
         image_dir = world.images_dir
+        prep = _prepare_pope_sets(bench, sets, image_dir)
+        if bench.partner:
+            _add_partner(prep, world.partner, image_dir)
+        return prep
     return _prepare_pope_sets(bench, sets, image_dir)
+
+
+PARTNER_SET = "partner"
+
+
+def _add_partner(prep: PreparedPope, path: Path, image_dir: Path) -> None:
+    """The partner question set (issue 16): beside the official splits, under sample ids of its own."""
+    bench = prep.bench
+    questions, pfile = load_partner_file(path)
+    chosen = take_partner_questions(questions, bench.partner)
+    have = sum(q.kind == "partner" for q in chosen)
+    if have < bench.partner:
+        raise EvalInputError(f"pope partner = {bench.partner} but the world holds only {have} partner questions "
+                             f"({path}): lower partner")
+    prep.partner, prep.partner_file = chosen, pfile
+    for pq in chosen:
+        q = pq.question
+        prompt = build_prompt(q.text, bench.prompt_suffix)
+        sid = f"pope/{PARTNER_SET}/{q.question_id}/{_prompt_tag(prompt)}"
+        prep.items.append(WorkItem(sid, prompt, str(image_dir / q.image), bench.max_new_tokens))
+        prep.where[sid] = (PARTNER_SET, q.question_id)
 
 
 def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> tuple[dict[str, PopeSet], dict[Path, bytes]]:
@@ -141,8 +177,10 @@ def prepare_chair(bench: ChairBenchmark) -> PreparedChair:
         world = resolve_builtin(bench.data)
         instances, captions, image_dir = [str(world.instances)], [str(world.captions)], world.images_dir
         vocab = ChairVocabulary.load(bench.vocabulary or world.vocabulary)
+        partners = partner_map(world.spec.partner_pairs)
     else:
         instances, captions = list(bench.instances), list(bench.captions)
+        partners = None
         image_dir = Path(bench.image_dir or ".")
         vocab = ChairVocabulary.load(bench.vocabulary) if bench.vocabulary else ChairVocabulary.coco()
     ids = sample_image_ids(instances[0], n=bench.n_images, seed=bench.seed)
@@ -155,7 +193,7 @@ def prepare_chair(bench: ChairBenchmark) -> PreparedChair:
         sid = f"chair/{image_id}/{_prompt_tag(bench.prompt)}"
         items.append(WorkItem(sid, bench.prompt, str(path), bench.max_new_tokens))
         image_of[sid] = image_id
-    return PreparedChair(bench, vocab, ids, items, image_of, instances, captions)
+    return PreparedChair(bench, vocab, ids, items, image_of, instances, captions, partners=partners)
 
 
 def _image_files(instance_files: Sequence[str]) -> dict[int, str]:
@@ -433,6 +471,13 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
     if prep.pope:
         for pset in prep.pope.sets.values():
             data_files += [DataFile.from_pope(f) for f in pset.files]
+        if prep.pope.partner_file is not None:
+            f = prep.pope.partner_file
+            data_files.append(DataFile(path=f.path, sha256=f.sha256, n=len(prep.pope.partner), split=PARTNER_SET,
+                                       layout=f.layout))
+    # per-sample outcomes, for the statistics: split -> system -> parsed answers (question order)
+    pope_preds: dict[str, dict[str, list[Any]]] = {}
+    chair_rows: dict[str, list[dict[str, Any]]] = {}
     if prep.chair:
         from clearsight.evals._io import sha256_file
 
@@ -448,17 +493,27 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
                            decode=decode)
         if prep.pope:
             outs = _outputs(cache, system, prep.pope.items)
-            answers: dict[str, dict[Any, str]] = {s: {} for s in prep.pope.sets}
+            answers: dict[str, dict[Any, str]] = {s: {} for s in [*prep.pope.sets, PARTNER_SET]}
             for sid, text in outs.items():
                 split, qid = prep.pope.where[sid]
                 answers[split][qid] = text
-            res.pope = _score_pope(prep.pope.sets, answers, parser=prep.pope.bench.parser)
+            partner_answers = answers.pop(PARTNER_SET)
+            parser = prep.pope.bench.parser
+            res.pope = _score_pope(prep.pope.sets, answers, parser=parser)
+            parse = get_parser(parser)
+            for split, pset in prep.pope.sets.items():
+                pope_preds.setdefault(split, {})[system.label] = [parse(answers[split][q.question_id])
+                                                                  for q in pset.questions]
+            if prep.pope.partner:
+                res.partner, preds = score_partner(prep.pope.partner, partner_answers, parser=parser)
+                pope_preds.setdefault(PARTNER_SET, {})[system.label] = preds
         if prep.chair:
             outs = _outputs(cache, system, prep.chair.items)
             caps = {prep.chair.image_of[sid]: text for sid, text in outs.items()}
             captions_by_system[system.label] = caps
-            res.chair = compute_chair(caps, prep.chair.ground_truth, prep.chair.vocab,
+            res.chair = compute_chair(sorted(caps.items()), prep.chair.ground_truth, prep.chair.vocab,
                                       drop_incomplete=prep.chair.bench.drop_incomplete)
+            chair_rows[system.label] = res.chair.per_caption
         systems.append(res)
     results = EvalResults(
         systems=systems, data_files=data_files,
@@ -467,6 +522,11 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
         chair_seed=prep.chair.bench.seed if prep.chair else None,
         notes={"decode": {s.label: s.decode_for(1).describe().split(",")[0] for s in job.systems}},
     )
+    results.stats = compute_stats(_measures(prep, pope_preds, chair_rows), [s.label for s in job.systems],
+                                  job.baseline_label, job.stats)
+    from clearsight.evals.verdict import cannot_act
+
+    results.notes["cannot_act"] = {s.label: why for s in job.systems if (why := cannot_act(s))}
     if prep.crosscheck and prep.chair:
         models = model_source or LocalExecutor(batch_size=job.batch_size)
         try:
@@ -476,6 +536,20 @@ def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
                 models.close()
         results.correlations = _correlations(results)
     return results
+
+
+def _measures(prep: Prepared, pope_preds: Mapping[str, Mapping[str, list[Any]]],
+              chair_rows: Mapping[str, list[dict[str, Any]]]) -> list[Measure]:
+    """What the statistics are computed over: every metric's per-sample values, per system."""
+    out: list[Measure] = []
+    if prep.pope:
+        for split, pset in prep.pope.sets.items():
+            out += pope_measures(split, [q.label or "no" for q in pset.questions], pope_preds[split])
+        if prep.pope.partner:
+            out += partner_measures([q.kind for q in prep.pope.partner], pope_preds[PARTNER_SET])
+    if prep.chair and chair_rows:
+        out += chair_measures(chair_rows, prep.chair.partners)
+    return out
 
 
 def _correlations(results: EvalResults) -> list[Correlation]:

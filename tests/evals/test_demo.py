@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from clearsight.cli import main
-from clearsight.evals.demo import demo_job
+from clearsight.evals.demo import PARTNER, demo_job
+from clearsight.evals.report import EvalResults
+from clearsight.evals.verdict import verdict_lines
 from clearsight.mitigations import REGISTRY
 
 
@@ -19,10 +21,29 @@ def test_demo_job_covers_every_mitigation():
     assert job.benchmarks[0].splits == ["random", "popular", "adversarial"]
 
 
-def test_demo_command_runs_small(tmp_path, capsys):
+def test_demo_job_sizes_give_the_partner_yes_rate_a_ci_within_4_points():
+    # issue 16: the worst case of a Wilson half-width is at p = 0.5
+    job = demo_job()
+    n = job.benchmarks[0].partner
+    assert 1.959964 * (0.25 / n) ** 0.5 <= 0.0405 and n == PARTNER
+
+
+def test_demo_command_runs_small_and_leads_with_the_verdict_of_results_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--per-split", "2", "--n-images", "2", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--per-split", "2", "--n-images", "2", "--partner", "2",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "## POPE" in printed and "## CHAIR" in printed
-    systems = [s["name"] for s in json.loads((out / "results.json").read_text())["systems"]]
+    assert "## POPE" in printed and "## CHAIR" in printed and "## Prior-driven hallucination" in printed
+    data = json.loads((out / "results.json").read_text())
+    systems = [s["name"] for s in data["systems"]]
     assert systems[0] == "none" and len(systems) == len({n for n in REGISTRY if not n.startswith("test-")})
+    # the printed verdict is the one results.json supports, and it comes first
+    lines = verdict_lines(EvalResults.model_validate(data))
+    assert set(lines) == set(systems[1:])
+    assert printed.index("## Verdict") < printed.index("## POPE")
+    for name, text in lines.items():
+        assert f"- **{name}**: {text}." in printed
+        sig = [d for d in data["stats"]["differences"] if d["system"] == name and d["significant"]]
+        assert ("significant after correction" in text) == (not sig and not all(
+            d["identical"] for d in data["stats"]["differences"] if d["system"] == name))
+    assert data["stats"]["baseline"] == "none" and data["stats"]["resamples"] == 2000

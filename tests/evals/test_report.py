@@ -51,8 +51,9 @@ def make_results():
 
 def test_write_report(tmp_path):
     paths = write_report(make_results(), tmp_path / "out")
-    assert set(paths) == {"results.json", "report.md", "pope_f1.png", "chair.png", "crosscheck.png"}
-    for name in ("pope_f1.png", "chair.png", "crosscheck.png"):
+    # no statistics in these results (no per-sample outcomes): no forest or error-bar plots
+    assert set(paths) == {"results.json", "report.md", "crosscheck.png"}
+    for name in ("crosscheck.png",):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(paths["results.json"].read_text())
     assert data["data_files"][0]["sha256"] == "ab" * 32 and data["data_files"][0]["n"] == 2
@@ -79,3 +80,45 @@ def test_bad_report_input_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(EvalInputError, match="no systems"):
         write_report(EvalResults(systems=[]), tmp_path / "out")
+
+
+def _stats_results(decodes):
+    """Three systems with per-question outcomes: 'pai' says yes to absent partners far more often."""
+    import numpy as np
+
+    from clearsight.evals.stats import Measure, StatsSettings, compute_stats
+
+    n = 200
+    base = np.array([1.0] * 100 + [0.0] * 100)
+    yes = {"none": base, "pai": np.array([1.0] * 140 + [0.0] * 60), "vcd": np.array([1.0] * 101 + [0.0] * 99)}
+    ones = {k: np.ones(n) for k in yes}
+    measures = [Measure("pope", "partner_yes", "partner", "proportion", yes, ones, "partner yes-rate", False),
+                Measure("pope", "present_yes", "partner", "proportion", yes, ones, "present yes-rate", True)]
+    stats = compute_stats(measures, ["none", "pai", "vcd"], "none", StatsSettings(resamples=300))
+    systems = [SystemResult(name=k, decode=d) for k, d in zip(["none", "pai", "vcd"], decodes)]
+    return EvalResults(systems=systems, stats=stats, notes={"cannot_act": {"vcd": "an example reason"}})
+
+
+def test_verdict_names_exactly_the_significant_differences_and_forest_plots(tmp_path):
+    from clearsight.evals.verdict import describe, verdict_lines
+
+    results = _stats_results([{"greedy": True}] * 3)
+    lines = verdict_lines(results)
+    pai = [d for d in results.stats.differences if d.system == "pai"]
+    assert all(d.significant for d in pai)
+    assert lines["pai"] == "; ".join(describe(d) for d in pai) + ", significant"
+    assert describe(pai[0]) == "partner yes-rate +20.0 points " + f"[{100 * pai[0].low:+.1f}, {100 * pai[0].high:+.1f}]"
+    assert lines["vcd"].startswith("no difference from none is significant after correction")
+    assert lines["vcd"].endswith("(cannot act on this model: an example reason)")
+    paths = write_report(results, tmp_path)
+    md = paths["report.md"].read_text()
+    assert md.index("## Verdict") < md.index("## Prior-driven")
+    assert "All 3 systems: `{\"greedy\": true}`" in md and "| system | decode |" not in md
+    assert {"forest_partner.png", "figures.png"} <= set(paths)
+    assert paths["forest_partner.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decode_settings_table_when_systems_differ(tmp_path):
+    md = write_report(_stats_results([{"greedy": True}, {"greedy": False}, {"greedy": True}]),
+                      tmp_path)["report.md"].read_text()
+    assert "| system | decode |" in md and md.count("`{\"greedy\": true}`") == 2

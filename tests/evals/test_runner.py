@@ -50,7 +50,9 @@ def test_end_to_end_three_systems(tmp_path):
     scores = results.crosscheck.scores  # best (least hallucination) first, ties by name
     assert results.crosscheck.ranking == sorted(scores, key=lambda s: (scores[s], s))
     files = {p.name for p in tmp_path.iterdir()}
-    assert {"results.json", "report.md", "generations.jsonl", "job.json", "pope_f1.png", "chair.png"} <= files
+    # no system named 'none' and no baseline given: figures with CIs, no differences (so no forest plots)
+    assert {"results.json", "report.md", "generations.jsonl", "job.json", "figures.png"} <= files
+    assert not any(f.startswith("forest_") for f in files)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["pope_parser"] == "pope" and len(data["chair_image_ids"]) == 6
     assert all(len(f["sha256"]) == 64 for f in data["data_files"])
@@ -274,3 +276,39 @@ def test_model_identity_follows_the_weights(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"\x01" * 65)
     assert model_identity(SystemSpec(model=str(folder))) != local_before
     assert model_identity(SystemSpec(model="builtin:tiny-llava")).startswith("builtin:tiny-llava@clearsight-")
+
+
+def test_statistics_and_partner_rows_are_recomputed_from_the_cache_alone(tmp_path, monkeypatch):
+    """Issue 16: `clearsight report DIR` recomputes every CI, p-value and verdict from the cache, with no
+    model, and gets the same numbers; the printed verdict is the one results.json supports."""
+    from clearsight.cli import main
+    from clearsight.evals.report import EvalResults
+    from clearsight.evals.verdict import render_verdict
+
+    job = parse_job({"systems": [{"name": "none", "model": TINY},
+                                 {"name": "other", "model": "builtin:tiny-llava-next"}],
+                     "benchmarks": [{"kind": "pope", "limit": 4, "partner": 3},
+                                    {"kind": "chair", "n_images": 3, "max_new_tokens": 8}],
+                     "output": str(tmp_path), "batch_size": 4, "stats": {"seed": 7, "resamples": 300}})
+    first = run_job(job, progress=None)
+    st = first.stats
+    assert st.baseline == "none" and st.seed == 7 and st.resamples == 300
+    metrics = {(d.benchmark, d.metric, d.split) for d in st.differences}
+    assert {("pope", "accuracy", "random"), ("pope", "f1", "adversarial"), ("pope", "partner_yes", "partner"),
+            ("pope", "present_yes", "partner"), ("chair", "chair_i", None), ("chair", "partner_share", None)} <= metrics
+    assert all(d.system == "other" and d.low <= d.estimate <= d.high for d in st.differences if d.low is not None)
+    assert first.systems[0].partner.n["partner"] >= 3
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["stats"]["seed"] == 7 and data["stats"]["resamples"] == 300
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("clearsight.models.loader.load_model", no_model)
+    (tmp_path / "results.json").unlink()
+    assert main(["report", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["stats"] == data["stats"]
+    assert [s["partner"] for s in again["systems"]] == [s["partner"] for s in data["systems"]]
+    verdict = render_verdict(EvalResults.model_validate(again))
+    assert verdict and verdict in (tmp_path / "report.md").read_text()

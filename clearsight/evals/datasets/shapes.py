@@ -44,8 +44,9 @@ from clearsight.evals.datasets.pope import (
 )
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.metrics.chair import ChairVocabulary, build_ground_truth
+from clearsight.evals.metrics.partner import build_partner_questions, write_partner_file
 
-GENERATOR_VERSION = 1  # bump when drawing/sampling changes so cached builtin folders are regenerated
+GENERATOR_VERSION = 2  # bump when drawing/sampling changes so cached builtin folders are regenerated
 
 SHAPES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond",
@@ -92,7 +93,9 @@ class ShapesWorldSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_images: int = Field(500, ge=1)
+    # 1000 scenes hold ~740 shapes whose partner is absent: enough partner questions for a yes-rate CI
+    # half-width of <= 4 points (issue 16); 500 held ~370.
+    n_images: int = Field(1000, ge=1)
     seed: int = 1234
     image_size: int = 96
     grid: int = 4
@@ -391,6 +394,11 @@ class ShapesWorldFiles:
     def pope(self) -> dict[str, Path]:
         return {s: self.root / "pope" / f"{self.spec.name}_pope_{s}.json" for s in SPLITS}
 
+    @property
+    def partner(self) -> Path:
+        """The partner question set (``clearsight.evals.metrics.partner``)."""
+        return self.root / "pope" / f"{self.spec.name}_pope_partner.json"
+
     def load_pope(self) -> dict[str, PopeSet]:
         return {s: load_pope_file(p, split=s, image_dir=self.images_dir) for s, p in self.pope.items()}
 
@@ -423,7 +431,8 @@ def _coco_files(spec: ShapesWorldSpec, scenes: Sequence[Scene]) -> tuple[dict[st
 
 def write_shapes_world(spec: ShapesWorldSpec, out_dir: str | os.PathLike[str]) -> ShapesWorldFiles:
     """Write images, COCO-format instance/caption files, POPE files (official format, all three splits,
-    built from the GT object lists with the official recipe) and the CHAIR vocabulary.
+    built from the GT object lists with the official recipe), the partner question set and the CHAIR
+    vocabulary.
 
     Evaluation worlds must be clean: ``noise_fraction > 0`` is refused (noise is for training scenes).
     """
@@ -446,6 +455,7 @@ def write_shapes_world(spec: ShapesWorldSpec, out_dir: str | os.PathLike[str]) -
                       "".join(json.dumps(g) + "\n" for g in gt))
     write_pope_files(gt, files.root / "pope",
                      PopeGenerationConfig(img_num=None, seed=spec.seed, dataset=spec.name))
+    write_partner_file(files.partner, build_partner_questions(gt, spec.partner_pairs, spec.shapes, seed=spec.seed))
     atomic_write_text(files.root / "spec.json", spec.model_dump_json(indent=1))
     return files
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 
 import pytest
 import torch
@@ -306,3 +307,24 @@ def test_cli_generate_runs_through_an_engine_and_closes_it(monkeypatch, capsys, 
     if flags == ["--json"]:
         data = json.loads(out)
         assert data["backend"] == "torch" and len(data["token_ids"]) <= 3 and "batch_size" not in data["decode"]
+
+
+def test_a_mitigation_warning_is_said_once_per_engine(engine_of):
+    """CCA on an untrained model warns; an Engine says it once, not once per request, even with the
+    warnings filters reset in between (each image check's catch_warnings did that, and a long eval printed
+    the warning for every request)."""
+    from clearsight.mitigations.cca import UntrainedCheckpointWarning
+
+    eng = engine_of("tiny-llava")
+    req = {"prompt": "what is it?", "image": make_image(0)}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # Python's own once-per-location filter off: only ours dedupes
+        for _ in range(3):
+            eng.submit(req, ["cca"], DECODE).result(60)
+    untrained = [w for w in seen if issubclass(w.category, UntrainedCheckpointWarning)]
+    assert len(untrained) == 1 and "cca:trained=true" in str(untrained[0].message)
+    # a fresh generate() call is a fresh scheduler: it says it again
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        solo("tiny-llava", req, ["cca"])
+    assert sum(issubclass(w.category, UntrainedCheckpointWarning) for w in seen) == 1

@@ -79,6 +79,7 @@ class Entry:
         self.timings: dict[str, float] = {"submitted": time.perf_counter()}
         self.layout: RowLayout | None = None  # the main row's layout without padding (statistics)
         self.stats_acc: dict[str, dict[int, list[torch.Tensor]]] = {"segment_mass": {}, "last_row": {}}
+        self.warner: Callable[[str, type[Warning]], None] | None = None  # the scheduler's (RequestContext.warn)
 
     @property
     def key(self) -> tuple[str | None, tuple | None]:
@@ -99,7 +100,8 @@ class Entry:
         req = self.request
         image = load_image(req.image, f"request {self.index}: image") if req.image is not None else None
         ctx = RequestContext(lvlm=lvlm, request=req, index=self.index, rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
-                             decode=self.decode, image=image, probe=make_probe(lvlm, self.backend))
+                             decode=self.decode, image=image, probe=make_probe(lvlm, self.backend),
+                             warner=self.warner)
         rows = [_Row(self, MAIN, req.prompt, image)]
         ctx.rows[MAIN] = 0
         for m in self.mitigations:

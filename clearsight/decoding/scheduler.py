@@ -17,6 +17,7 @@ batch's requests only. ``generate()`` drives a Scheduler inline; the Engine driv
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 
 import torch
@@ -34,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Entry] = deque()
         self.batches: dict[tuple, Batch] = {}
         self.entries: dict[int, Entry] = {}  # every entry added and not yet done (whatever state it is in)
+        self._warned: set[tuple[type[Warning], str]] = set()
 
     # ------------------------------------------------------------------ facts
     @property
@@ -58,7 +60,16 @@ class Scheduler:
                 "rows": sum(b.num_rows for b in live), "tokens": sum(b.tokens_in_flight for b in live),
                 "key_columns": max((b.num_keys for b in live), default=0), "batches": len(live)}
 
+    def warn_once(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """Say a request's warning once per scheduler. Python's own once-per-location filter is not enough:
+        any ``warnings.catch_warnings()`` in the process (PIL image checks, user code) resets it, and a long
+        eval then printed the same mitigation warning for every request."""
+        if (category, message) not in self._warned:
+            self._warned.add((category, message))
+            warnings.warn(message, category, stacklevel=4)  # the mitigation's line (via RequestContext.warn)
+
     def add(self, entry: Entry) -> None:
+        entry.warner = self.warn_once
         self.entries[id(entry)] = entry
         self.waiting.append(entry)
 

@@ -16,6 +16,7 @@ the decoding layer when it is imported, see ``set_probe_factory``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -116,6 +117,16 @@ class RequestContext:
     # runs probe generations on this request's model and backend (set by the decoding layer; None = the
     # model's default probe, see ``run_probe``)
     probe: Probe | None = None
+    # says a warning about this request (``warn``); the decoding layer sets one that says each message once
+    # per scheduler (an Engine's lifetime, one generate() call), so an eval does not repeat it per request
+    warner: Callable[[str, type[Warning]], None] | None = None
+
+    def warn(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """Warn about this request (through ``warner`` when set)."""
+        if self.warner is not None:
+            self.warner(message, category)
+        else:
+            warnings.warn(message, category, stacklevel=3)
 
     def run_probe(self, requests: Sequence[Any] | Any, mitigations: Any = (), decode: Any = None, *,
                   stats: StatsRequest | None = None) -> list[Any]:

@@ -28,7 +28,6 @@ prompt mask, refused with a ``PlanConflictError`` naming both.
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
@@ -57,11 +56,11 @@ def trained_with(ctx: RequestContext, method: str, asserted: bool) -> bool:
 def warn_untrained(ctx: RequestContext, method: str, title: str, example: str, asserted: bool) -> None:
     if trained_with(ctx, method, asserted):
         return
-    warnings.warn(
+    ctx.warn(
         f"{method}: {title} changes the attention a model was trained with; "
         f"'{ctx.lvlm.spec.source}' is not known to be trained with it (e.g. {example}), so expect degraded output. "
         f"If it is, pass {method}:trained=true or set clearsight_trained_with=['{method}'] in its config.",
-        UntrainedCheckpointWarning, stacklevel=3,
+        UntrainedCheckpointWarning,
     )
 
 

@@ -35,7 +35,6 @@ p = 0 (paper) writes nothing: the tokens are exactly the unmitigated ones.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,11 +176,10 @@ class _Detect:
             state = ctx.state.setdefault("var", {"sinks": {}})
             state["sink_dims"] = list(self.dims)
             state["calibrated"] = True
-            warnings.warn(
+            ctx.warn(
                 f"var: no sink-dimension table for hidden size {x.shape[-1]} ({ctx.lvlm.adapter.family}); "
                 f"calibrated on this prompt at layer {layer}: {self.dims or 'none found'}. "
                 "Fix them with var:sink_dims=a|b (see clearsight.mitigations.var.calibrate_sink_dims).",
-                stacklevel=3,
             )
         if not self.dims:
             return None
@@ -234,8 +232,8 @@ class VAR(Mitigation):
             return None
         adapter = ctx.lvlm.adapter
         if self.tau >= adapter.hidden_size**0.5:
-            warnings.warn(f"var: tau={self.tau} cannot be reached: |x_d / rms(x)| <= sqrt(hidden size) = "
-                          f"{adapter.hidden_size**0.5:.1f}, so no token will be a sink; lower tau", stacklevel=2)
+            ctx.warn(f"var: tau={self.tau} cannot be reached: |x_d / rms(x)| <= sqrt(hidden size) = "
+                     f"{adapter.hidden_size**0.5:.1f}, so no token will be a sink; lower tau")
         dims = self.sink_dims
         if dims is None:
             table = adapter.sink_dimensions.get(adapter.hidden_size)

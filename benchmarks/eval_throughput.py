@@ -60,9 +60,11 @@ def main() -> None:
     ap.add_argument("--per-split", type=int, default=8, help="POPE questions per split")
     ap.add_argument("--n-images", type=int, default=4, help="CHAIR images")
     ap.add_argument("--batch-size", type=int, default=16, help="the demo job's")
+    ap.add_argument("--partner", type=int, default=0,
+                    help="partner questions (the demo asks 600, plus controls: 30x the generations of the default)")
     args = ap.parse_args()
-    if args.per_split < 1 or args.n_images < 1 or args.batch_size < 1:
-        ap.error("--per-split, --n-images and --batch-size must be at least 1")
+    if args.per_split < 1 or args.n_images < 1 or args.batch_size < 1 or args.partner < 0:
+        ap.error("--per-split, --n-images and --batch-size must be at least 1, --partner at least 0")
     if args.smoke:
         args.model, args.per_split, args.n_images = args.model or "builtin:tiny-llava", 1, 1
     warnings.simplefilter("ignore")  # the demo's mitigations warn about the untrained demo model, per request
@@ -74,7 +76,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="eval-throughput-"))
 
     def job(name: str, **kw):
-        j = demo_job(output=str(root / name), model=args.model, per_split=args.per_split, n_images=args.n_images)
+        j = demo_job(output=str(root / name), model=args.model, per_split=args.per_split, n_images=args.n_images,
+                     partner=args.partner)
         return j.model_copy(update={"batch_size": args.batch_size, **kw})
 
     j = job("x")

@@ -34,6 +34,20 @@ from clearsight.models.loader import LVLM, load_model
 _END = object()
 
 
+def merge_queue(q: queue.SimpleQueue[Any], producers: int, end: object = _END) -> Iterator[Any]:
+    """Items of ``producers`` producers feeding one queue, until each has put ``end``; an exception put by
+    a producer is raised here, in the consumer's thread."""
+    left = producers
+    while left:
+        item = q.get()
+        if item is end:
+            left -= 1
+        elif isinstance(item, BaseException):
+            raise item
+        else:
+            yield item
+
+
 class RequestHandle:
     """One submitted request: its token events, its result or error, cancellation."""
 
@@ -232,16 +246,8 @@ class Engine:
                    for i, r in enumerate(requests)]
         for h in handles:
             h._subscribe(q.put)
-        left = len(handles)
         try:
-            while left:
-                item = q.get()
-                if item is _END:
-                    left -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
+            yield from merge_queue(q, len(handles))
         finally:
             for h in handles:
                 if not h.done:

@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -372,35 +372,24 @@ def build_app(backends: Mapping[str, Backend], settings: ServeSettings | None = 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
+            return _data(body)
 
-        async def sse() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for ev in events:
-                    if ev["type"] == "token" and ev["text"]:
-                        yield chunk({"content": ev["text"]})
-                    elif ev["type"] == "done":
-                        result = ev["result"]
-                        if ev.get("text"):
-                            yield chunk({"content": ev["text"]})
-                        yield chunk({}, _FINISH.get(result["finish_reason"], "stop"))
-                        if include_usage:
-                            n_out = len(result["token_ids"])
-                            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": req.model, "choices": [],
-                                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                              "total_tokens": n_prompt + n_out}}
-                            yield f"data: {json.dumps(body)}\n\n"
-                        break
-                    elif ev["type"] == "error":
-                        yield f"data: {json.dumps(error_body(ev['status'], ev['message'], ev.get('param'), ev.get('code')))}\n\n"  # noqa: E501
-                        break
-            finally:
-                await events.aclose()  # type: ignore[attr-defined]
-            yield "data: [DONE]\n\n"
+        def on_token(ev: dict[str, Any]) -> list[str]:
+            return [chunk({"content": ev["text"]})] if ev["text"] else []
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        def on_done(ev: dict[str, Any]) -> list[str]:
+            result = ev["result"]
+            out = [chunk({"content": ev["text"]})] if ev.get("text") else []
+            out.append(chunk({}, _FINISH.get(result["finish_reason"], "stop")))
+            if include_usage:
+                n_out = len(result["token_ids"])
+                out.append(_data({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                  "model": req.model, "choices": [],
+                                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                            "total_tokens": n_prompt + n_out}}))
+            return out
+
+        return _sse(events, on_token, on_done, first=chunk({"role": "assistant", "content": ""}))
 
     @app.post("/v1/generate", summary="native: one request as the Engine takes it; token ids, timings, statistics")
     async def generate(req: GenerateRequest) -> Any:
@@ -419,26 +408,16 @@ def build_app(backends: Mapping[str, Backend], settings: ServeSettings | None = 
             return {**done["result"], "model": req.model, "usage": {"prompt_tokens": n_prompt,
                     "completion_tokens": len(done["result"]["token_ids"])}}
 
-        async def sse() -> AsyncIterator[str]:
-            try:
-                async for ev in events:
-                    if ev["type"] == "token":
-                        yield f"data: {json.dumps({'token_id': ev['token_id'], 'text': ev['text']})}\n\n"
-                    elif ev["type"] == "done":
-                        n_out = len(ev["result"]["token_ids"])
-                        body = {**ev["result"], "model": req.model,
-                                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out}}
-                        last = {"token_id": ev["token_id"], "text": ev["text"], "result": body}
-                        yield f"data: {json.dumps(last)}\n\n"
-                        break
-                    elif ev["type"] == "error":
-                        yield f"data: {json.dumps(error_body(ev['status'], ev['message'], ev.get('param'), ev.get('code')))}\n\n"  # noqa: E501
-                        break
-            finally:
-                await events.aclose()  # type: ignore[attr-defined]
-            yield "data: [DONE]\n\n"
+        def on_token(ev: dict[str, Any]) -> list[str]:
+            return [_data({"token_id": ev["token_id"], "text": ev["text"]})]
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        def on_done(ev: dict[str, Any]) -> list[str]:
+            n_out = len(ev["result"]["token_ids"])
+            body = {**ev["result"], "model": req.model,
+                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out}}
+            return [_data({"token_id": ev["token_id"], "text": ev["text"], "result": body})]
+
+        return _sse(events, on_token, on_done)
 
     return Guard(app, settings)
 
@@ -495,6 +474,37 @@ class Guard:
             return await receive()  # after the body: wait for the disconnect, as Starlette expects
 
         await self.app(scope, replay, send)
+
+
+def _data(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _sse(events: Any, on_token: Callable[[dict[str, Any]], list[str]], on_done: Callable[[dict[str, Any]], list[str]],
+         first: str | None = None) -> StreamingResponse:
+    """Server-sent events of one request: ``first``, its token and done events as the route renders them, an
+    error as OpenAI's error body, then ``[DONE]``; the event stream is closed however the client leaves."""
+
+    async def body() -> AsyncIterator[str]:
+        if first is not None:
+            yield first
+        try:
+            async for ev in events:
+                if ev["type"] == "token":
+                    for line in on_token(ev):
+                        yield line
+                elif ev["type"] == "done":
+                    for line in on_done(ev):
+                        yield line
+                    break
+                elif ev["type"] == "error":
+                    yield _data(error_body(ev["status"], ev["message"], ev.get("param"), ev.get("code")))
+                    break
+        finally:
+            await events.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _send(scope: dict[str, Any], send: Any, response: JSONResponse) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from clearsight.config import DecodeSpec, GenerationRequest
 from clearsight.decoding.generate import GenerationResult, TokenEvent, as_decode, as_request, load_image
+from clearsight.engine import merge_queue
 from clearsight.errors import ClearsightError, EngineBusy, InputError
 from clearsight.kernels.plan import RowLayout, StatsRequest
 
@@ -207,16 +208,8 @@ class Client:
         threads = [threading.Thread(target=pump, args=(i, b), daemon=True) for i, b in enumerate(bodies)]
         for t in threads:
             t.start()
-        left = len(threads)
         try:
-            while left:
-                item = q.get()
-                if item is _END:
-                    left -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
+            yield from merge_queue(q, len(threads), _END)
         finally:
             stop.set()
 

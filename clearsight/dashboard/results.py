@@ -73,9 +73,9 @@ def metric_tables(results: EvalResults) -> dict[str, pd.DataFrame]:
         tables["CHAIR"] = pd.DataFrame(chair)
     cc = results.crosscheck
     if cc is not None:
-        tables["CrossCheck"] = pd.DataFrame([{"system": k, "score (lower is better)": v, "rank": cc.ranking.index(k) + 1,
-                                              "samples": cc.n_samples.get(k), "sentences": cc.n_sentences.get(k)}
-                                             for k, v in cc.scores.items()])
+        tables["CrossCheck"] = pd.DataFrame([
+            {"system": k, "score (lower is better)": v, "rank": cc.ranking.index(k) + 1,
+             "samples": cc.n_samples.get(k), "sentences": cc.n_sentences.get(k)} for k, v in cc.scores.items()])
     return tables
 
 

@@ -218,4 +218,4 @@ def sample_table(samples: Sequence[Sample], systems: Sequence[str]) -> Any:
             a = s.answers.get(name)
             row[name] = None if a is None else ("✗ " if a.hallucinated else "") + a.output
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["sample", "benchmark", "split", "gold", *systems])

@@ -27,7 +27,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [("compare", ""), ("evals", "evals"), ("jobs", "jobs")]
+PAGES = [("evals", "evals"), ("jobs", "jobs"), ("compare", "")]  # Jobs adds a folder: Evals first
+RUNNING_JS = ("Array.from(document.querySelectorAll('[data-testid=stStatusWidget], header button'))"
+              ".some(e => (e.innerText || '').trim() === 'Stop')")
 ERRORS_JS = ("document.querySelectorAll('[data-testid=stException], [data-testid=stAlertContentError]').length")
 
 
@@ -84,6 +86,13 @@ class Page:
             await asyncio.sleep(0.3)
         raise SystemExit(f"error: {what} did not appear within {timeout:.0f} s (blank page?)")
 
+    async def settle(self, timeout: float = 60.0) -> None:
+        """Wait until the script is not running (Streamlit's Stop button gone), then for the last paint."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and await self.eval(RUNNING_JS):
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(2.0)
+
     async def screenshot(self, path: Path, width: int = 1400) -> None:
         height = int(await self.eval("Math.max(document.body.scrollHeight, "
                                      "(document.querySelector('[data-testid=stMain]') || document.body).scrollHeight)")
@@ -119,11 +128,18 @@ async def capture(devtools_port: int, base: str, out: Path, timeout: float) -> l
                     await page.wait_for("Array.from(document.querySelectorAll('[data-testid=stImage] img, "
                                         "[data-testid=stImageContainer] img')).length >= 3", timeout,
                                         "the two heatmaps")
+                elif name == "jobs":  # start the form's job (2 systems, POPE 20 per split) and wait for it
+                    await page.wait_for("Array.from(document.querySelectorAll('button'))"
+                                        ".some(b => b.innerText.trim() === 'Start')", timeout, "the Start button")
+                    await page.eval("Array.from(document.querySelectorAll('button'))"
+                                    ".find(b => b.innerText.trim() === 'Start').click()")
+                    await page.wait_for("document.body.innerText.includes('(local): done')", 4 * timeout,
+                                        "the job finished")
                 elif name == "evals":
                     await page.wait_for("document.querySelectorAll('[data-testid=stDataFrame]').length >= 1 || "
                                         "document.querySelector('[data-testid=stAlertContentInfo]') !== null",
                                         timeout, "the metric tables")
-                await asyncio.sleep(1.5)  # the last deltas of the run
+                await page.settle()
                 if await page.eval(ERRORS_JS):
                     raise SystemExit(f"error: the {name} page shows an error")
                 target = out / f"dashboard-{name}.png"

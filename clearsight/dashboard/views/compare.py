@@ -31,7 +31,8 @@ with left:
     gt_default = ""
     try:
         if kind == "Shapes scene":
-            seed = st.number_input("Scene seed", min_value=0, max_value=2**31 - 1, value=4242, step=1, key="seed",
+            # seed 56: the demo model names a hexagon and a trapezoid (a partner pair) that are not there
+            seed = st.number_input("Scene seed", min_value=0, max_value=2**31 - 1, value=56, step=1, key="seed",
                                    help="a shapes-world scene generated from this seed, with its ground truth")
             scene = cmp.shapes_scene(int(seed))
             image, gt_default = scene.image, ", ".join(scene.ground_truth)

@@ -17,5 +17,5 @@ page = st.navigation([
     st.Page(VIEWS / "compare.py", title="Compare", default=True),
     st.Page(VIEWS / "evals.py", title="Evals"),
     st.Page(VIEWS / "jobs.py", title="Jobs"),
-], position="top")
+])
 page.run()

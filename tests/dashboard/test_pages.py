@@ -171,3 +171,12 @@ def test_evals_renders_the_result_folder(finished_job, monkeypatch):
             expected.add(rec["sample_id"])
     at.selectbox(key="f_who").select("any").run()
     assert set(at.dataframe[-1].value["sample"]) == expected
+
+
+def test_app_navigates_between_pages(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, json.dumps({"runs": str(tmp_path)}))
+    at = AppTest.from_file(str(VIEWS.parent / "app.py"), default_timeout=180).run()
+    assert not at.exception and [t.value for t in at.title] == ["Compare"]
+    at.switch_page(str(VIEWS / "evals.py")).run()
+    assert not at.exception and [t.value for t in at.title] == ["Evals"]
+    assert "No result folders" in at.info[0].value

@@ -12,7 +12,7 @@ import streamlit as st
 
 VIEWS = Path(__file__).resolve().parent / "views"
 
-st.set_page_config(page_title="clearsight", layout="wide")
+st.set_page_config(page_title="clearsight", layout="wide", initial_sidebar_state="expanded")
 page = st.navigation([
     st.Page(VIEWS / "compare.py", title="Compare", default=True),
     st.Page(VIEWS / "evals.py", title="Evals"),

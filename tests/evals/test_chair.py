@@ -180,3 +180,27 @@ def test_custom_vocabulary_entries_are_normalised_and_phrases_merged():
         {"name": "iPhone", "synonyms": [" Mobile  Phone"]}, {"name": "motorcycle", "synonyms": [" motor bike"]}]})
     assert v.objects("An iphone, a mobile phone and a motor bike.") == ["iphone", "iphone", "motorcycle"]
     assert v.objects("A phone and a bike.") == []
+
+
+def test_possessive_s_is_split_off_as_nltk_does(tmp_path):
+    """NLTK's word_tokenize turns "dog's" into "dog" + "'s": the dog is mentioned, on both sides."""
+    from clearsight.evals.metrics.chair import tokenize
+
+    assert tokenize("The dog's owner.") == ["the", "dog", "'s", "owner", "."]
+    assert tokenize("The dogs' bowl isn't here.") == ["the", "dogs", "'", "bowl", "is", "n't", "here", "."]
+    v = ChairVocabulary.coco()
+    assert v.objects("The dog's owner sits in the car's back seat.") == ["dog", "car", "chair"]
+    # ground-truth side: the only dog of image 1 is in a human caption's possessive
+    images = [{"id": 1, "file_name": "a.jpg"}]
+    inst = {"images": images, "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+            "categories": [{"id": 3, "name": "car"}]}
+    caps = {"images": images, "annotations": [{"id": 1, "image_id": 1, "caption": "A dog's head out of a car."}]}
+    ip, cp = tmp_path / "instances_val2014.json", tmp_path / "captions_val2014.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps(caps))
+    gt = build_ground_truth([ip], [cp])
+    assert gt == {1: {"car", "dog"}}
+    # caption side: "the dog's" mentions dog (present, not hallucinated); the cat's is hallucinated
+    res = compute_chair({1: "The dog's ears and the cat's tail."}, gt)
+    assert (res.n_mentions, res.n_hallucinated_mentions) == (2, 1)
+    assert res.per_caption[0]["hallucinated_words"] == ["cat"]

@@ -46,6 +46,11 @@ COCO_VOCAB_RESOURCE = "coco_chair_vocab.json"
 # Punctuation stays a token so that phrases never merge across it ("a baby, dog" is not "baby dog").
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _WORD_RE = re.compile(r"[a-z0-9]")
+# NLTK's word_tokenize (the Treebank tokenizer the original CHAIR uses) splits the clitics 's 'm 'd 'll 're
+# 've and n't off the end of a word (its ENDING_QUOTES rules), so "the dog's owner" mentions "dog".
+_CLITIC_RE = re.compile(r"^([a-z0-9][a-z0-9'-]*?)('s|'m|'d|'ll|'re|'ve|n't)$")
+# part of the ground-truth cache key: a change of the tokenizer must not reuse objects found by the old one
+TOKENIZER_VERSION = "nltk-clitics-1"
 
 
 def _normalised(value: Any) -> Any:
@@ -156,7 +161,8 @@ class ChairVocabulary(BaseModel):
 
     # ---------------------------------------------------------------------------------- text
     def tokenize(self, caption: str) -> list[str]:
-        return _TOKEN_RE.findall(caption.lower())
+        """Lowercase tokens; a final clitic ('s, n't, ...) is its own token as in NLTK's word_tokenize."""
+        return tokenize(caption)
 
     def singularize(self, token: str) -> str:
         if token in self.protected or not token.isalpha():
@@ -189,6 +195,19 @@ class ChairVocabulary(BaseModel):
     def objects(self, caption: str) -> list[str]:
         """Node words mentioned in ``caption`` (with repeats)."""
         return [node for _, node in self.mentions(caption)]
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lowercase word and punctuation tokens, a word's final clitic split off as NLTK does.
+
+    >>> tokenize("The dog's owner can't see the dogs' bowl.")
+    ['the', 'dog', "'s", 'owner', 'ca', "n't", 'see', 'the', 'dogs', "'", 'bowl', '.']
+    """
+    out: list[str] = []
+    for tok in _TOKEN_RE.findall(caption.lower()):
+        m = _CLITIC_RE.match(tok)
+        out += [m.group(1), m.group(2)] if m else [tok]
+    return out
 
 
 def count_words(caption: str) -> int:
@@ -234,7 +253,8 @@ def build_ground_truth(instance_files: Sequence[str | os.PathLike[str]],
         raise EvalInputError("build_ground_truth: no instance annotation files given; pass at least one")
     wanted = None if image_ids is None else sorted(set(image_ids))
     key = sha256_text(canonical_json({
-        "files": [sha256_file(p) for p in inst + caps], "vocab": vocab.sha256(), "image_ids": wanted}))
+        "files": [sha256_file(p) for p in inst + caps], "vocab": vocab.sha256(), "image_ids": wanted,
+        "tokenizer": TOKENIZER_VERSION}))
     if cache_path is not None and Path(cache_path).is_file():
         cached = read_json_file(cache_path, "CHAIR ground-truth cache")
         if cached.get("key") == key:

@@ -6,13 +6,10 @@ write a report. See docs/evals.md for examples.
 
 from clearsight.evals.cache import GenerationCache, cache_key
 from clearsight.evals.datasets.pope import (
-    PARSERS,
     SPLITS,
     PopeFile,
     PopeGenerationConfig,
-    PopeMetrics,
     PopeQuestion,
-    PopeReport,
     PopeSet,
     build_prompt,
     check_images,
@@ -20,11 +17,6 @@ from clearsight.evals.datasets.pope import (
     load_llava_pope,
     load_pope_file,
     load_pope_parquet,
-    parse_negation,
-    parse_pope,
-    parse_strict,
-    pope_metrics,
-    score_pope,
     write_pope_files,
 )
 from clearsight.evals.datasets.shapes import (
@@ -62,6 +54,8 @@ from clearsight.evals.metrics.crosscheck import (
     spearman,
     split_sentences,
 )
+from clearsight.evals.metrics.pope import PopeMetrics, PopeReport, pope_metrics, score_pope
+from clearsight.evals.parsers import PARSERS, parse_negation, parse_pope, parse_strict
 from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
 
 __all__ = [

@@ -220,18 +220,18 @@ def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer, monkeypatch):
     from clearsight.evals.executor import LocalExecutor
     from clearsight.evals.metrics.crosscheck import split_sentences
 
-    real_generate = LocalExecutor.generate_requests  # the scorers ask through the executor's engines
+    real_generate = LocalExecutor.generate_tasks  # the checks are a second round of work through the executor
 
-    def answers_no(self, system, requests, *args, **kwargs):
+    def answers_no(self, tasks, on_result):
         """The captions are generated for real; every sentence check is answered "No"."""
-        results = real_generate(self, system, requests, *args, **kwargs)
-        for req, r in zip(requests, results):
-            prompt = req if isinstance(req, str) else req["prompt"]
-            if "sentence" in prompt.lower():
-                r.text = "No"
-        return results
+        def patched(task, record):
+            if "sentence" in task.item.prompt.lower():
+                record["output"] = "No"
+            on_result(task, record)
 
-    monkeypatch.setattr(LocalExecutor, "generate_requests", answers_no)
+        real_generate(self, tasks, patched)
+
+    monkeypatch.setattr(LocalExecutor, "generate_tasks", answers_no)
     job = _job(tmp_path, systems=SYSTEMS[:2],
                benchmarks=[{"kind": "chair", "n_images": 3, "max_new_tokens": 24},
                            {"kind": "crosscheck", "scorer": scorer}])

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clearsight.evals._inflect import inflect_engine
@@ -39,6 +40,7 @@ from clearsight.evals._io import (
     sha256_text,
 )
 from clearsight.evals.errors import EvalInputError
+from clearsight.evals.stats import Measure
 
 COCO_VOCAB_RESOURCE = "coco_chair_vocab.json"
 
@@ -384,4 +386,34 @@ def load_captions_file(path: str | os.PathLike[str], image_id_key: str = "image_
         if image_id_key not in r or caption_key not in r:
             raise EvalInputError(f"{p}: record {i} lacks {image_id_key!r} or {caption_key!r}")
         out.append((r[image_id_key], r[caption_key]))
+    return out
+
+
+def chair_measures(per_caption: Mapping[str, Sequence[Mapping]], partners: Mapping[str, str] | None = None,
+                   benchmark: str = "chair") -> list[Measure]:
+    """CHAIR_s, CHAIR_i and recall per image (``ChairResult.per_caption``, same image order for every
+    system); with the world's partner map also the partner share of hallucinated mentions and the share of
+    captions that name an absent partner."""
+    cs, cin, cid, rn, rd, pn, pd, pc = ({} for _ in range(8))
+    for name, rows in per_caption.items():
+        cs[name] = np.array([bool(r["hallucinated"]) for r in rows], dtype=float)
+        cin[name] = np.array([len(r["hallucinated"]) for r in rows], dtype=float)
+        cid[name] = np.array([len(r["mentions"]) for r in rows], dtype=float)
+        rn[name] = np.array([len(r["recalled"]) for r in rows], dtype=float)
+        rd[name] = np.array([len(r["gt_objects"]) for r in rows], dtype=float)
+        if partners is not None:
+            from clearsight.evals.metrics.partner import partner_mentions
+
+            counts = [partner_mentions(r["hallucinated"], r["gt_objects"], partners) for r in rows]
+            pn[name] = np.array(counts, dtype=float)
+            pd[name] = cin[name]
+            pc[name] = (np.array(counts) > 0).astype(float)
+    ones = {k: np.ones(len(v)) for k, v in cs.items()}
+    out = [Measure(benchmark, "chair_s", None, "proportion", cs, ones, "CHAIR_s", False),
+           Measure(benchmark, "chair_i", None, "ratio", cin, cid, "CHAIR_i", False),
+           Measure(benchmark, "recall", None, "ratio", rn, rd, "recall", True)]
+    if partners is not None:
+        out += [Measure(benchmark, "partner_share", None, "ratio", pn, pd, "partner share of hallucinations", False),
+                Measure(benchmark, "partner_captions", None, "proportion", pc, ones,
+                        "captions naming an absent partner", False)]
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,8 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
     """Generate what the cache lacks; returns the number of new records.
 
     Round 0: every system generates every benchmark's items. Later rounds: work a benchmark asks for once
-    earlier outputs exist (``Benchmark.follow_up``: CrossCheck's judge and implicit checks), through the
-    same executor and cache, until no benchmark asks for more.
+    earlier outputs exist (``Benchmark.follow_up``, e.g. a judge's checks of the first round's outputs),
+    through the same executor and cache, until no benchmark asks for more.
 
     Packed (``job.pack``, the default): every pending task of a round goes to the executor in one call,
     one stream per model: no pass drains before the next starts, and requests of different systems share
@@ -397,4 +397,58 @@ def score_from_cache(job: EvalJob) -> EvalResults:
             raise EvalInputError(f"{cache.path} holds no generations: run the job first")
         results = score_job(job, prep, cache)
         write_report(results, job.output)
+    return results
+
+
+def score_outputs(job: EvalJob, outputs: Mapping[str, Mapping[str, str]], source: str = "outputs") -> EvalResults:
+    """Score outputs generated elsewhere, with no model: ``outputs[system][id] = text``, where ``id`` is
+    each benchmark's own id of a sample (``Benchmark.external_ids``, e.g. an image id or a question id).
+
+    Each system of ``job`` whose label is a key of ``outputs`` gets its texts written into the folder's
+    cache (under its own config, as if it had generated them), then the job is scored from the cache
+    like any other (``clearsight report DIR`` works on the folder afterwards). Every sample of the job
+    needs a text, and every id must be known: otherwise a one-line error naming the first, before
+    anything is written."""
+    out = check_output_path(job.output)
+    prep = prepare(job)
+    missing_sys = [s.label for s in job.systems if s.label not in outputs]
+    if missing_sys:
+        raise EvalInputError(f"{source}: no outputs for system {missing_sys[0]!r}")
+    ids: dict[str, WorkItem] = {}
+    for b in prep.benchmarks.values():
+        mine = b.external_ids()
+        clash = sorted(set(mine) & set(ids))
+        if clash:
+            raise EvalInputError(f"{source}: id {clash[0]!r} names a sample of two benchmarks: score one "
+                                 "benchmark at a time")
+        ids.update(mine)
+    records: list[tuple[SystemSpec, WorkItem, str]] = []
+    for system in job.systems:
+        given = outputs[system.label]
+        unknown = sorted(set(given) - set(ids))
+        if unknown:
+            raise EvalInputError(f"{source}: id {unknown[0]!r} is not a sample of the benchmark "
+                                 f"({len(unknown)} unknown): give the benchmark's own ids")
+        lacking = [k for k in ids if k not in given]
+        if lacking:
+            raise EvalInputError(f"{source}: no text for id {lacking[0]!r} ({len(lacking)} of {len(ids)} "
+                                 "missing): give every sample, or a smaller --limit")
+        records += [(system, ids[k], str(given[k])) for k in ids]
+    with output_lock(out):
+        job = merge_with_folder(job, out)
+        for b in prep.benchmarks.values():
+            b.job = job
+        prep.materialize()
+        cache = GenerationCache(out / "generations.jsonl")
+        configs = _Configs()
+        for system, item, text in records:
+            config = configs(system, item.max_new_tokens)
+            rec = cache.get(config, item.sample_id)
+            if rec is not None and rec["output"] != text:
+                raise EvalInputError(f"{source}: {system.label!r} already has another output for "
+                                     f"{item.sample_id!r} in {cache.path}: use another --output or --name")
+            cache.put(config, item.sample_id, text, system_name=system.label, imported_from=source)
+        atomic_write_text(out / "job.json", job.model_dump_json(indent=2))
+        results = score_job(job, prep, cache)
+        write_report(results, out)
     return results

@@ -137,6 +137,11 @@ class Benchmark(ABC):
         """First-round work: every system of the job generates each of these."""
         return []
 
+    def external_ids(self) -> dict[str, WorkItem]:
+        """The benchmark's own id of each first-round item (an image id, a question id), by which outputs
+        generated elsewhere are matched to it (``clearsight eval score``); defaults to the sample ids."""
+        return {it.sample_id: it for it in self.items()}
+
     def follow_up(self, round: int, lookup: Lookup) -> list[tuple[SystemSpec, WorkItem]]:
         """Round ``round`` (from 1) of work that depends on earlier outputs; [] when there is none."""
         return []

@@ -47,6 +47,8 @@ class ChairBenchmark(BenchmarkSpec):
     vocabulary: str | None = Field(None, description="CHAIR vocabulary JSON (default: COCO, or the world's own)")
     n_images: int = Field(500, ge=1, description="images sampled (the --limit of `clearsight eval chair`)")
     seed: int = 0
+    image_ids: list[int] | None = Field(None, description="exactly these images instead of a sample (e.g. the "
+                                        "images of captions generated elsewhere)")
     prompt: str = CHAIR_PROMPT
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     drop_incomplete: bool = Field(True, description="drop a final incomplete sentence (short-caption protocol)")
@@ -94,8 +96,15 @@ class Chair(Benchmark):
             self.instances, self.caption_files = list(bench.instances), list(bench.captions)
             image_dir = Path(bench.image_dir or ".")
             self.vocab = ChairVocabulary.load(bench.vocabulary) if bench.vocabulary else ChairVocabulary.coco()
-        self.image_ids = sample_image_ids(self.instances[0], n=bench.n_images, seed=bench.seed)
         files = _image_files(self.instances)
+        if bench.image_ids is not None:
+            unknown = [i for i in bench.image_ids if i not in files]
+            if unknown:
+                raise EvalInputError(f"CHAIR image id {unknown[0]} is not in {self.instances[0]}: give ids of its "
+                                     "images")
+            self.image_ids = list(dict.fromkeys(bench.image_ids))
+        else:
+            self.image_ids = sample_image_ids(self.instances[0], n=bench.n_images, seed=bench.seed)
         self._items: list[WorkItem] = []
         self.image_of: dict[str, int] = {}
         for image_id in self.image_ids:
@@ -111,6 +120,10 @@ class Chair(Benchmark):
 
     def items(self) -> list[WorkItem]:
         return list(self._items)
+
+    def external_ids(self) -> dict[str, WorkItem]:
+        """The image id (COCO ``image_id``) of each caption."""
+        return {str(self.image_of[it.sample_id]): it for it in self._items}
 
     def captions(self, outputs: Callable[[Any, Sequence[WorkItem]], dict[str, str]]
                  ) -> dict[str, dict[str, tuple[str, str | None]]]:

@@ -192,6 +192,12 @@ class Pope(Benchmark):
     def items(self) -> list[WorkItem]:
         return list(self._items)
 
+    def external_ids(self) -> dict[str, WorkItem]:
+        """The question id (``split/question_id`` when ids repeat across the splits)."""
+        qids = [str(self.where[it.sample_id][1]) for it in self._items]
+        unique = len(set(qids)) == len(qids)
+        return {(q if unique else f"{self.where[it.sample_id][0]}/{q}"): it for q, it in zip(qids, self._items)}
+
     # ------------------------------------------------------------------ score
     def score(self, ctx: ScoreContext) -> BenchmarkScore:
         out = BenchmarkScore()

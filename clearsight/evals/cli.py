@@ -194,6 +194,19 @@ def cmd_eval_mme(args: argparse.Namespace) -> int:
                  "batch_size": args.batch_size}, args)
 
 
+def cmd_eval_amber(args: argparse.Namespace) -> int:
+    bench: dict[str, Any] = {"kind": "amber", "limit": args.limit, "parser": args.parser,
+                             "max_new_tokens": args.max_new_tokens}
+    if args.root:
+        bench.update(data=None, root=args.root, image_dir=args.image_dir)
+    else:
+        bench["data"] = args.data
+    if args.parts:
+        bench["parts"] = args.parts
+    return _run({"systems": _systems(args), "benchmarks": [bench], "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
 def cmd_eval_crosscheck(args: argparse.Namespace) -> int:
     benches = [_chair_bench(args), {"kind": "crosscheck", "scorer": args.scorer}]
     return _run({"systems": _systems(args), "benchmarks": benches, "output": args.output,
@@ -291,7 +304,7 @@ def eval_command(add: Any) -> Any:
 
 @extra_command
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck) or a whole eval job")
+    ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck, MME, AMBER) or a whole eval job")
     es = ev.add_subparsers(dest="eval_command", required=True)
 
     run = es.add_parser("run", help="run an EvalJob file (.toml / .yaml / .json); resumes from its cache")
@@ -336,6 +349,20 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     mme.add_argument("--max-new-tokens", type=int, default=8)
     _outputs_args(mme)
     mme.set_defaults(func=cmd_eval_mme)
+
+    amber = es.add_parser("amber", help="AMBER generative (CHAIR, Cover, Hal, Cog) and discriminative parts on "
+                                        "builtin:shapes or the official AMBER files")
+    _common(amber, "runs/amber")
+    amber.add_argument("--data", default="builtin:shapes")
+    amber.add_argument("--root", default=None, help="the AMBER repository's data folder (instead of --data)")
+    amber.add_argument("--image-dir", default=None, help="the AMBER images (with --root)")
+    amber.add_argument("--parts", nargs="*", default=None, help="default: generative discriminative")
+    amber.add_argument("--parser", choices=["amber", "pope", "negation", "strict"], default="amber",
+                       help="yes/no rule (amber: the official exact 'Yes' / 'No')")
+    amber.add_argument("--limit", type=int, default=None, help="queries per part")
+    amber.add_argument("--max-new-tokens", type=int, default=64, help="generative part")
+    _outputs_args(amber)
+    amber.set_defaults(func=cmd_eval_amber)
 
     import importlib
 

@@ -2,7 +2,7 @@
 built-ins, in the order the report lists them. A benchmark of your own: subclass ``Benchmark``, decorate
 it with ``register_benchmark`` and import its module before the job is parsed (docs/evals.md)."""
 
-from clearsight.evals.benchmarks import chair, crosscheck, mme, pope  # noqa: F401 - registers the built-ins
+from clearsight.evals.benchmarks import amber, chair, crosscheck, mme, pope  # noqa: F401 - registers the built-ins
 from clearsight.evals.benchmarks.base import (
     Benchmark,
     BenchmarkScore,

@@ -177,12 +177,14 @@ _REGISTRY: dict[str, type[Benchmark]] = {}
 
 
 def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
-    """Register a benchmark class under ``cls.kind`` (usable as a decorator); a kind is registered once."""
+    """Register a benchmark class under ``cls.kind`` (usable as a decorator). A kind belongs to one class; the
+    same class defined again (a re-run script or notebook cell) replaces it."""
     kind = cls.spec_class.model_fields["kind"].default
     if kind != cls.kind:
         raise ValueError(f"{cls.__name__}: spec_class kind default {kind!r} differs from kind {cls.kind!r}")
-    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
-        raise ValueError(f"a benchmark of kind {cls.kind!r} is already registered ({_REGISTRY[cls.kind].__name__})")
+    old = _REGISTRY.get(cls.kind)
+    if old is not None and old is not cls and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"a benchmark of kind {cls.kind!r} is already registered ({old.__name__})")
     _REGISTRY[cls.kind] = cls
     return cls
 

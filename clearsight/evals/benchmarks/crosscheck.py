@@ -215,7 +215,7 @@ class CrossCheck(Benchmark):
                     per_sentence.append([implicit_answer_to_score(a) for a in answers])  # type: ignore[arg-type]
                 sample_scores[key] = aggregate_sample(per_sentence)
             scores[name] = aggregate_system(sample_scores)
-            n_samples[name] = sum(v is not None for v in sample_scores.values())
+            n_samples[name] = len(sample_scores)  # every sample, as the explicit result counts (skipped below)
             n_sentences[name] = sum(len(split_sentences(t)) for t in outs.values())
             skipped[name] = sum(v is None for v in sample_scores.values())
         return CrossCheckResult(scorer="implicit", scores=scores, ranking=rank_systems(scores), n_samples=n_samples,

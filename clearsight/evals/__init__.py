@@ -1,4 +1,5 @@
-"""clearsight.evals: hallucination benchmarks (POPE, CHAIR, CrossCheck) and the built-in shapes world.
+"""clearsight.evals: hallucination benchmarks (POPE, CHAIR, CrossCheck, MME, AMBER; more as plug-ins, see
+``clearsight.evals.benchmarks``) and the built-in shapes world.
 
 Stages (shared/evals.md): generate once into a :class:`GenerationCache`, score with pure functions, then
 write a report. See docs/evals.md for examples.

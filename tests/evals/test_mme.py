@@ -128,3 +128,12 @@ def test_shapes_world_pairs(shapes_cache):
             assert [a["colour"] for a in objs if cats[a["category_id"]] == shape] == [colour]
     assert {rel.split("/")[0] for rel in files} == {"existence", "count", "position", "color"}
     MmeQuestion(subset="count", image="x.png", question="q", answer="yes")  # the record the loader returns
+
+
+def test_example_job_with_mme_and_amber_is_valid():
+    from pathlib import Path
+
+    from clearsight.evals.job import load_job
+
+    job = load_job(Path(__file__).resolve().parents[2] / "examples" / "shapes_mme_amber.toml")
+    assert [b.kind for b in job.benchmarks] == ["mme", "amber"] and job.benchmarks[0].limit == 30

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clearsight.config import DecodeSpec
 from clearsight.evals.errors import EvalInputError
@@ -48,6 +48,8 @@ def _decode_bound(name: str, default: int) -> int:
 
 
 MAX_NEW_TOKENS = _decode_bound("max_new_tokens", 8192)
+# a benchmark's label keys its results beside these fields of SystemResult / EvalResults
+RESERVED_LABELS = frozenset({"name", "config", "decode", "systems", "data_files", "stats", "notes"})
 
 
 class BenchmarkSpec(BaseModel):
@@ -59,6 +61,13 @@ class BenchmarkSpec(BaseModel):
     kind: str
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                              description="label of this benchmark (default: its kind)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str | None) -> str | None:
+        if v in RESERVED_LABELS:
+            raise ValueError(f"{v!r} is a field of the results: choose another name")
+        return v
 
     @property
     def label(self) -> str:

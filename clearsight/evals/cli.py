@@ -48,6 +48,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
     ranges = {"batch_size": ("--batch-size", MAX_BATCH_SIZE), "max_new_tokens": ("--max-new-tokens", MAX_NEW_TOKENS),
               "limit": ("--limit", None), "n_images": ("--limit", None), "per_split": ("--per-split", None)}
     for dest, (flag, high) in ranges.items():
+        flag = getattr(args, f"_flag_{dest}", None) or flag  # the spelling given (--limit / --n-images)
         value = getattr(args, dest, None)
         if value is None or 1 <= value <= (high or value):
             continue
@@ -261,12 +262,21 @@ def _common(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+class _StoreFlag(argparse.Action):
+    """Store the value and which of the option's spellings was given (so an error names that one)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"_flag_{self.dest}", option_string)
+
+
 def _chair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="builtin:shapes")
     p.add_argument("--instances", nargs="*", default=[], help="COCO instances_*2014.json files (instead of --data)")
     p.add_argument("--captions", nargs="*", default=[], help="COCO captions_*2014.json files")
     p.add_argument("--image-dir", default=None)
-    p.add_argument("--limit", "--n-images", dest="n_images", type=int, default=500,
+    p.add_argument("--limit", "--n-images", dest="n_images", type=int, default=500, action=_StoreFlag,
                    help="images sampled (--n-images is the older name)")
     p.add_argument("--image-seed", type=int, default=0,
                    help="seed of the CHAIR image sample (independent of the sampling --seed)")

@@ -378,14 +378,10 @@ def lm_stage(model, args, pixels: Pixels, packer: Packer, name: str, steps: int,
 # ----------------------------------------------------------------------------------------- evaluation
 def evaluate(out: Path, args) -> dict:
     from clearsight import DecodeSpec, generate, load_model
-    from clearsight.evals.datasets.pope import (
-        PopeGenerationConfig,
-        build_prompt,
-        generate_pope_questions,
-        parse_pope,
-        pope_metrics,
-    )
+    from clearsight.evals.datasets.pope import PopeGenerationConfig, build_prompt, generate_pope_questions
     from clearsight.evals.metrics.chair import compute_chair
+    from clearsight.evals.metrics.pope import pope_metrics
+    from clearsight.evals.parsers import parse_pope
 
     lvlm = load_model(str(out), device="cpu", dtype="float32")
     spec = ShapesWorldSpec(n_images=args.eval_images, seed=args.eval_seed, name="shapes-eval")

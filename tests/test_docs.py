@@ -95,3 +95,32 @@ def test_evals_cluster_lines_run(line, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| none" in out and "| vcd" in out  # the report names both systems
     assert json.loads((tmp_path / "out" / "job.json").read_text())["executor"] == "ray"
+
+
+# docs/evals.md sections whose python examples run as written (the others need real data files)
+EVALS_RUNNABLE = ("## MME hallucination subsets", "## AMBER", "## Benchmarks as plug-ins")
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    nxt = text.find("\n## ", start + len(heading))
+    return text[start: nxt if nxt != -1 else len(text)]
+
+
+@pytest.mark.parametrize("heading", EVALS_RUNNABLE)
+def test_evals_guide_examples_run(heading, monkeypatch, capsys, tmp_path):
+    """The MME and AMBER scoring examples and the plug-in benchmark example (it runs a tiny model on 2
+    questions through the runner, and its section appears in the report)."""
+    import clearsight.evals.benchmarks.base as base
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base.registered()))  # the example's benchmark stays in this test
+    blocks = _blocks("python", _section((ROOT / "docs/evals.md").read_text(encoding="utf-8"), heading))
+    assert blocks, f"no python example under {heading!r}"
+    for i, block in enumerate(blocks):
+        code = block.replace("/tmp/clearsight-yes-rate", str(tmp_path / "yes-rate"))
+        # dont_inherit: not this module's `from __future__ import annotations` (pydantic resolves real types)
+        compiled = compile(code, f"docs/evals.md {heading} block {i}", "exec", dont_inherit=True)
+        exec(compiled, {"__name__": "docs_example"})
+    if heading.startswith("## Benchmarks"):
+        assert "## Yes-rate" in (tmp_path / "yes-rate" / "report.md").read_text()

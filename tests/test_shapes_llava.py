@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from clearsight import DecodeSpec, generate, load_model
-from clearsight.evals.datasets.pope import parse_pope
 from clearsight.evals.datasets.shapes import PARTNER_PAIRS, SHAPES, ShapesWorldSpec, generate_scenes, render_scene
+from clearsight.evals.parsers import parse_pope
 from clearsight.models.shipped import shapes_llava_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,8 @@ def test_model_card_pope_targets():
 
 def test_held_out_pope_live_with_margins(lvlm):
     """Part of the recorded POPE score is reproduced live on held-out scenes (same seed and recipe)."""
-    from clearsight.evals.datasets.pope import PopeGenerationConfig, build_prompt, generate_pope_questions, pope_metrics
+    from clearsight.evals.datasets.pope import PopeGenerationConfig, build_prompt, generate_pope_questions
+    from clearsight.evals.metrics.pope import pope_metrics
 
     spec = ShapesWorldSpec(n_images=40, seed=_scores()["training"]["eval_seed"])
     scenes = generate_scenes(spec)

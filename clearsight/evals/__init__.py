@@ -1,4 +1,5 @@
-"""clearsight.evals: hallucination benchmarks (POPE, CHAIR, CrossCheck) and the built-in shapes world.
+"""clearsight.evals: hallucination benchmarks (POPE, CHAIR, CrossCheck, MME, AMBER; more as plug-ins, see
+``clearsight.evals.benchmarks``) and the built-in shapes world.
 
 Stages (shared/evals.md): generate once into a :class:`GenerationCache`, score with pure functions, then
 write a report. See docs/evals.md for examples.
@@ -6,13 +7,10 @@ write a report. See docs/evals.md for examples.
 
 from clearsight.evals.cache import GenerationCache, cache_key
 from clearsight.evals.datasets.pope import (
-    PARSERS,
     SPLITS,
     PopeFile,
     PopeGenerationConfig,
-    PopeMetrics,
     PopeQuestion,
-    PopeReport,
     PopeSet,
     build_prompt,
     check_images,
@@ -20,11 +18,6 @@ from clearsight.evals.datasets.pope import (
     load_llava_pope,
     load_pope_file,
     load_pope_parquet,
-    parse_negation,
-    parse_pope,
-    parse_strict,
-    pope_metrics,
-    score_pope,
     write_pope_files,
 )
 from clearsight.evals.datasets.shapes import (
@@ -62,6 +55,8 @@ from clearsight.evals.metrics.crosscheck import (
     spearman,
     split_sentences,
 )
+from clearsight.evals.metrics.pope import PopeMetrics, PopeReport, pope_metrics, score_pope
+from clearsight.evals.parsers import PARSERS, parse_negation, parse_pope, parse_strict
 from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
 
 __all__ = [

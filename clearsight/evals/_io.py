@@ -82,3 +82,39 @@ def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise EvalInputError(f"{p}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
                              "fix or re-create the file") from exc
+
+
+ID_KEYS = ("id", "sample_id", "image_id", "question_id")
+TEXT_KEYS = ("text", "caption", "answer", "response", "output")
+
+
+def read_outputs_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Outputs generated elsewhere: JSON lines (or a JSON array) of objects with an id (``id``, ``sample_id``,
+    ``image_id`` or ``question_id``) and a text (``text``, ``caption``, ``answer``, ``response`` or
+    ``output``); returns ``{str(id): text}``. Errors name the file, the record and the fix."""
+    p = require_file(path, "outputs file", "give a JSON-lines file of {\"id\": ..., \"text\": ...} records")
+    raw = p.read_text(encoding="utf-8")
+    if raw.lstrip().startswith("["):
+        records = read_json_file(p, "outputs file")
+    else:
+        records = []
+        for i, line in enumerate(raw.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise EvalInputError(f"{p}: line {i} is not JSON ({exc.msg}): fix that line") from None
+    if not records:
+        raise EvalInputError(f"{p}: no records: give one {{\"id\": ..., \"text\": ...}} object per line")
+    out: dict[str, str] = {}
+    for i, r in enumerate(records, start=1):
+        key = next((k for k in ID_KEYS if isinstance(r, dict) and k in r), None)
+        text = next((k for k in TEXT_KEYS if isinstance(r, dict) and k in r), None)
+        if key is None or text is None or not isinstance(r[text], str):
+            raise EvalInputError(f"{p}: record {i} needs an id ({', '.join(ID_KEYS)}) and a text "
+                                 f"({', '.join(TEXT_KEYS)}) string")
+        sid = str(r[key])
+        if sid in out:
+            raise EvalInputError(f"{p}: record {i} repeats id {sid!r}: give each sample once")
+        out[sid] = r[text]
+    return out

@@ -44,7 +44,7 @@ class GenerationCache:
     """Append-only JSON-lines cache of generated outputs.
 
     >>> cache = GenerationCache("gen.jsonl")                                # doctest: +SKIP
-    >>> cache.put({"model": "demo", "decode": "greedy"}, "pope-1", "Yes.")  # doctest: +SKIP
+    >>> cache.put({"model": "demo", "decode": "greedy"}, "bench/1", "Yes.")  # doctest: +SKIP
     True
     """
 

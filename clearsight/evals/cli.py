@@ -1,4 +1,7 @@
-"""CLI: ``clearsight eval run|pope|chair|crosscheck``, ``clearsight report DIR``, ``clearsight demo``."""
+"""CLI: ``clearsight eval run|pope|chair|crosscheck|mme|amber``, ``clearsight report DIR``, ``clearsight demo``.
+
+Every benchmark command takes ``--limit`` for its size and ``--outputs FILE`` to score outputs generated
+elsewhere (JSON lines of sample id and text) with no model."""
 
 from __future__ import annotations
 
@@ -43,8 +46,9 @@ def _check_ranges(args: argparse.Namespace) -> None:
     from clearsight.evals.job import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 
     ranges = {"batch_size": ("--batch-size", MAX_BATCH_SIZE), "max_new_tokens": ("--max-new-tokens", MAX_NEW_TOKENS),
-              "limit": ("--limit", None), "n_images": ("--n-images", None), "per_split": ("--per-split", None)}
+              "limit": ("--limit", None), "n_images": ("--limit", None), "per_split": ("--per-split", None)}
     for dest, (flag, high) in ranges.items():
+        flag = getattr(args, f"_flag_{dest}", None) or flag  # the spelling given (--limit / --n-images)
         value = getattr(args, dest, None)
         if value is None or 1 <= value <= (high or value):
             continue
@@ -80,8 +84,36 @@ def _run(job_data: dict[str, Any], args: argparse.Namespace) -> int:
     from clearsight.evals.runner import run_job
 
     _check_ranges(args)
+    if getattr(args, "outputs", None):
+        return _score_file(job_data, args)
     job = parse_job(job_data, where="eval options")
     run_job(job, progress=None if args.no_progress else _tqdm_progress)
+    print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
+    print(f"results: {Path(job.output).resolve()}")
+    return 0
+
+
+def _score_file(job_data: dict[str, Any], args: argparse.Namespace) -> int:
+    """``--outputs FILE``: score another model's outputs (JSON lines of id and text) as one system, no model."""
+    from clearsight.evals._io import read_outputs_file
+    from clearsight.evals.errors import EvalInputError
+    from clearsight.evals.job import parse_job
+    from clearsight.evals.runner import score_outputs
+
+    if args.system:
+        raise EvalInputError("--outputs scores a file as one system: drop --system (name it with --name)")
+    texts = read_outputs_file(args.outputs)
+    name = args.name or Path(args.outputs).stem
+    bench = job_data["benchmarks"][0]
+    if bench["kind"] == "chair":  # exactly the images the file has captions of
+        try:
+            bench["image_ids"] = sorted(int(k) for k in texts)
+        except ValueError:
+            raise EvalInputError(f"--outputs {args.outputs}: CHAIR ids are COCO image ids (whole numbers): "
+                                 "fix the id of each record") from None
+    job_data["systems"] = [{"name": name, "model": f"external:{name}"}]
+    job = parse_job(job_data, where="eval options")
+    score_outputs(job, {name: texts}, source=str(args.outputs))
     print((Path(job.output) / "report.md").read_text(encoding="utf-8"))
     print(f"results: {Path(job.output).resolve()}")
     return 0
@@ -151,6 +183,31 @@ def cmd_eval_chair(args: argparse.Namespace) -> int:
                  "batch_size": args.batch_size}, args)
 
 
+def cmd_eval_mme(args: argparse.Namespace) -> int:
+    bench: dict[str, Any] = {"kind": "mme", "limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    if args.root:
+        bench.update(data=None, root=args.root, image_dir=args.image_dir)
+    else:
+        bench["data"] = args.data
+    if args.subsets:
+        bench["subsets"] = args.subsets
+    return _run({"systems": _systems(args), "benchmarks": [bench], "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
+def cmd_eval_amber(args: argparse.Namespace) -> int:
+    bench: dict[str, Any] = {"kind": "amber", "limit": args.limit, "parser": args.parser,
+                             "max_new_tokens": args.max_new_tokens}
+    if args.root:
+        bench.update(data=None, root=args.root, image_dir=args.image_dir)
+    else:
+        bench["data"] = args.data
+    if args.parts:
+        bench["parts"] = args.parts
+    return _run({"systems": _systems(args), "benchmarks": [bench], "output": args.output,
+                 "batch_size": args.batch_size}, args)
+
+
 def cmd_eval_crosscheck(args: argparse.Namespace) -> int:
     benches = [_chair_bench(args), {"kind": "crosscheck", "scorer": args.scorer}]
     return _run({"systems": _systems(args), "benchmarks": benches, "output": args.output,
@@ -205,15 +262,32 @@ def _common(p: argparse.ArgumentParser, output: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+class _StoreFlag(argparse.Action):
+    """Store the value and which of the option's spellings was given (so an error names that one)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"_flag_{self.dest}", option_string)
+
+
 def _chair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="builtin:shapes")
     p.add_argument("--instances", nargs="*", default=[], help="COCO instances_*2014.json files (instead of --data)")
     p.add_argument("--captions", nargs="*", default=[], help="COCO captions_*2014.json files")
     p.add_argument("--image-dir", default=None)
-    p.add_argument("--n-images", type=int, default=500)
+    p.add_argument("--limit", "--n-images", dest="n_images", type=int, default=500, action=_StoreFlag,
+                   help="images sampled (--n-images is the older name)")
     p.add_argument("--image-seed", type=int, default=0,
                    help="seed of the CHAIR image sample (independent of the sampling --seed)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def _outputs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outputs", default=None,
+                   help="score this JSON-lines file of {\"id\": ..., \"text\": ...} generated elsewhere (no model); "
+                        "ids are the benchmark's own: image id, question id, subset/image/0|1")
+    p.add_argument("--name", default=None, help="with --outputs: the system's name (default: the file's stem)")
 
 
 def add_run_options(p: argparse.ArgumentParser, cluster_address: bool = True) -> None:
@@ -240,7 +314,7 @@ def eval_command(add: Any) -> Any:
 
 @extra_command
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck) or a whole eval job")
+    ev = sub.add_parser("eval", help="run benchmarks (POPE, CHAIR, CrossCheck, MME, AMBER) or a whole eval job")
     es = ev.add_subparsers(dest="eval_command", required=True)
 
     run = es.add_parser("run", help="run an EvalJob file (.toml / .yaml / .json); resumes from its cache")
@@ -259,11 +333,13 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
                       help="default: random popular adversarial (with --files: the files' splits)")
     pope.add_argument("--parser", choices=["pope", "negation", "strict"], default="pope")
     pope.add_argument("--limit", type=int, default=None, help="questions per split")
+    _outputs_args(pope)
     pope.set_defaults(func=cmd_eval_pope)
 
     chair = es.add_parser("chair", help="CHAIR captioning hallucination on builtin:shapes or COCO files")
     _common(chair, "runs/chair")
     _chair_args(chair)
+    _outputs_args(chair)
     chair.set_defaults(func=cmd_eval_chair)
 
     cc = es.add_parser("crosscheck", help="CrossCheck ranking of systems from their captions (+ CHAIR)")
@@ -271,6 +347,32 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     _chair_args(cc)
     cc.add_argument("--scorer", choices=["embedding", "judge", "implicit"], default="embedding")
     cc.set_defaults(func=cmd_eval_crosscheck)
+
+    mme = es.add_parser("mme", help="MME hallucination subsets (existence, count, position, color) on builtin:shapes "
+                                    "or the official MME folder")
+    _common(mme, "runs/mme")
+    mme.add_argument("--data", default="builtin:shapes")
+    mme.add_argument("--root", default=None, help="the MME_Benchmark_release_version folder (instead of --data)")
+    mme.add_argument("--image-dir", default=None, help="where the images are, if not beside the questions")
+    mme.add_argument("--subsets", nargs="*", default=None, help="default: existence count position color")
+    mme.add_argument("--limit", type=int, default=None, help="images per subset (2 questions each)")
+    mme.add_argument("--max-new-tokens", type=int, default=8)
+    _outputs_args(mme)
+    mme.set_defaults(func=cmd_eval_mme)
+
+    amber = es.add_parser("amber", help="AMBER generative (CHAIR, Cover, Hal, Cog) and discriminative parts on "
+                                        "builtin:shapes or the official AMBER files")
+    _common(amber, "runs/amber")
+    amber.add_argument("--data", default="builtin:shapes")
+    amber.add_argument("--root", default=None, help="the AMBER repository's data folder (instead of --data)")
+    amber.add_argument("--image-dir", default=None, help="the AMBER images (with --root)")
+    amber.add_argument("--parts", nargs="*", default=None, help="default: generative discriminative")
+    amber.add_argument("--parser", choices=["amber", "pope", "negation", "strict"], default="amber",
+                       help="yes/no rule (amber: the official exact 'Yes' / 'No')")
+    amber.add_argument("--limit", type=int, default=None, help="queries per part")
+    amber.add_argument("--max-new-tokens", type=int, default=64, help="generative part")
+    _outputs_args(amber)
+    amber.set_defaults(func=cmd_eval_amber)
 
     import importlib
 

@@ -15,6 +15,8 @@ import torch
 
 from clearsight.evals.errors import EvalInputError
 
+MAX_WORD_PIECES = 256
+
 
 def minilm_path() -> Path:
     try:
@@ -41,7 +43,9 @@ def minilm_embed(texts: list[str], path: str | Path | None = None, batch_size: i
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            batch = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            # 256 word pieces: the max_seq_length sentence-transformers (CrossCheckGPT's embedder) uses for this model
+            batch = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=MAX_WORD_PIECES,
+                        return_tensors="pt")
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from clearsight.config import DecodeSpec
-from clearsight.evals.job import SystemSpec
 
 if TYPE_CHECKING:
     from clearsight.decoding.generate import GenerationResult
     from clearsight.engine import Engine, RequestHandle
+    from clearsight.evals.job import SystemSpec
 
 
 @dataclass(frozen=True)

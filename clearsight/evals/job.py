@@ -1,31 +1,24 @@
-"""EvalJob: what to evaluate (systems x benchmarks), as a pydantic spec loadable from TOML, YAML or JSON."""
+"""EvalJob: what to evaluate (systems x benchmarks), as a pydantic spec loadable from TOML, YAML or JSON.
+
+Each benchmark entry is validated by the spec class of the registered benchmark its ``kind`` names
+(``clearsight.evals.benchmarks``), so a plug-in benchmark is usable in a job as soon as it is registered."""
 
 from __future__ import annotations
 
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from clearsight.config import DEFAULT_MODEL, DecodeSpec, DType, ModelSpec
-from clearsight.evals.datasets.pope import DEFAULT_PROMPT_SUFFIX, SPLITS
+from clearsight.evals.benchmarks.base import MAX_NEW_TOKENS, BenchmarkSpec
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.stats import StatsSettings
 
-CHAIR_PROMPT = "Please describe this image in detail."
-
-
-def _decode_bound(field: str, default: int) -> int:
-    """DecodeSpec's upper bound of a field, so that a job cannot ask for more than generation accepts."""
-    info = DecodeSpec.model_fields.get(field)
-    bounds = [m.le for m in (info.metadata if info else ()) if getattr(m, "le", None) is not None]
-    return int(bounds[0]) if bounds else default
-
-
-MAX_NEW_TOKENS = _decode_bound("max_new_tokens", 8192)
+__all__ = ["MAX_BATCH_SIZE", "MAX_NEW_TOKENS", "BenchmarkSpec", "EvalJob", "SystemSpec", "load_job", "parse_job"]
 MAX_BATCH_SIZE = 1024
 
 
@@ -88,86 +81,30 @@ class SystemSpec(BaseModel):
         return DecodeSpec(**data)
 
 
-class PopeBenchmark(BaseModel):
-    """POPE: ``data = "builtin:shapes"``; or ``files`` (split -> official/SEEM file) + ``image_dir``; or
-    ``parquet`` (the lmms-lab/POPE files already on disk, images embedded)."""
+def _benchmark_entry(i: int, entry: Any) -> BenchmarkSpec:
+    """One job benchmark entry, validated by the spec class its ``kind`` names (any registered benchmark)."""
+    from clearsight.errors import pydantic_message
+    from clearsight.evals.benchmarks.base import registered
 
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["pope"] = "pope"
-    data: str | None = "builtin:shapes"
-    files: dict[str, str] = Field(default_factory=dict)
-    parquet: list[str] = Field(default_factory=list, description="lmms-lab/POPE *.parquet files on disk")
-    image_dir: str | None = None
-    splits: list[str] = Field(default_factory=lambda: list(SPLITS))
-    parser: Literal["pope", "negation", "strict"] = "pope"
-    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX
-    max_new_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
-    limit: int | None = Field(None, ge=1, description="questions per split (first N)")
-    partner: int = Field(0, ge=0, description="shapes world only: at least this many questions about the absent "
-                         "partner of a present shape (whole scenes, each with a control-absent and a present "
-                         "question); 0 = none")
-
-    @field_validator("splits")
-    @classmethod
-    def _known_splits(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in SPLITS]
-        if bad:
-            raise ValueError(f"unknown split {bad[0]!r}: choose from {', '.join(SPLITS)}")
-        if not v:
-            raise ValueError("no splits: give at least one of " + ", ".join(SPLITS))
-        return v
-
-    @model_validator(mode="after")
-    def _source(self) -> PopeBenchmark:
-        if self.files:
-            missing = [s for s in self.splits if s not in self.files]
-            if missing:
-                raise ValueError(f"files: no file for split {missing[0]!r}; add it or drop it from splits")
-        elif not self.data and not self.parquet:
-            raise ValueError("give data = 'builtin:shapes', files = {split: path} or parquet = [paths]")
-        if self.partner and (self.files or self.parquet or not self.data):
-            raise ValueError("partner questions need a world that knows its partner pairs: use "
-                             "data = 'builtin:shapes', or set partner = 0")
-        return self
+    if isinstance(entry, BenchmarkSpec):
+        return entry
+    if not isinstance(entry, dict):
+        raise BenchmarkEntryError(f"benchmarks.{i}: not a table of benchmark settings")
+    classes = registered()
+    kind = entry.get("kind")
+    if kind not in classes:
+        what = "no kind" if kind is None else f"unknown kind {kind!r}"
+        raise BenchmarkEntryError(f"benchmarks.{i}: {what}: choose from {', '.join(classes)}")
+    try:
+        return classes[kind].spec_class.model_validate(entry)
+    except ValidationError as exc:
+        raise BenchmarkEntryError(pydantic_message(exc, f"benchmarks.{i}.{kind}").replace(
+            f"benchmarks.{i}.{kind}: ", f"benchmarks.{i}.{kind}.", 1).replace(
+            "; ", f"; benchmarks.{i}.{kind}.")) from None
 
 
-class ChairBenchmark(BaseModel):
-    """CHAIR: ``data = "builtin:shapes"`` or COCO ``instances`` + ``captions`` files and ``image_dir``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["chair"] = "chair"
-    data: str | None = "builtin:shapes"
-    instances: list[str] = Field(default_factory=list)
-    captions: list[str] = Field(default_factory=list)
-    image_dir: str | None = None
-    vocabulary: str | None = Field(None, description="CHAIR vocabulary JSON (default: COCO, or the world's own)")
-    n_images: int = Field(500, ge=1)
-    seed: int = 0
-    prompt: str = CHAIR_PROMPT
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
-    drop_incomplete: bool = Field(True, description="drop a final incomplete sentence (short-caption protocol)")
-
-    @model_validator(mode="after")
-    def _source(self) -> ChairBenchmark:
-        if not self.data and not (self.instances and self.captions and self.image_dir):
-            raise ValueError("give data = 'builtin:shapes', or instances, captions and image_dir for COCO")
-        return self
-
-
-class CrossCheckBenchmark(BaseModel):
-    """CrossCheck over the systems' CHAIR captions: explicit (embedding / judge) or implicit."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["crosscheck"] = "crosscheck"
-    scorer: Literal["embedding", "judge", "implicit"] = "embedding"
-    judge_model: str | None = Field(None, description="model for the judge / implicit scorer (default: each system's)")
-    max_samples: int | None = Field(None, ge=1)
-
-
-Benchmark = Annotated[PopeBenchmark | ChairBenchmark | CrossCheckBenchmark, Field(discriminator="kind")]
+class BenchmarkEntryError(ValueError):
+    """A bad benchmark entry, its message already naming the field (``benchmarks.N.kind.field: ...``)."""
 
 
 class EvalJob(BaseModel):
@@ -176,7 +113,7 @@ class EvalJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     systems: list[SystemSpec] = Field(min_length=1)
-    benchmarks: list[Benchmark] = Field(min_length=1)
+    benchmarks: list[SerializeAsAny[BenchmarkSpec]] = Field(min_length=1)
     output: str = "runs/eval"
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
@@ -192,6 +129,13 @@ class EvalJob(BaseModel):
                                  "system named 'none', if any)")
     stats: StatsSettings = Field(default_factory=StatsSettings)
 
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _benchmark_specs(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        return [_benchmark_entry(i, b) for i, b in enumerate(v)]
+
     @model_validator(mode="after")
     def _checks(self) -> EvalJob:
         labels = [s.label for s in self.systems]
@@ -200,11 +144,15 @@ class EvalJob(BaseModel):
             raise ValueError(f"two systems are both named {dupes[0]!r}: give each a unique name")
         if self.baseline is not None and self.baseline not in labels:
             raise ValueError(f"baseline {self.baseline!r} is not one of the systems ({', '.join(labels)})")
-        kinds = [b.kind for b in self.benchmarks]
-        if "crosscheck" in kinds and "chair" not in kinds:
-            raise ValueError("crosscheck scores the CHAIR captions: add a chair benchmark")
-        if "crosscheck" in kinds and len(self.systems) < 2:
-            raise ValueError("crosscheck needs at least 2 systems")
+        names = [b.label for b in self.benchmarks]
+        dupes = sorted({x for x in names if names.count(x) > 1})
+        if dupes:
+            raise ValueError(f"two benchmarks are both named {dupes[0]!r}: give each of them a unique name "
+                             "(name = ...)")
+        for b in self.benchmarks:
+            why = b.check_in_job(self)
+            if why:
+                raise ValueError(why)
         return self
 
     @property
@@ -246,7 +194,14 @@ def load_job(path: str | Path) -> EvalJob:
 def parse_job(data: Any, where: str = "job") -> EvalJob:
     from clearsight.errors import pydantic_message
 
+    if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+        # each entry against its own kind's spec first: the message names benchmarks.N.kind.field
+        try:
+            data = {**data, "benchmarks": [_benchmark_entry(i, b) for i, b in enumerate(data["benchmarks"])]}
+        except BenchmarkEntryError as exc:
+            raise EvalInputError(f"{where}: {exc}") from None
     try:
         return EvalJob.model_validate(data)
     except ValidationError as exc:
         raise EvalInputError(pydantic_message(exc, where)) from None
+

@@ -64,6 +64,12 @@ class ProgressFile:
         self._written = False  # first written with the first record: a run that fails before leaves no file
 
 
+    def extend(self, system: str, total: int, done: int = 0) -> None:
+        """Count ``total`` more generations of ``system`` (a later round of work, e.g. CrossCheck's checks)."""
+        entry = self.progress.systems.setdefault(system, SystemProgress())
+        entry.total += total
+        entry.done += done
+
     def add(self, system: str, n: int = 1) -> None:
         self.progress.systems[system].done += n
         if time.monotonic() - self._last >= self.interval:

@@ -23,186 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clearsight.evals._io import atomic_write_bytes, atomic_write_text
+from clearsight.evals._io import atomic_write_text
+from clearsight.evals.benchmarks.base import Benchmark, BenchmarkScore, ScoreContext, benchmark_class
 from clearsight.evals.cache import GenerationCache
-from clearsight.evals.datasets.pope import PopeFile, PopeSet, build_prompt, get_parser, load_pope_file
-from clearsight.evals.datasets.pope import score_pope as _score_pope
-from clearsight.evals.datasets.shapes import resolve_builtin
 from clearsight.evals.errors import EvalInputError
-from clearsight.evals.executor import Executor, LocalExecutor, Task, WorkItem, make_executor
-from clearsight.evals.job import ChairBenchmark, CrossCheckBenchmark, EvalJob, PopeBenchmark, SystemSpec, load_job
-from clearsight.evals.metrics.chair import (
-    ChairVocabulary,
-    build_ground_truth,
-    compute_chair,
-    sample_image_ids,
-)
-from clearsight.evals.metrics.crosscheck import (
-    IMPLICIT_PROMPT,
-    Correlation,
-    CrossCheckResult,
-    EmbeddingScorer,
-    PromptJudgeScorer,
-    aggregate_sample,
-    aggregate_system,
-    correlate,
-    crosscheck_explicit,
-    implicit_answer_to_score,
-    rank_systems,
-    split_sentences,
-)
-from clearsight.evals.metrics.partner import (
-    PartnerQuestion,
-    load_partner_file,
-    partner_map,
-    score_partner,
-    take_partner_questions,
-)
+from clearsight.evals.executor import Executor, Task, WorkItem, make_executor
+from clearsight.evals.job import EvalJob, SystemSpec, load_job
 from clearsight.evals.outdir import check_output_path, output_lock
 from clearsight.evals.progress import ProgressFile
-from clearsight.evals.report import DataFile, EvalResults, SystemResult, write_report
-from clearsight.evals.stats import Measure, chair_measures, compute_stats, partner_measures, pope_measures
+from clearsight.evals.report import EvalResults, SystemResult, write_report
+from clearsight.evals.stats import Measure, compute_stats
 
 ProgressFactory = Callable[[int, str], Any]
-
-
-# ------------------------------------------------------------------------------------------- data
-@dataclass
-class PreparedPope:
-    bench: PopeBenchmark
-    sets: dict[str, PopeSet]
-    items: list[WorkItem]
-    where: dict[str, tuple[str, Any]]  # sample id -> (split, question id)
-    images: dict[Path, bytes] = field(default_factory=dict)  # parquet images, written by Prepared.materialize
-    partner: list[PartnerQuestion] = field(default_factory=list)  # the shapes world's partner question set
-    partner_file: PopeFile | None = None
-
-
-@dataclass
-class PreparedChair:
-    bench: ChairBenchmark
-    vocab: ChairVocabulary
-    image_ids: list[int]
-    items: list[WorkItem]
-    image_of: dict[str, int]  # sample id -> image id
-    instances: list[str]
-    captions: list[str]
-    ground_truth: dict[int, set[str]] = field(default_factory=dict)
-    partners: dict[str, str] | None = None  # shape -> partner, where the world knows them (the shapes world)
-
-
-def _prompt_tag(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:10]
-
-
-def prepare_pope(bench: PopeBenchmark, output: Path) -> PreparedPope:
-    """Load and check the questions; writes nothing (parquet images are kept for ``Prepared.materialize``)."""
-    if bench.parquet and not bench.files:
-        image_dir = output / "pope_images"
-        sets, images = _parquet_sets(bench, image_dir)
-        prep = _prepare_pope_sets(bench, sets, image_dir)
-        prep.images = images
-        return prep
-    if bench.files:
-        sets = {s: load_pope_file(bench.files[s], split=s, image_dir=bench.image_dir) for s in bench.splits}
-        image_dir = Path(bench.image_dir) if bench.image_dir else None
-    else:
-        world = resolve_builtin(bench.data or "builtin:shapes")
-        sets = {s: load_pope_file(world.pope[s], split=s, image_dir=world.images_dir) for s in bench.splits}
-        image_dir = world.images_dir
-        prep = _prepare_pope_sets(bench, sets, image_dir)
-        if bench.partner:
-            _add_partner(prep, world.partner, image_dir)
-        return prep
-    return _prepare_pope_sets(bench, sets, image_dir)
-
-
-PARTNER_SET = "partner"
-
-
-def _add_partner(prep: PreparedPope, path: Path, image_dir: Path) -> None:
-    """The partner question set (issue 16): beside the official splits, under sample ids of its own."""
-    bench = prep.bench
-    questions, pfile = load_partner_file(path)
-    chosen = take_partner_questions(questions, bench.partner)
-    have = sum(q.kind == "partner" for q in chosen)
-    if have < bench.partner:
-        raise EvalInputError(f"pope partner = {bench.partner} but the world holds only {have} partner questions "
-                             f"({path}): lower partner")
-    prep.partner, prep.partner_file = chosen, pfile
-    for pq in chosen:
-        q = pq.question
-        prompt = build_prompt(q.text, bench.prompt_suffix)
-        sid = f"pope/{PARTNER_SET}/{q.question_id}/{_prompt_tag(prompt)}"
-        prep.items.append(WorkItem(sid, prompt, str(image_dir / q.image), bench.max_new_tokens))
-        prep.where[sid] = (PARTNER_SET, q.question_id)
-
-
-def _parquet_sets(bench: PopeBenchmark, image_dir: Path) -> tuple[dict[str, PopeSet], dict[Path, bytes]]:
-    """lmms-lab/POPE parquet: the embedded images are written once beside the results, named by image."""
-    from clearsight.evals.datasets.pope import load_pope_parquet
-
-    loaded = load_pope_parquet(bench.parquet)
-    missing = [s for s in bench.splits if s not in loaded]
-    if missing:
-        raise EvalInputError(f"parquet files {bench.parquet[0]}...: no questions of split {missing[0]!r}; "
-                             f"they hold {', '.join(sorted(loaded))}")
-    images: dict[Path, bytes] = {}
-    for s in bench.splits:
-        for q in loaded[s].questions:
-            if q.image_bytes is None:
-                raise EvalInputError(f"parquet question {q.question_id!r} has no embedded image bytes")
-            images[image_dir / q.image] = q.image_bytes
-    return {s: loaded[s] for s in bench.splits}, images
-
-
-def _prepare_pope_sets(bench: PopeBenchmark, sets: dict[str, PopeSet], image_dir: Path | None) -> PreparedPope:
-    items, where = [], {}
-    for split, pset in sets.items():
-        if not pset.questions:
-            raise EvalInputError(f"POPE split {split!r} has no questions: the file {pset.files[0].path} is empty")
-        if bench.limit is not None:
-            pset.questions = pset.questions[: bench.limit]
-        for q in pset.questions:
-            prompt = build_prompt(q.text, bench.prompt_suffix)
-            sid = f"pope/{split}/{q.question_id}/{_prompt_tag(prompt)}"
-            image = str(image_dir / q.image) if image_dir is not None else q.image
-            items.append(WorkItem(sid, prompt, image, bench.max_new_tokens))
-            where[sid] = (split, q.question_id)
-    return PreparedPope(bench, sets, items, where)
-
-
-def prepare_chair(bench: ChairBenchmark) -> PreparedChair:
-    if bench.data and not bench.instances:
-        world = resolve_builtin(bench.data)
-        instances, captions, image_dir = [str(world.instances)], [str(world.captions)], world.images_dir
-        vocab = ChairVocabulary.load(bench.vocabulary or world.vocabulary)
-        partners = partner_map(world.spec.partner_pairs)
-    else:
-        instances, captions = list(bench.instances), list(bench.captions)
-        partners = None
-        image_dir = Path(bench.image_dir or ".")
-        vocab = ChairVocabulary.load(bench.vocabulary) if bench.vocabulary else ChairVocabulary.coco()
-    ids = sample_image_ids(instances[0], n=bench.n_images, seed=bench.seed)
-    files = _image_files(instances)
-    items, image_of = [], {}
-    for image_id in ids:
-        path = image_dir / files[image_id]
-        if not path.is_file():
-            raise EvalInputError(f"CHAIR image {path} (id {image_id}) does not exist: check image_dir")
-        sid = f"chair/{image_id}/{_prompt_tag(bench.prompt)}"
-        items.append(WorkItem(sid, bench.prompt, str(path), bench.max_new_tokens))
-        image_of[sid] = image_id
-    return PreparedChair(bench, vocab, ids, items, image_of, instances, captions, partners=partners)
-
-
-def _image_files(instance_files: Sequence[str]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for f in instance_files:
-        with open(f, encoding="utf-8") as fh:
-            data = json.load(fh)
-        out.update({int(im["id"]): im["file_name"] for im in data.get("images", [])})
-    return out
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -249,30 +81,27 @@ def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- run
 @dataclass
 class Prepared:
-    pope: PreparedPope | None = None
-    chair: PreparedChair | None = None
-    crosscheck: CrossCheckBenchmark | None = None
+    """The job's benchmarks, by label, each prepared (data loaded and checked, nothing written)."""
+
+    benchmarks: dict[str, Benchmark] = field(default_factory=dict)
 
     @property
     def items(self) -> list[WorkItem]:
-        return [*(self.pope.items if self.pope else []), *(self.chair.items if self.chair else [])]
+        """First-round work: every system generates each of these."""
+        return [it for b in self.benchmarks.values() for it in b.items()]
 
     def materialize(self) -> None:
-        """Write what preparing found but did not write (parquet images), each file atomically, once."""
-        for target, data in (self.pope.images if self.pope else {}).items():
-            if not target.exists():
-                atomic_write_bytes(target, data)
+        """Write what preparing found but did not write (e.g. embedded images), each file atomically, once."""
+        for b in self.benchmarks.values():
+            b.materialize()
 
 
 def prepare(job: EvalJob) -> Prepared:
     prep = Prepared()
-    for bench in job.benchmarks:
-        if isinstance(bench, PopeBenchmark):
-            prep.pope = prepare_pope(bench, Path(job.output))
-        elif isinstance(bench, ChairBenchmark):
-            prep.chair = prepare_chair(bench)
-        else:
-            prep.crosscheck = bench
+    for spec in job.benchmarks:
+        prep.benchmarks[spec.label] = benchmark_class(spec.kind)(spec, job)
+    for b in prep.benchmarks.values():
+        b.prepare(prep.benchmarks)
     return prep
 
 
@@ -296,39 +125,96 @@ def pending_work(job: EvalJob, prep: Prepared, cache: GenerationCache) -> dict[s
     return out
 
 
+class _Configs:
+    """Each system's cache config per max_new_tokens, computed once (it reads the model's config)."""
+
+    def __init__(self) -> None:
+        self._configs: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def __call__(self, system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
+        key = (system.model_dump_json(), max_new_tokens)
+        if key not in self._configs:
+            self._configs[key] = system_config(system, max_new_tokens)
+        return self._configs[key]
+
+
+def cache_lookup(cache: GenerationCache, configs: _Configs | None = None
+                 ) -> Callable[[SystemSpec, WorkItem], str | None]:
+    """``lookup(system, item)``: the cached output of that generation, or None."""
+    configs = configs or _Configs()
+
+    def lookup(system: SystemSpec, item: WorkItem) -> str | None:
+        rec = cache.get(configs(system, item.max_new_tokens), item.sample_id)
+        return None if rec is None else rec["output"]
+
+    return lookup
+
+
 def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executor: Executor,
                    progress: ProgressFactory | None = _tqdm_progress) -> int:
     """Generate what the cache lacks; returns the number of new records.
 
-    Packed (``job.pack``, the default): every pending task of every system goes to the executor in one
-    call, one stream per model: no pass drains before the next starts, and requests of different
-    systems share batches wherever the stream moves on. Ordered system by system, longest outputs first
-    within a system, rather than sample by sample: on CPU a batch mixing many systems' mitigations ran
-    1.5x slower per request than batches of one system (measured, docs/evals.md). Unpacked: one call per
-    system and max_new_tokens. The records are the same either way; this process is the only writer of
-    the cache."""
+    Round 0: every system generates every benchmark's items. Later rounds: work a benchmark asks for once
+    earlier outputs exist (``Benchmark.follow_up``, e.g. a judge's checks of the first round's outputs),
+    through the same executor and cache, until no benchmark asks for more.
+
+    Packed (``job.pack``, the default): every pending task of a round goes to the executor in one call,
+    one stream per model: no pass drains before the next starts, and requests of different systems share
+    batches wherever the stream moves on. Ordered system by system, longest outputs first within a
+    system, rather than sample by sample: on CPU a batch mixing many systems' mitigations ran 1.5x slower
+    per request than batches of one system (measured, docs/evals.md). Unpacked: one call per system and
+    max_new_tokens. The records are the same either way; this process is the only writer of the cache."""
     todo = pending_work(job, prep, cache)
-    total = sum(len(v) for v in todo.values())
     labels = {s.label for s in job.systems}
     totals = {label: len(prep.items) for label in labels}
     tracker = ProgressFile(job.output, totals, {k: totals[k] - len(v) for k, v in todo.items()},
                            executor=job.executor)
-    bar = progress(total, "generate") if progress and total else None
+    configs = _Configs()
+    lookup = cache_lookup(cache, configs)
     written = 0
-    configs: dict[tuple[str, int], dict[str, Any]] = {}
-    tasks: list[Task] = []
-    for system in job.systems:
-        for it in todo[system.label]:
-            if (system.label, it.max_new_tokens) not in configs:
-                configs[(system.label, it.max_new_tokens)] = system_config(system, it.max_new_tokens)
-            tasks.append(Task(system, system.decode_for(it.max_new_tokens), it))
+    try:
+        pairs = [(s, it) for s in job.systems for it in todo[s.label]]
+        written += _generate(job, pairs, cache, executor, tracker, configs, progress, "generate")
+        rnd = 1
+        while True:
+            asked = [p for b in prep.benchmarks.values() for p in b.follow_up(rnd, lookup)]
+            if not asked:
+                break
+            seen: set[tuple[str, str]] = set()
+            pending = []
+            for system, it in asked:
+                key = (system.label, it.sample_id)
+                if key in seen:
+                    continue
+                seen.add(key)
+                tracker.extend(system.label, 1, done=0 if lookup(system, it) is None else 1)
+                if lookup(system, it) is None:
+                    pending.append((system, it))
+            written += _generate(job, pending, cache, executor, tracker, configs, progress, f"round {rnd + 1}")
+            rnd += 1
+    except BaseException:
+        tracker.set_state("failed")
+        raise
+    tracker.set_state("scoring")
+    return written
+
+
+def _generate(job: EvalJob, pairs: Sequence[tuple[SystemSpec, WorkItem]], cache: GenerationCache,
+              executor: Executor, tracker: ProgressFile, configs: _Configs, progress: ProgressFactory | None,
+              desc: str) -> int:
+    """One round: generate ``pairs`` (system, item) through the executor, caching each record as it comes."""
+    if not pairs:
+        return 0
+    bar = progress(len(pairs), desc) if progress else None
+    written = 0
+    tasks = [Task(system, system.decode_for(it.max_new_tokens), it) for system, it in pairs]
 
     def on_result(task: Task, record: dict[str, Any]) -> None:
         nonlocal written
         label = task.system.label
         output = record.pop("output")
-        if cache.put(configs[(label, task.item.max_new_tokens)], task.item.sample_id, output, system_name=label,
-                     **record):
+        if cache.put(configs(task.system, task.item.max_new_tokens), task.item.sample_id, output,
+                     system_name=label, **record):
             written += 1
         tracker.add(label)  # also when another system of the same config (e.g. another backend) wrote it first
         if bar is not None:
@@ -337,23 +223,20 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
 
     try:
         if job.pack:
-            rank = {s.label: i for i, s in enumerate(job.systems)}
+            rank: dict[str, int] = {}
+            for t in tasks:
+                rank.setdefault(t.system.label, len(rank))
             tasks.sort(key=lambda t: (rank[t.system.label], -t.item.max_new_tokens))  # stable: sample order kept
-            if tasks:
-                executor.generate_tasks(tasks, on_result)
+            executor.generate_tasks(tasks, on_result)
         else:
             groups: dict[tuple[str, int], list[Task]] = {}
             for t in tasks:
                 groups.setdefault((t.system.label, t.item.max_new_tokens), []).append(t)
             for group in groups.values():
                 executor.generate_tasks(group, on_result)
-    except BaseException:
-        tracker.set_state("failed")
-        raise
     finally:
         if bar is not None:
             bar.close()
-    tracker.set_state("scoring")
     return written
 
 
@@ -370,6 +253,8 @@ def run_job(job: EvalJob, executor: Executor | None = None, progress: ProgressFa
     prep = prepare(job)
     with output_lock(out):
         job = merge_with_folder(job, out)
+        for b in prep.benchmarks.values():  # the merged job: its systems are the ones to generate and score
+            b.job = job
         prep.materialize()
         cache = GenerationCache(out / "generations.jsonl")
         own = executor is None
@@ -380,7 +265,7 @@ def run_job(job: EvalJob, executor: Executor | None = None, progress: ProgressFa
             if generate_only:
                 ProgressFile.finish(out)
                 return None
-            results = score_job(job, prep, cache, executor if isinstance(executor, LocalExecutor) else None)
+            results = score_job(job, prep, cache)
         finally:
             if own:
                 executor.close()
@@ -462,168 +347,44 @@ def _outputs(cache: GenerationCache, system: SystemSpec, items: Sequence[WorkIte
     return got
 
 
-def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache,
-              model_source: LocalExecutor | None = None) -> EvalResults:
-    """Score every system from the cache. Needs no model, except the judge / implicit CrossCheck scorers."""
-    systems: list[SystemResult] = []
-    data_files: list[DataFile] = []
-    captions_by_system: dict[str, dict[int, str]] = {}
-    if prep.pope:
-        for pset in prep.pope.sets.values():
-            data_files += [DataFile.from_pope(f) for f in pset.files]
-        if prep.pope.partner_file is not None:
-            f = prep.pope.partner_file
-            data_files.append(DataFile(path=f.path, sha256=f.sha256, n=len(prep.pope.partner), split=PARTNER_SET,
-                                       layout=f.layout))
-    # per-sample outcomes, for the statistics: split -> system -> parsed answers (question order)
-    pope_preds: dict[str, dict[str, list[Any]]] = {}
-    chair_rows: dict[str, list[dict[str, Any]]] = {}
-    if prep.chair:
-        from clearsight.evals._io import sha256_file
-
-        for f in prep.chair.instances + prep.chair.captions:
-            data_files.append(DataFile(path=f, sha256=sha256_file(f), n=len(prep.chair.image_ids), layout="coco"))
-        prep.chair.ground_truth = build_ground_truth(
-            prep.chair.instances, prep.chair.captions, prep.chair.vocab, prep.chair.image_ids,
-            cache_path=Path(job.output) / "chair_ground_truth.json")
+def score_job(job: EvalJob, prep: Prepared, cache: GenerationCache) -> EvalResults:
+    """Score every system from the cache, with no model: each benchmark scores its own outputs (those that
+    read other benchmarks' outputs or scores last), then the statistics run over all their measures."""
+    data_files = []
+    measures: list[Measure] = []
+    fields: dict[str, Any] = {}
+    per_system: dict[str, dict[str, Any]] = {s.label: {} for s in job.systems}
+    scored: dict[str, BenchmarkScore] = {}
+    ctx = ScoreContext(job=job, outputs=lambda system, items: _outputs(cache, system, items),
+                       lookup=cache_lookup(cache), output_dir=Path(job.output), scored=scored)
+    for bench in sorted(prep.benchmarks.values(), key=lambda b: b.depends_on_others):
+        bench.job = job
+        sc = bench.score(ctx)
+        scored[bench.label] = sc
+        data_files += sc.data_files
+        measures += sc.measures
+        fields.update(sc.fields)
+        for label, entries in sc.per_system.items():
+            per_system[label].update(entries)
+    systems = []
     for system in job.systems:
         decode = system.decode_for(1).model_dump(mode="json", exclude={"max_new_tokens"})
         decode["batch_size"] = job.batch_size  # the batch size the run used (the executor's), not a default
-        res = SystemResult(name=system.label, config={"model": system.model, "mitigations": system.mitigations},
-                           decode=decode)
-        if prep.pope:
-            outs = _outputs(cache, system, prep.pope.items)
-            answers: dict[str, dict[Any, str]] = {s: {} for s in [*prep.pope.sets, PARTNER_SET]}
-            for sid, text in outs.items():
-                split, qid = prep.pope.where[sid]
-                answers[split][qid] = text
-            partner_answers = answers.pop(PARTNER_SET)
-            parser = prep.pope.bench.parser
-            res.pope = _score_pope(prep.pope.sets, answers, parser=parser)
-            parse = get_parser(parser)
-            for split, pset in prep.pope.sets.items():
-                pope_preds.setdefault(split, {})[system.label] = [parse(answers[split][q.question_id])
-                                                                  for q in pset.questions]
-            if prep.pope.partner:
-                res.partner, preds = score_partner(prep.pope.partner, partner_answers, parser=parser)
-                pope_preds.setdefault(PARTNER_SET, {})[system.label] = preds
-        if prep.chair:
-            outs = _outputs(cache, system, prep.chair.items)
-            caps = {prep.chair.image_of[sid]: text for sid, text in outs.items()}
-            captions_by_system[system.label] = caps
-            res.chair = compute_chair(sorted(caps.items()), prep.chair.ground_truth, prep.chair.vocab,
-                                      drop_incomplete=prep.chair.bench.drop_incomplete)
-            chair_rows[system.label] = res.chair.per_caption
-        systems.append(res)
-    results = EvalResults(
-        systems=systems, data_files=data_files,
-        pope_parser=prep.pope.bench.parser if prep.pope else None,
-        chair_image_ids=prep.chair.image_ids if prep.chair else None,
-        chair_seed=prep.chair.bench.seed if prep.chair else None,
-        notes={"decode": {s.label: s.decode_for(1).describe().split(",")[0] for s in job.systems}},
-    )
-    results.stats = compute_stats(_measures(prep, pope_preds, chair_rows), [s.label for s in job.systems],
-                                  job.baseline_label, job.stats)
+        systems.append(SystemResult(name=system.label, config={"model": system.model,
+                                                                "mitigations": system.mitigations},
+                                    decode=decode, **per_system[system.label]))
+    results = EvalResults(systems=systems, data_files=data_files,
+                          notes={"decode": {s.label: s.decode_for(1).describe().split(",")[0] for s in job.systems}},
+                          **fields)
+    results.stats = compute_stats(measures, [s.label for s in job.systems], job.baseline_label, job.stats)
     from clearsight.evals.verdict import cannot_act
 
     results.notes["cannot_act"] = {s.label: why for s in job.systems if (why := cannot_act(s))}
-    if prep.crosscheck and prep.chair:
-        models = model_source or LocalExecutor(batch_size=job.batch_size)
-        try:
-            results.crosscheck = run_crosscheck(job, prep, captions_by_system, models)
-        finally:
-            if model_source is None:
-                models.close()
-        results.correlations = _correlations(results)
     return results
 
 
-def _measures(prep: Prepared, pope_preds: Mapping[str, Mapping[str, list[Any]]],
-              chair_rows: Mapping[str, list[dict[str, Any]]]) -> list[Measure]:
-    """What the statistics are computed over: every metric's per-sample values, per system."""
-    out: list[Measure] = []
-    if prep.pope:
-        for split, pset in prep.pope.sets.items():
-            out += pope_measures(split, [q.label or "no" for q in pset.questions], pope_preds[split])
-        if prep.pope.partner:
-            out += partner_measures([q.kind for q in prep.pope.partner], pope_preds[PARTNER_SET])
-    if prep.chair and chair_rows:
-        out += chair_measures(chair_rows, prep.chair.partners)
-    return out
-
-
-def _correlations(results: EvalResults) -> list[Correlation]:
-    assert results.crosscheck is not None
-    scores = results.crosscheck.scores
-    out = []
-    refs = {"CHAIR_i": {s.name: s.chair.chair_i for s in results.systems if s.chair},
-            "POPE mean F1": {s.name: s.pope.mean_f1 for s in results.systems if s.pope}}
-    for name, ref in refs.items():
-        if len(ref) >= 2 and len(set(ref.values())) > 1 and len(set(scores.values())) > 1:
-            out.append(correlate(scores, ref, name))
-    return out
-
-
-def run_crosscheck(job: EvalJob, prep: Prepared, captions: Mapping[str, Mapping[int, str]],
-                   models: LocalExecutor) -> CrossCheckResult:
-    bench = prep.crosscheck
-    assert bench is not None and prep.chair is not None
-    ids = sorted(next(iter(captions.values())))
-    if bench.max_samples:
-        ids = ids[: bench.max_samples]
-    outputs = {name: {i: caps[i] for i in ids} for name, caps in captions.items()}
-    if bench.scorer == "embedding":
-        from clearsight.evals.embedding import minilm_embed
-
-        return crosscheck_explicit(outputs, EmbeddingScorer(minilm_embed, name="embedding:all-MiniLM-L6-v2"))
-    if bench.scorer == "judge":
-        judge_system = SystemSpec(model=bench.judge_model or job.systems[0].model)
-
-        def ask(prompt: str) -> str:
-            from clearsight import DecodeSpec
-
-            return models.generate_requests(judge_system, [prompt], DecodeSpec(max_new_tokens=4))[0].text
-
-        return crosscheck_explicit(outputs, PromptJudgeScorer(ask, name=f"judge:{judge_system.model}"))
-    return implicit_crosscheck(job, prep, outputs, models)
-
-
-def implicit_crosscheck(job: EvalJob, prep: Prepared, outputs: Mapping[str, Mapping[int, str]],
-                        models: LocalExecutor) -> CrossCheckResult:
-    """Each evidence system is asked, with the image, whether the target sentence contains an error."""
-    from clearsight import DecodeSpec
-
-    assert prep.chair is not None
-    path_of = {prep.chair.image_of[it.sample_id]: it.image for it in prep.chair.items}
-    systems = list(outputs)
-    evidence = [s for s in job.systems if s.label in systems]
-    per_sentence: dict[tuple[str, int, int], list[float]] = {}
-    sentences = {(name, i): split_sentences(text) for name, texts in outputs.items() for i, text in texts.items()}
-    for ev in evidence:
-        keys, reqs = [], []
-        for (name, i), sents in sentences.items():
-            for j, s in enumerate(sents):
-                keys.append((name, i, j))
-                reqs.append({"prompt": IMPLICIT_PROMPT.format(sentence=s), "image": path_of[i]})
-        results = models.generate_requests(ev, reqs, DecodeSpec(max_new_tokens=4))
-        for key, r in zip(keys, results):
-            per_sentence.setdefault(key, []).append(implicit_answer_to_score(r.text))
-    scores, n_samples, n_sentences, skipped = {}, {}, {}, {}
-    for name in systems:
-        sample_scores = {}
-        for i in outputs[name]:
-            sents = sentences[(name, i)]
-            sample_scores[i] = aggregate_sample([per_sentence[(name, i, j)] for j in range(len(sents))])
-        scores[name] = aggregate_system(sample_scores)
-        n_samples[name] = sum(v is not None for v in sample_scores.values())
-        n_sentences[name] = sum(len(sentences[(name, i)]) for i in outputs[name])
-        skipped[name] = sum(v is None for v in sample_scores.values())
-    return CrossCheckResult(scorer="implicit", scores=scores, ranking=rank_systems(scores), n_samples=n_samples,
-                            n_sentences=n_sentences, skipped_samples=skipped)
-
-
 def score_from_cache(job: EvalJob) -> EvalResults:
-    """Re-score an existing output folder without loading any model (explicit scorers only).
+    """Re-score an existing output folder without loading any model.
 
     Takes the folder's lock like a run: refused while a run is writing into the folder."""
     prep = prepare(job)
@@ -636,4 +397,58 @@ def score_from_cache(job: EvalJob) -> EvalResults:
             raise EvalInputError(f"{cache.path} holds no generations: run the job first")
         results = score_job(job, prep, cache)
         write_report(results, job.output)
+    return results
+
+
+def score_outputs(job: EvalJob, outputs: Mapping[str, Mapping[str, str]], source: str = "outputs") -> EvalResults:
+    """Score outputs generated elsewhere, with no model: ``outputs[system][id] = text``, where ``id`` is
+    each benchmark's own id of a sample (``Benchmark.external_ids``, e.g. an image id or a question id).
+
+    Each system of ``job`` whose label is a key of ``outputs`` gets its texts written into the folder's
+    cache (under its own config, as if it had generated them), then the job is scored from the cache
+    like any other (``clearsight report DIR`` works on the folder afterwards). Every sample of the job
+    needs a text, and every id must be known: otherwise a one-line error naming the first, before
+    anything is written."""
+    out = check_output_path(job.output)
+    prep = prepare(job)
+    missing_sys = [s.label for s in job.systems if s.label not in outputs]
+    if missing_sys:
+        raise EvalInputError(f"{source}: no outputs for system {missing_sys[0]!r}")
+    ids: dict[str, WorkItem] = {}
+    for b in prep.benchmarks.values():
+        mine = b.external_ids()
+        clash = sorted(set(mine) & set(ids))
+        if clash:
+            raise EvalInputError(f"{source}: id {clash[0]!r} names a sample of two benchmarks: score one "
+                                 "benchmark at a time")
+        ids.update(mine)
+    records: list[tuple[SystemSpec, WorkItem, str]] = []
+    for system in job.systems:
+        given = outputs[system.label]
+        unknown = sorted(set(given) - set(ids))
+        if unknown:
+            raise EvalInputError(f"{source}: id {unknown[0]!r} is not a sample of the benchmark "
+                                 f"({len(unknown)} unknown): give the benchmark's own ids")
+        lacking = [k for k in ids if k not in given]
+        if lacking:
+            raise EvalInputError(f"{source}: no text for id {lacking[0]!r} ({len(lacking)} of {len(ids)} "
+                                 "missing): give every sample, or a smaller --limit")
+        records += [(system, ids[k], str(given[k])) for k in ids]
+    with output_lock(out):
+        job = merge_with_folder(job, out)
+        for b in prep.benchmarks.values():
+            b.job = job
+        prep.materialize()
+        cache = GenerationCache(out / "generations.jsonl")
+        configs = _Configs()
+        for system, item, text in records:
+            config = configs(system, item.max_new_tokens)
+            rec = cache.get(config, item.sample_id)
+            if rec is not None and rec["output"] != text:
+                raise EvalInputError(f"{source}: {system.label!r} already has another output for "
+                                     f"{item.sample_id!r} in {cache.path}: use another --output or --name")
+            cache.put(config, item.sample_id, text, system_name=system.label, imported_from=source)
+        atomic_write_text(out / "job.json", job.model_dump_json(indent=2))
+        results = score_job(job, prep, cache)
+        write_report(results, out)
     return results

@@ -1,10 +1,10 @@
 """Uncertainty for every reported figure and every difference from the baseline (issue 16).
 
-Every metric the evals report is a ratio of per-sample sums, ``sum(num_i) / sum(den_i)``: accuracy and
-yes-rates (den = 1 per question), POPE F1 (``2 TP / (2 TP + FP + FN)``, so num = 2 tp_i, den = 2 tp_i +
-fp_i + fn_i), CHAIR_s (den = 1 per caption), CHAIR_i (hallucinated mentions / mentions per caption),
-recall (recalled / ground-truth objects per caption) and the partner share (partner mentions /
-hallucinated mentions). A :class:`Measure` holds those per-sample arrays for every system over the same
+Every metric the evals report is a ratio of per-sample sums, ``sum(num_i) / sum(den_i)``: an accuracy or
+a yes-rate (den = 1 per question), an F1 (``2 TP / (2 TP + FP + FN)``, so num = 2 tp_i, den = 2 tp_i +
+fp_i + fn_i), a share of captions (den = 1 per caption), a share of mentions (hallucinated mentions /
+mentions per caption), and so on. Each benchmark builds its own :class:`Measure` objects (its metrics
+module), which hold those per-sample arrays for every system over the same
 samples, so one routine gives
 
 - each system's own figure with a 95% CI: Wilson's score interval (Wilson 1927) for proportions of
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -312,74 +312,3 @@ def compute_stats(measures: Sequence[Measure], systems: Sequence[str], baseline:
             d.significant = adj < alpha
         report.differences += family
     return report
-
-
-# ------------------------------------------------------------------------------------------ builders
-def pope_measures(split: str, labels: Sequence[str], predictions: Mapping[str, Sequence[str | None]],
-                  benchmark: str = "pope") -> list[Measure]:
-    """Accuracy (proportion), F1 (ratio) and yes-rate (proportion) of one POPE split.
-
-    Same conventions as ``pope_metrics``: an unparsed answer is wrong, and a miss when the gold is yes."""
-    gold = np.array([x == "yes" for x in labels])
-    acc, f1n, f1d, yes = {}, {}, {}, {}
-    for name, preds in predictions.items():
-        py = np.array([p == "yes" for p in preds])
-        pn = np.array([p == "no" for p in preds])
-        tp, fp, fn = gold & py, ~gold & py, gold & ~py
-        acc[name] = ((gold & py) | (~gold & pn)).astype(float)
-        f1n[name] = 2.0 * tp
-        f1d[name] = 2.0 * tp + fp + fn
-        yes[name] = py.astype(float)
-    ones = {k: np.ones(len(gold)) for k in predictions}
-    return [Measure(benchmark, "accuracy", split, "proportion", acc, ones, "accuracy", True),
-            Measure(benchmark, "f1", split, "ratio", f1n, f1d, "F1", True),
-            Measure(benchmark, "yes_ratio", split, "proportion", yes, ones, "yes-ratio", None)]
-
-
-PARTNER_LABELS = {"partner": "partner yes-rate", "control": "other-absent yes-rate", "present": "present yes-rate"}
-
-
-def partner_measures(kinds: Sequence[str], predictions: Mapping[str, Sequence[str | None]],
-                     benchmark: str = "pope") -> list[Measure]:
-    """Yes-rates of the partner question set, per kind (partner / control / present)."""
-    out = []
-    k = np.array(kinds)
-    for kind, label in PARTNER_LABELS.items():
-        mask = k == kind
-        if not mask.any():
-            continue
-        yes = {name: np.array([p == "yes" for p in preds])[mask].astype(float) for name, preds in predictions.items()}
-        ones = {name: np.ones(int(mask.sum())) for name in predictions}
-        # an absent object should get "no", a present one "yes"
-        out.append(Measure(benchmark, f"{kind}_yes", "partner", "proportion", yes, ones, label, kind == "present"))
-    return out
-
-
-def chair_measures(per_caption: Mapping[str, Sequence[Mapping]], partners: Mapping[str, str] | None = None,
-                   benchmark: str = "chair") -> list[Measure]:
-    """CHAIR_s, CHAIR_i and recall per image (``ChairResult.per_caption``, same image order for every
-    system); with the world's partner map also the partner share of hallucinated mentions and the share of
-    captions that name an absent partner."""
-    cs, cin, cid, rn, rd, pn, pd, pc = ({} for _ in range(8))
-    for name, rows in per_caption.items():
-        cs[name] = np.array([bool(r["hallucinated"]) for r in rows], dtype=float)
-        cin[name] = np.array([len(r["hallucinated"]) for r in rows], dtype=float)
-        cid[name] = np.array([len(r["mentions"]) for r in rows], dtype=float)
-        rn[name] = np.array([len(r["recalled"]) for r in rows], dtype=float)
-        rd[name] = np.array([len(r["gt_objects"]) for r in rows], dtype=float)
-        if partners is not None:
-            from clearsight.evals.metrics.partner import partner_mentions
-
-            counts = [partner_mentions(r["hallucinated"], r["gt_objects"], partners) for r in rows]
-            pn[name] = np.array(counts, dtype=float)
-            pd[name] = cin[name]
-            pc[name] = (np.array(counts) > 0).astype(float)
-    ones = {k: np.ones(len(v)) for k, v in cs.items()}
-    out = [Measure(benchmark, "chair_s", None, "proportion", cs, ones, "CHAIR_s", False),
-           Measure(benchmark, "chair_i", None, "ratio", cin, cid, "CHAIR_i", False),
-           Measure(benchmark, "recall", None, "ratio", rn, rd, "recall", True)]
-    if partners is not None:
-        out += [Measure(benchmark, "partner_share", None, "ratio", pn, pd, "partner share of hallucinations", False),
-                Measure(benchmark, "partner_captions", None, "proportion", pc, ones,
-                        "captions naming an absent partner", False)]
-    return out

@@ -180,3 +180,56 @@ def test_custom_vocabulary_entries_are_normalised_and_phrases_merged():
         {"name": "iPhone", "synonyms": [" Mobile  Phone"]}, {"name": "motorcycle", "synonyms": [" motor bike"]}]})
     assert v.objects("An iphone, a mobile phone and a motor bike.") == ["iphone", "iphone", "motorcycle"]
     assert v.objects("A phone and a bike.") == []
+
+
+def test_possessive_s_is_split_off_as_nltk_does(tmp_path):
+    """NLTK's word_tokenize turns "dog's" into "dog" + "'s": the dog is mentioned, on both sides."""
+    from clearsight.evals.metrics.chair import tokenize
+
+    assert tokenize("The dog's owner.") == ["the", "dog", "'s", "owner", "."]
+    assert tokenize("The dogs' bowl isn't here.") == ["the", "dogs", "'", "bowl", "is", "n't", "here", "."]
+    v = ChairVocabulary.coco()
+    assert v.objects("The dog's owner sits in the car's back seat.") == ["dog", "car", "chair"]
+    # ground-truth side: the only dog of image 1 is in a human caption's possessive
+    images = [{"id": 1, "file_name": "a.jpg"}]
+    inst = {"images": images, "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+            "categories": [{"id": 3, "name": "car"}]}
+    caps = {"images": images, "annotations": [{"id": 1, "image_id": 1, "caption": "A dog's head out of a car."}]}
+    ip, cp = tmp_path / "instances_val2014.json", tmp_path / "captions_val2014.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps(caps))
+    gt = build_ground_truth([ip], [cp])
+    assert gt == {1: {"car", "dog"}}
+    # caption side: "the dog's" mentions dog (present, not hallucinated); the cat's is hallucinated
+    res = compute_chair({1: "The dog's ears and the cat's tail."}, gt)
+    assert (res.n_mentions, res.n_hallucinated_mentions) == (2, 1)
+    assert res.per_caption[0]["hallucinated_words"] == ["cat"]
+
+
+def test_outside_jsonl_gives_the_same_chair_as_the_cache(tmp_path, shapes_cache, capsys):
+    """Captions generated elsewhere (a JSON-lines file of image id + text) score exactly as the same texts do
+    from a run's cache; with no model, through `clearsight eval chair --outputs`."""
+    from clearsight.cli import main
+    from clearsight.evals.cache import GenerationCache
+    from clearsight.evals.job import parse_job
+    from clearsight.evals.runner import run_job
+
+    run = tmp_path / "run"
+    job = parse_job({"systems": [{"name": "none", "model": "builtin:tiny-llava"}], "output": str(run),
+                     "benchmarks": [{"kind": "chair", "n_images": 4, "max_new_tokens": 12}]})
+    run_job(job, progress=None)
+    records = [{"image_id": int(r["sample_id"].split("/")[1]), "caption": r["output"]}
+               for r in GenerationCache(run / "generations.jsonl")]
+    assert len(records) == 4
+    path = tmp_path / "theirs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))  # any order
+    assert main(["eval", "chair", "--outputs", str(path), "--output", str(tmp_path / "ext"), "--no-progress"]) == 0
+    assert "| theirs |" in capsys.readouterr().out
+    ours = json.loads((run / "results.json").read_text())
+    theirs = json.loads((tmp_path / "ext" / "results.json").read_text())
+    assert theirs["systems"][0]["chair"] == ours["systems"][0]["chair"]
+    assert theirs["chair_image_ids"] == sorted(ours["chair_image_ids"])
+    path.write_text('{"image_id": 1}\n')
+    assert main(["eval", "chair", "--outputs", str(path), "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "record 1 needs an id" in err and len(err.strip().splitlines()) == 1

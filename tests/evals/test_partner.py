@@ -5,18 +5,19 @@ from __future__ import annotations
 import pytest
 
 from clearsight.evals.errors import EvalInputError
-from clearsight.evals.metrics.chair import compute_chair
+from clearsight.evals.metrics.chair import chair_measures, compute_chair
 from clearsight.evals.metrics.partner import (
     build_partner_questions,
     load_partner_file,
     lone_members,
     partner_map,
+    partner_measures,
     partner_mentions,
     score_partner,
     take_partner_questions,
     write_partner_file,
 )
-from clearsight.evals.stats import StatsSettings, chair_measures, compute_stats, partner_measures
+from clearsight.evals.stats import StatsSettings, compute_stats
 
 PAIRS = [("square", "hourglass"), ("ring", "diamond")]
 VOCAB = ["square", "hourglass", "ring", "diamond", "star", "moon"]

@@ -3,7 +3,9 @@
 import pytest
 
 from clearsight.evals import EvalInputError, parse_negation, parse_pope, parse_strict, pope_metrics
-from clearsight.evals.datasets.pope import PopeQuestion, PopeSet, get_parser, score_pope
+from clearsight.evals.datasets.pope import PopeQuestion, PopeSet
+from clearsight.evals.metrics.pope import score_pope
+from clearsight.evals.parsers import get_parser
 
 # (output, POPE/LLaVA, OPERA-style "negation", lmms-eval-style "strict") from reference/evals.md 1.5.
 TABLE = [

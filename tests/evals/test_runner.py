@@ -220,18 +220,18 @@ def test_crosscheck_judge_and_implicit_scorers(tmp_path, scorer, monkeypatch):
     from clearsight.evals.executor import LocalExecutor
     from clearsight.evals.metrics.crosscheck import split_sentences
 
-    real_generate = LocalExecutor.generate_requests  # the scorers ask through the executor's engines
+    real_generate = LocalExecutor.generate_tasks  # the checks are a second round of work through the executor
 
-    def answers_no(self, system, requests, *args, **kwargs):
+    def answers_no(self, tasks, on_result):
         """The captions are generated for real; every sentence check is answered "No"."""
-        results = real_generate(self, system, requests, *args, **kwargs)
-        for req, r in zip(requests, results):
-            prompt = req if isinstance(req, str) else req["prompt"]
-            if "sentence" in prompt.lower():
-                r.text = "No"
-        return results
+        def patched(task, record):
+            if "sentence" in task.item.prompt.lower():
+                record["output"] = "No"
+            on_result(task, record)
 
-    monkeypatch.setattr(LocalExecutor, "generate_requests", answers_no)
+        real_generate(self, tasks, patched)
+
+    monkeypatch.setattr(LocalExecutor, "generate_tasks", answers_no)
     job = _job(tmp_path, systems=SYSTEMS[:2],
                benchmarks=[{"kind": "chair", "n_images": 3, "max_new_tokens": 24},
                            {"kind": "crosscheck", "scorer": scorer}])
@@ -312,3 +312,22 @@ def test_statistics_and_partner_rows_are_recomputed_from_the_cache_alone(tmp_pat
     assert [s["partner"] for s in again["systems"]] == [s["partner"] for s in data["systems"]]
     verdict = render_verdict(EvalResults.model_validate(again))
     assert verdict and verdict in (tmp_path / "report.md").read_text()
+
+
+def test_two_benchmarks_of_one_kind_need_names_and_keep_apart(tmp_path):
+    """Two POPE entries: refused unnamed; named, their sample ids, results and statistics stay apart."""
+    with pytest.raises(EvalInputError, match="two benchmarks are both named 'pope'"):
+        parse_job({"systems": [{}], "benchmarks": [{"kind": "pope"}, {"kind": "pope", "splits": ["random"]}]})
+    job = parse_job({"systems": [{"name": "none", "model": TINY}], "output": str(tmp_path),
+                     "benchmarks": [{"kind": "pope", "limit": 2, "splits": ["random"]},
+                                    {"kind": "pope", "name": "pope-strict", "limit": 3, "splits": ["random"],
+                                     "parser": "strict"}]})
+    results = run_job(job, progress=None)
+    s = results.systems[0]
+    assert s.pope.splits["random"].n == 2 and s["pope-strict"].splits["random"].n == 3
+    assert s["pope-strict"].parser == "strict"
+    assert {f.benchmark for f in results.stats.figures} == {"pope", "pope-strict"}
+    ids = {r["sample_id"].split("/")[0] for r in GenerationCache(tmp_path / "generations.jsonl")}
+    assert ids == {"pope", "pope-strict"}
+    md = (tmp_path / "report.md").read_text()
+    assert "## POPE (parser: `pope`)" in md and "## POPE `pope-strict` (parser: `strict`)" in md

@@ -1,8 +1,9 @@
 """POPE (Li et al., "Evaluating Object Hallucination in Large Vision-Language Models", EMNLP 2023).
 
 Loaders for every layout in circulation, question generation that follows the official recipe
-(RUCAIBox/POPE ``main.py`` + ``utils.py``; reference/evals.md section 1.2), the answer parsers of
-section 1.5, and the metrics of section 1.6.
+(RUCAIBox/POPE ``main.py`` + ``utils.py``; reference/evals.md section 1.2) and the prompt. The answer
+parsers of section 1.5 live in ``clearsight.evals.parsers``, the metrics of section 1.6 in
+``clearsight.evals.metrics.pope``.
 
 Layouts (reference/evals.md section 1.1):
 * official question files: JSON lines with ``question_id``, ``image``, ``text``, ``label``;
@@ -19,10 +20,10 @@ import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +35,7 @@ DEFAULT_TEMPLATE = "Is there a {} in the image?"
 # LLaVA-1.5 / lmms-eval suffix (reference/evals.md section 1.7); shared/evals.md makes it the default.
 DEFAULT_PROMPT_SUFFIX = "Answer the question using a single word or phrase."
 
-Label = Literal["yes", "no"]
+from clearsight.evals.parsers import Label  # noqa: E402  (re-exported: the records use it)
 
 
 def check_split(split: str) -> str:
@@ -408,145 +409,6 @@ def write_pope_files(gt: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike
     atomic_write_text(out / f"{cfg.dataset}_ground_truth_objects.json", freq)
     atomic_write_text(out / f"{cfg.dataset}_co_occur.json", json.dumps(co_occurrence(images)))
     return paths
-
-
-# ------------------------------------------------------------------------------------------- parsing
-def parse_pope(text: str) -> Label:
-    """Official POPE ``evaluate.py`` (= LLaVA ``eval_pope.py``): text before the first period, commas
-    removed, split on single spaces; "no" iff a token is exactly ``No``, ``not`` or ``no``; else "yes".
-    Never unparsed, by design of the official rule (refusals count as yes, section 1.5)."""
-    if "." in text:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
-
-
-def parse_negation(text: str) -> Label:
-    """OPERA/HALC ``pope_eval.py``: periods and commas removed from the whole output; "no" iff a token is
-    ``No``/``not``/``no``/``NO`` or ends with ``n't``; else "yes"."""
-    words = text.replace(".", "").replace(",", "").split(" ")
-    if any(w in ("No", "not", "no", "NO") or w.endswith("n't") for w in words):
-        return "no"
-    return "yes"
-
-
-def parse_strict(text: str) -> Label | None:
-    """lmms-eval ``pope``: lowercase + strip, then exact ``yes``/``no``; anything else is unparsed (None)."""
-    t = text.strip().lower()
-    return t if t in ("yes", "no") else None  # type: ignore[return-value]
-
-
-PARSERS: dict[str, Callable[[str], Label | None]] = {
-    "pope": parse_pope,
-    "negation": parse_negation,
-    "strict": parse_strict,
-}
-
-
-def get_parser(name: str) -> Callable[[str], Label | None]:
-    if name not in PARSERS:
-        raise EvalInputError(f"unknown POPE parser {name!r}; use one of {', '.join(PARSERS)}")
-    return PARSERS[name]
-
-
-# ------------------------------------------------------------------------------------------- metrics
-class PopeMetrics(BaseModel):
-    """Metrics of one split (reference/evals.md section 1.6), "yes" = positive class.
-
-    Unparsed answers stay in N: they count as wrong for accuracy and as "not yes" for precision/recall
-    (a gold-yes item left unparsed is a false negative), and their number is reported.
-    """
-
-    n: int
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-    unparsed: int
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    yes_ratio: float
-
-
-def _div(a: float, b: float) -> float:
-    return a / b if b else 0.0
-
-
-def pope_metrics(labels: Sequence[Label], predictions: Sequence[Label | None]) -> PopeMetrics:
-    """Accuracy, precision, recall, F1, yes-ratio (from predictions) and unparsed count."""
-    if len(labels) != len(predictions):
-        raise EvalInputError(f"pope_metrics: {len(labels)} labels but {len(predictions)} predictions")
-    if not labels:
-        raise EvalInputError("pope_metrics: empty dataset; need at least one question")
-    tp = fp = tn = fn = unparsed = 0
-    for gold, pred in zip(labels, predictions):
-        if pred is None:
-            unparsed += 1
-            fn += gold == "yes"  # an unparsed gold-yes is a miss; an unparsed gold-no is neither
-        elif pred == "yes":
-            tp += gold == "yes"
-            fp += gold == "no"
-        else:
-            tn += gold == "no"
-            fn += gold == "yes"
-    n = len(labels)
-    precision, recall = _div(tp, tp + fp), _div(tp, tp + fn)
-    return PopeMetrics(
-        n=n, tp=tp, fp=fp, tn=tn, fn=fn, unparsed=unparsed, accuracy=(tp + tn) / n, precision=precision,
-        recall=recall, f1=_div(2 * precision * recall, precision + recall),
-        yes_ratio=sum(p == "yes" for p in predictions) / n,
-    )
-
-
-class PopeReport(BaseModel):
-    """Per-split metrics, mean F1 over splits (LLaVA convention) and pooled metrics (VLMEvalKit)."""
-
-    parser: str
-    splits: dict[str, PopeMetrics]
-    mean_f1: float
-    pooled: PopeMetrics
-
-
-def match_answers(questions: Sequence[PopeQuestion], answers: Mapping[Any, str], where: str = "answers"
-                  ) -> list[str]:
-    """Answers in question order; any missing or extra question id is a one-line error."""
-    ids = [q.question_id for q in questions]
-    missing = [i for i in ids if i not in answers]
-    extra = set(answers) - set(ids)
-    if missing or extra:
-        first = missing[0] if missing else sorted(map(str, extra))[0]
-        raise EvalInputError(f"{where}: question ids do not match the questions ({len(missing)} missing, "
-                             f"{len(extra)} unknown; first: {first!r}); answer exactly the loaded questions")
-    return [answers[i] for i in ids]
-
-
-def score_pope(sets: Mapping[str, PopeSet] | Sequence[PopeSet],
-               answers: Mapping[str, Mapping[Any, str]], parser: str = "pope") -> PopeReport:
-    """Score raw answers. ``answers[split][question_id] = model output text``."""
-    parse = get_parser(parser)
-    set_list = list(sets.values()) if isinstance(sets, Mapping) else list(sets)
-    if not set_list:
-        raise EvalInputError("score_pope: no POPE splits given; load at least one split")
-    per: dict[str, PopeMetrics] = {}
-    all_labels: list[Label] = []
-    all_preds: list[Label | None] = []
-    for s in set_list:
-        check_split(s.split)
-        if s.split not in answers:
-            raise EvalInputError(f"score_pope: no answers for split {s.split!r}; generate them first")
-        if any(q.label is None for q in s.questions):
-            raise EvalInputError(f"split {s.split!r} has questions without labels; pass label_files to "
-                                 "load_llava_pope")
-        texts = match_answers(s.questions, answers[s.split], where=f"answers for split {s.split!r}")
-        labels = [q.label for q in s.questions]
-        preds = [parse(t) for t in texts]
-        per[s.split] = pope_metrics(labels, preds)  # type: ignore[arg-type]
-        all_labels += labels  # type: ignore[arg-type]
-        all_preds += preds
-    return PopeReport(parser=parser, splits=per, mean_f1=sum(m.f1 for m in per.values()) / len(per),
-                      pooled=pope_metrics(all_labels, all_preds))
 
 
 def build_prompt(question: str, suffix: str | None = DEFAULT_PROMPT_SUFFIX) -> str:

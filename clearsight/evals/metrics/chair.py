@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from clearsight.evals._inflect import inflect_engine
@@ -39,6 +40,7 @@ from clearsight.evals._io import (
     sha256_text,
 )
 from clearsight.evals.errors import EvalInputError
+from clearsight.evals.stats import Measure
 
 COCO_VOCAB_RESOURCE = "coco_chair_vocab.json"
 
@@ -46,6 +48,11 @@ COCO_VOCAB_RESOURCE = "coco_chair_vocab.json"
 # Punctuation stays a token so that phrases never merge across it ("a baby, dog" is not "baby dog").
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _WORD_RE = re.compile(r"[a-z0-9]")
+# NLTK's word_tokenize (the Treebank tokenizer the original CHAIR uses) splits the clitics 's 'm 'd 'll 're
+# 've and n't off the end of a word (its ENDING_QUOTES rules), so "the dog's owner" mentions "dog".
+_CLITIC_RE = re.compile(r"^([a-z0-9][a-z0-9'-]*?)('s|'m|'d|'ll|'re|'ve|n't)$")
+# part of the ground-truth cache key: a change of the tokenizer must not reuse objects found by the old one
+TOKENIZER_VERSION = "nltk-clitics-1"
 
 
 def _normalised(value: Any) -> Any:
@@ -156,7 +163,8 @@ class ChairVocabulary(BaseModel):
 
     # ---------------------------------------------------------------------------------- text
     def tokenize(self, caption: str) -> list[str]:
-        return _TOKEN_RE.findall(caption.lower())
+        """Lowercase tokens; a final clitic ('s, n't, ...) is its own token as in NLTK's word_tokenize."""
+        return tokenize(caption)
 
     def singularize(self, token: str) -> str:
         if token in self.protected or not token.isalpha():
@@ -189,6 +197,19 @@ class ChairVocabulary(BaseModel):
     def objects(self, caption: str) -> list[str]:
         """Node words mentioned in ``caption`` (with repeats)."""
         return [node for _, node in self.mentions(caption)]
+
+
+def tokenize(caption: str) -> list[str]:
+    """Lowercase word and punctuation tokens, a word's final clitic split off as NLTK does.
+
+    >>> tokenize("The dog's owner can't see the dogs' bowl.")
+    ['the', 'dog', "'s", 'owner', 'ca', "n't", 'see', 'the', 'dogs', "'", 'bowl', '.']
+    """
+    out: list[str] = []
+    for tok in _TOKEN_RE.findall(caption.lower()):
+        m = _CLITIC_RE.match(tok)
+        out += [m.group(1), m.group(2)] if m else [tok]
+    return out
 
 
 def count_words(caption: str) -> int:
@@ -234,7 +255,8 @@ def build_ground_truth(instance_files: Sequence[str | os.PathLike[str]],
         raise EvalInputError("build_ground_truth: no instance annotation files given; pass at least one")
     wanted = None if image_ids is None else sorted(set(image_ids))
     key = sha256_text(canonical_json({
-        "files": [sha256_file(p) for p in inst + caps], "vocab": vocab.sha256(), "image_ids": wanted}))
+        "files": [sha256_file(p) for p in inst + caps], "vocab": vocab.sha256(), "image_ids": wanted,
+        "tokenizer": TOKENIZER_VERSION}))
     if cache_path is not None and Path(cache_path).is_file():
         cached = read_json_file(cache_path, "CHAIR ground-truth cache")
         if cached.get("key") == key:
@@ -364,4 +386,34 @@ def load_captions_file(path: str | os.PathLike[str], image_id_key: str = "image_
         if image_id_key not in r or caption_key not in r:
             raise EvalInputError(f"{p}: record {i} lacks {image_id_key!r} or {caption_key!r}")
         out.append((r[image_id_key], r[caption_key]))
+    return out
+
+
+def chair_measures(per_caption: Mapping[str, Sequence[Mapping]], partners: Mapping[str, str] | None = None,
+                   benchmark: str = "chair") -> list[Measure]:
+    """CHAIR_s, CHAIR_i and recall per image (``ChairResult.per_caption``, same image order for every
+    system); with the world's partner map also the partner share of hallucinated mentions and the share of
+    captions that name an absent partner."""
+    cs, cin, cid, rn, rd, pn, pd, pc = ({} for _ in range(8))
+    for name, rows in per_caption.items():
+        cs[name] = np.array([bool(r["hallucinated"]) for r in rows], dtype=float)
+        cin[name] = np.array([len(r["hallucinated"]) for r in rows], dtype=float)
+        cid[name] = np.array([len(r["mentions"]) for r in rows], dtype=float)
+        rn[name] = np.array([len(r["recalled"]) for r in rows], dtype=float)
+        rd[name] = np.array([len(r["gt_objects"]) for r in rows], dtype=float)
+        if partners is not None:
+            from clearsight.evals.metrics.partner import partner_mentions
+
+            counts = [partner_mentions(r["hallucinated"], r["gt_objects"], partners) for r in rows]
+            pn[name] = np.array(counts, dtype=float)
+            pd[name] = cin[name]
+            pc[name] = (np.array(counts) > 0).astype(float)
+    ones = {k: np.ones(len(v)) for k, v in cs.items()}
+    out = [Measure(benchmark, "chair_s", None, "proportion", cs, ones, "CHAIR_s", False),
+           Measure(benchmark, "chair_i", None, "ratio", cin, cid, "CHAIR_i", False),
+           Measure(benchmark, "recall", None, "ratio", rn, rd, "recall", True)]
+    if partners is not None:
+        out += [Measure(benchmark, "partner_share", None, "ratio", pn, pd, "partner share of hallucinations", False),
+                Measure(benchmark, "partner_captions", None, "proportion", pc, ones,
+                        "captions naming an absent partner", False)]
     return out

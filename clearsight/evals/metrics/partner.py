@@ -24,19 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel
 
 from clearsight.evals._io import atomic_write_text, require_file, sha256_file
 from clearsight.evals.datasets.pope import (
     DEFAULT_TEMPLATE,
-    Label,
     PopeFile,
     PopeQuestion,
-    get_parser,
-    match_answers,
     question_text,
 )
 from clearsight.evals.errors import EvalInputError
+from clearsight.evals.metrics.pope import match_answers
+from clearsight.evals.parsers import Label, get_parser
+from clearsight.evals.stats import Measure
 
 Kind = Literal["partner", "control", "present"]
 KINDS: tuple[str, ...] = ("partner", "control", "present")
@@ -180,3 +181,22 @@ def score_partner(questions: Sequence[PartnerQuestion], answers: Mapping[Any, st
     rates = {k: yes[k] / n[k] for k in KINDS if n[k]}
     return PartnerResult(parser=parser, n=n, yes=yes, yes_rate=rates,
                          unparsed=sum(p is None for p in preds)), preds
+
+
+PARTNER_LABELS = {"partner": "partner yes-rate", "control": "other-absent yes-rate", "present": "present yes-rate"}
+
+
+def partner_measures(kinds: Sequence[str], predictions: Mapping[str, Sequence[str | None]],
+                     benchmark: str = "pope") -> list[Measure]:
+    """Yes-rates of the partner question set, per kind (partner / control / present)."""
+    out = []
+    k = np.array(kinds)
+    for kind, label in PARTNER_LABELS.items():
+        mask = k == kind
+        if not mask.any():
+            continue
+        yes = {name: np.array([p == "yes" for p in preds])[mask].astype(float) for name, preds in predictions.items()}
+        ones = {name: np.ones(int(mask.sum())) for name in predictions}
+        # an absent object should get "no", a present one "yes"
+        out.append(Measure(benchmark, f"{kind}_yes", "partner", "proportion", yes, ones, label, kind == "present"))
+    return out

@@ -1,0 +1,131 @@
+"""AMBER on hand-made files in the official format, against scores computed by hand (comments), through
+the runner with no model (outputs given as AMBER ids + text); and the shapes-world AMBER-style files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clearsight.evals.datasets.amber import build_shapes_amber, load_amber
+from clearsight.evals.errors import EvalInputError
+from clearsight.evals.job import parse_job
+from clearsight.evals.metrics.amber import AmberVocabulary, score_amber
+from clearsight.evals.runner import score_outputs
+
+RELATION = {"dog": ["puppy"], "cat": ["kitten", "animal"], "car": ["vehicle"], "tree": [], "grass": [], "frisbee": []}
+ANNOTATIONS = [
+    {"id": 1, "type": "generative", "truth": ["dog", "tree"], "hallu": ["cat"]},
+    {"id": 2, "type": "generative", "truth": ["car"], "hallu": ["frisbee", "dog"]},
+    {"id": 3, "type": "generative", "truth": ["cat"], "hallu": ["dog"]},
+    {"id": 4, "type": "discriminative-hallucination", "truth": "no"},
+    {"id": 5, "type": "discriminative-hallucination", "truth": "yes"},
+    {"id": 6, "type": "discriminative-attribute-state", "truth": "no"},
+    {"id": 7, "type": "discriminative-attribute-number", "truth": "yes"},
+    {"id": 8, "type": "discriminative-relation", "truth": "no"},
+    {"id": 9, "type": "discriminative-relation", "truth": "yes"},
+]
+RESPONSES = {
+    # puppy -> dog, tree -> tree (truth covered); kitten: a hallu object's word (cat covered, hallucinated);
+    # animal: a safe word (counted, not hallucinated); "Trees": capitalised, not the vocabulary word "tree"
+    1: "A puppy runs under a tree while a kitten and an animal watch. Trees sway.",
+    # frisbee (hallu, covered), grass (hallucinated), dogs -> dog (hallu, covered); the car is not mentioned
+    2: "A frisbee near the grass, and dogs.",
+    3: "A kitten sleeps.",  # kitten -> cat: truth covered, nothing hallucinated
+    4: "No", 5: "Yes", 6: "no", 7: "No", 8: "No.", 9: "Yes",
+}
+
+
+@pytest.fixture()
+def amber_root(tmp_path):
+    root = tmp_path / "AMBER" / "data"
+    (root / "query").mkdir(parents=True)
+    images = tmp_path / "AMBER" / "image"
+    images.mkdir()
+    (root / "annotations.json").write_text(json.dumps(ANNOTATIONS))
+    (root / "relation.json").write_text(json.dumps(RELATION))
+    (root / "safe_words.txt").write_text("animal\n")
+    queries = [{"id": a["id"], "image": f"AMBER_{a['id']}.jpg",
+                "query": "Describe this image." if a["type"] == "generative" else "Is there a dog in this image?"}
+               for a in ANNOTATIONS]
+    (root / "query" / "query_generative.json").write_text(json.dumps(queries[:3]))
+    (root / "query" / "query_discriminative.json").write_text(json.dumps(queries[3:]))
+    for q in queries:
+        (images / q["image"]).write_bytes(b"jpg")
+    return root, images
+
+
+def test_generative_and_discriminative_hand_computed(amber_root):
+    root, images = amber_root
+    data = load_amber(root, images)
+    anns = [data.annotations[i] for i in range(1, 10)]
+    r = score_amber(anns, [RESPONSES[i] for i in range(1, 10)], data.vocab)
+    g = r.generative
+    # words 4 + 3 + 1 = 8, hallucinated 1 + 3 + 0 = 4 -> CHAIR 1/2; truth covered 2 + 0 + 1 of 2 + 1 + 1 -> 3/4;
+    # responses with a hallucination 2 of 3; hallu covered 1 + 2 + 0 of 1 + 2 + 1 -> 3/4
+    assert (g.chair, g.cover, g.hal, g.cog) == pytest.approx((0.5, 0.75, 2 / 3, 0.75))
+    assert g.per_response[0]["words"] == ["puppy", "tree", "kitten", "animal"]
+    assert g.per_response[1]["hallucinated"] == ["frisbee", "grass", "dog"]
+    # official exact match: "no" and "No." are neither answer. Right: 4, 5, 9 of 6 -> 1/2. "No" positive:
+    # said No 2 (4, 7), truth No 3 (4, 6, 8), both 1 (4) -> P 1/2, R 1/3, F1 = 2 (1/6) / (5/6) = 0.4
+    d = r.discriminative
+    every = d["all"]
+    assert (every.accuracy, every.precision, every.recall, every.f1) == pytest.approx((0.5, 0.5, 1 / 3, 0.4))
+    assert d["all"].unparsed == 2
+    assert (d["existence"].accuracy, d["existence"].f1) == (1.0, 1.0)
+    assert (d["attribute"].accuracy, d["attribute"].f1) == (0.0, 0.0)
+    assert (d["relation"].accuracy, d["relation"].precision, d["relation"].f1) == (0.5, 0.0, 0.0)
+    assert r.amber_score == pytest.approx(((1 - 0.5) + 0.4) / 2)
+    # with POPE's parser "no" and "No." are no: right 5 of 6; said No 4, both 3 -> P 3/4, R 1, F1 6/7
+    p = score_amber(anns, [RESPONSES[i] for i in range(1, 10)], data.vocab, parser="pope").discriminative["all"]
+    assert (p.accuracy, p.precision, p.recall, p.f1) == pytest.approx((5 / 6, 0.75, 1.0, 6 / 7))
+
+
+def test_synonyms_are_exact_words_only():
+    """The documented difference: without spaCy vectors a near-synonym not in relation.json is hallucinated."""
+    vocab = AmberVocabulary({"dog": ["puppy"], "hound": []})
+    words, flags, covered, _ = vocab.check("A hound and a puppy.", ["dog"], [])
+    assert words == ["hound", "puppy"] and flags == [True, False] and covered == [True]
+
+
+def test_through_the_runner_with_query_all_and_bad_files(amber_root, tmp_path):
+    root, images = amber_root
+    every = json.loads((root / "query" / "query_generative.json").read_text()) + \
+        json.loads((root / "query" / "query_discriminative.json").read_text())
+    for part in ("generative", "discriminative"):
+        (root / "query" / f"query_{part}.json").unlink()
+    (root / "query" / "query_all.json").write_text(json.dumps(every))
+    job = parse_job({"systems": [{"name": "theirs", "model": "external:theirs"}],
+                     "benchmarks": [{"kind": "amber", "data": None, "root": str(root), "image_dir": str(images)}],
+                     "output": str(tmp_path / "out"), "stats": {"resamples": 200}})
+    results = score_outputs(job, {"theirs": {str(k): v for k, v in RESPONSES.items()}})
+    r = results.systems[0]["amber"]
+    assert r.generative.chair == 0.5 and r.amber_score == pytest.approx(0.45)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## AMBER" in md and "| theirs | 50.0 | 75.0 | 66.7 | 75.0 | 100.0 / 100.0 | 0.0 / 0.0 | 50.0 / 0.0 | " \
+                                 "50.0 / 40.0 | 45.0 |" in md
+    (images / "AMBER_9.jpg").unlink()
+    with pytest.raises(EvalInputError, match="AMBER image .*AMBER_9.jpg .*does not exist"):
+        load_amber(root, images)
+    with pytest.raises(EvalInputError, match="unknown part 'both'"):
+        parse_job({"systems": [{}], "benchmarks": [{"kind": "amber", "parts": ["both"]}]})
+
+
+def test_shapes_world_amber_files(shapes_cache):
+    from clearsight.evals.datasets.shapes import resolve_builtin
+    from clearsight.evals.metrics.partner import partner_map
+
+    world = resolve_builtin("builtin:shapes")
+    partners = partner_map(world.spec.partner_pairs)
+    files = build_shapes_amber(world.instances, partners)
+    anns = json.loads(files["annotations.json"])
+    inst = json.loads(world.instances.read_text())
+    cats = {c["id"]: c["name"] for c in inst["categories"]}
+    first = inst["images"][0]["id"]
+    present = {cats[a["category_id"]] for a in inst["annotations"] if a["image_id"] == first}
+    assert anns[0]["type"] == "generative" and set(anns[0]["truth"]) == present
+    assert set(anns[0]["hallu"]) == {partners[s] for s in present if s in partners} - present
+    kinds = {a["type"] for a in anns}
+    assert {"discriminative-hallucination", "discriminative-attribute-state", "discriminative-attribute-number",
+            "discriminative-relation"} <= kinds
+    assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))  # entry id - 1 is its index, as official

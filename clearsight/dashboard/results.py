@@ -19,7 +19,9 @@ import pandas as pd
 
 from clearsight.dashboard.compare import Mention, mark_objects
 from clearsight.errors import InputError
-from clearsight.evals.datasets.pope import PARSERS
+from clearsight.evals.benchmarks.chair import Chair
+from clearsight.evals.benchmarks.pope import Pope
+from clearsight.evals.parsers import PARSERS
 from clearsight.evals.report import EvalResults
 
 RESULTS = "results.json"
@@ -44,38 +46,61 @@ def load_results(folder: str | Path) -> EvalResults:
         raise InputError(f"{path}: not a clearsight results file ({str(exc).splitlines()[0]})") from None
 
 
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """A result's scalar fields, with dicts of scalars spread out as ``"<field> <key>"`` columns."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if _scalar(v):
+            out[k] = v
+        elif isinstance(v, dict) and v and all(_scalar(x) for x in v.values()):
+            out.update({f"{k} {sub}": x for sub, x in v.items()})
+    return out
+
+
+def _title(label: str) -> str:
+    return label.upper() if label.isalpha() and len(label) <= 5 else label
+
+
 def metric_tables(results: EvalResults) -> dict[str, pd.DataFrame]:
-    """Every metric per system, one table per benchmark (POPE per split, the partner set, CHAIR, CrossCheck);
-    rows are systems."""
+    """Every metric per system, one table per benchmark result, whatever the benchmark (results are plain
+    data: each system's result under the benchmark's label). Rows are systems; a result with per-split
+    figures (a dict of dicts, e.g. POPE's ``splits``) gets one row per system and split, and its other
+    scalar figures go to a ``<label> summary`` table. Results-level rankings (a ``scores`` dict by system,
+    e.g. CrossCheck's) get one table too."""
     tables: dict[str, pd.DataFrame] = {}
-    pope_rows = []
-    for s in results.systems:
-        if s.pope is None:
-            continue
-        for split, m in s.pope.splits.items():
-            pope_rows.append({"system": s.name, "split": split, "n": m.n, "accuracy": m.accuracy,
-                              "precision": m.precision, "recall": m.recall, "f1": m.f1, "yes ratio": m.yes_ratio,
-                              "unparsed": m.unparsed})
-    if pope_rows:
-        tables["POPE"] = pd.DataFrame(pope_rows)
-        tables["POPE mean F1"] = pd.DataFrame([{"system": s.name, "mean F1": s.pope.mean_f1}
-                                               for s in results.systems if s.pope is not None])
-    partner = [{"system": s.name, **{f"{k} yes-rate": v for k, v in s.partner.yes_rate.items()},
-                **{f"{k} n": v for k, v in s.partner.n.items()}, "unparsed": s.partner.unparsed}
-               for s in results.systems if s.partner is not None]
-    if partner:
-        tables["Partner questions"] = pd.DataFrame(partner)
-    chair = [{"system": s.name, "CHAIR_s": s.chair.chair_s, "CHAIR_i": s.chair.chair_i, "recall": s.chair.recall,
-              "mean length": s.chair.mean_length, "captions": s.chair.n_captions, "mentions": s.chair.n_mentions,
-              "hallucinated mentions": s.chair.n_hallucinated_mentions}
-             for s in results.systems if s.chair is not None]
-    if chair:
-        tables["CHAIR"] = pd.DataFrame(chair)
-    cc = results.crosscheck
-    if cc is not None:
-        tables["CrossCheck"] = pd.DataFrame([
-            {"system": k, "score (lower is better)": v, "rank": cc.ranking.index(k) + 1,
-             "samples": cc.n_samples.get(k), "sentences": cc.n_sentences.get(k)} for k, v in cc.scores.items()])
+    labels = list(dict.fromkeys(k for s in results.systems for k in (s.model_extra or {})))
+    for label in labels:
+        rows, summary = [], []
+        for s in results.systems:
+            r = (s.model_extra or {}).get(label)
+            if not isinstance(r, dict):
+                continue
+            nested = {k: v for k, v in r.items()
+                      if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values())}
+            if nested:
+                for field, parts in nested.items():
+                    for part, m in parts.items():
+                        rows.append({"system": s.name, field.rstrip("s"): part, **_flat(m)})
+                flat = _flat(r)
+                if flat:
+                    summary.append({"system": s.name, **flat})
+            else:
+                rows.append({"system": s.name, **_flat(r)})
+        if rows:
+            tables[_title(label)] = pd.DataFrame(rows)
+        if summary:
+            tables[f"{_title(label)} summary"] = pd.DataFrame(summary)
+    for label, r in (results.model_extra or {}).items():
+        scores = r.get("scores") if isinstance(r, dict) else None
+        if isinstance(scores, dict) and scores and set(scores) <= {s.name for s in results.systems}:
+            others = {k: v for k, v in r.items() if isinstance(v, dict) and set(v) <= set(scores) and k != "scores"}
+            tables[_title(label)] = pd.DataFrame([{"system": name, "score": v,
+                                                   **{k: d.get(name) for k, d in others.items()}}
+                                                  for name, v in scores.items()])
     return tables
 
 
@@ -149,44 +174,47 @@ def load_samples(folder: str | Path) -> list[Sample]:
     outputs = _outputs(folder)
     systems = [s.label for s in job.systems]
     samples: list[Sample] = []
-    if prep.pope is not None:
-        parse = PARSERS[prep.pope.bench.parser]
-        labels = {(split, q.question_id): q.label for split, pset in prep.pope.sets.items() for q in pset.questions}
-        labels.update({("partner", pq.question.question_id): pq.question.label for pq in prep.pope.partner})
-        for item in prep.pope.items:
-            split, qid = prep.pope.where[item.sample_id]
-            gold = labels.get((split, qid)) or "?"
-            answers = {}
-            for name in systems:
-                text = outputs.get(name, {}).get(item.sample_id)
-                if text is None:
-                    continue
-                parsed = parse(text)
-                answers[name] = SystemAnswer(text, parsed == "yes" and gold == "no", parsed=parsed)
-            samples.append(Sample(item.sample_id, "pope", split, item.prompt, item.image, gold, answers))
-    if prep.chair is not None:
-        gt = _chair_ground_truth(folder)
-        vocab = prep.chair.vocab
-        for item in prep.chair.items:
-            objects = sorted(gt.get(prep.chair.image_of[item.sample_id], set()))
-            answers = {}
-            for name in systems:
-                text = outputs.get(name, {}).get(item.sample_id)
-                if text is None:
-                    continue
-                mentions = mark_objects(text, objects, vocab)
-                answers[name] = SystemAnswer(text, any(not m.present for m in mentions), mentions=mentions)
-            samples.append(Sample(item.sample_id, "chair", "", item.prompt, item.image, objects, answers))
+    for bench in prep.benchmarks.values():
+        if isinstance(bench, Pope):
+            samples += _pope_samples(bench, systems, outputs)
+        elif isinstance(bench, Chair):
+            samples += _chair_samples(bench, systems, outputs)
     return samples
 
 
-def _chair_ground_truth(folder: Path) -> dict[int, set[str]]:
-    """The CHAIR ground truth the run scored against (``chair_ground_truth.json``, written by the run)."""
-    path = folder / "chair_ground_truth.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {int(k): set(v) for k, v in data.get("objects", {}).items()}
+def _pope_samples(pope: Pope, systems: Sequence[str], outputs: dict[str, dict[str, str]]) -> list[Sample]:
+    parse = PARSERS[pope.bench.parser]
+    labels = {(split, q.question_id): q.label for split, pset in pope.sets.items() for q in pset.questions}
+    labels.update({("partner", pq.question.question_id): pq.question.label for pq in pope.partner})
+    samples = []
+    for item in pope.items():
+        split, qid = pope.where[item.sample_id]
+        gold = labels.get((split, qid)) or "?"
+        answers = {}
+        for name in systems:
+            text = outputs.get(name, {}).get(item.sample_id)
+            if text is None:
+                continue
+            parsed = parse(text)
+            answers[name] = SystemAnswer(text, parsed == "yes" and gold == "no", parsed=parsed)
+        samples.append(Sample(item.sample_id, "pope", split, item.prompt, item.image, gold, answers))
+    return samples
+
+
+def _chair_samples(chair: Chair, systems: Sequence[str], outputs: dict[str, dict[str, str]]) -> list[Sample]:
+    gt = chair.load_ground_truth()  # the run's cached ground truth (its folder's *_ground_truth.json)
+    samples = []
+    for item in chair.items():
+        objects = sorted(gt.get(chair.image_of[item.sample_id], set()))
+        answers = {}
+        for name in systems:
+            text = outputs.get(name, {}).get(item.sample_id)
+            if text is None:
+                continue
+            mentions = mark_objects(text, objects, chair.vocab)
+            answers[name] = SystemAnswer(text, any(not m.present for m in mentions), mentions=mentions)
+        samples.append(Sample(item.sample_id, "chair", "", item.prompt, item.image, objects, answers))
+    return samples
 
 
 def filter_samples(samples: Sequence[Sample], *, benchmark: str | None = None, disagree: bool = False,

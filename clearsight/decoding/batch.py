@@ -51,6 +51,7 @@ class _Row:
     image: Image.Image | None
     pixel_transform: Any = None
     until_step: int | None = None
+    template: bool = True  # False: ``prompt`` is the row's whole text (Branch.template)
 
 
 class Entry:
@@ -114,7 +115,8 @@ class Entry:
                     br_image = load_image(br_image, f"{m.name} branch image")
                 ctx.rows[name] = len(rows)
                 ctx.branch_specs[name] = br
-                rows.append(_Row(self, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
+                prompt = br.prompt if br.prompt is not None else req.prompt
+                rows.append(_Row(self, name, prompt, br_image, br.pixel_transform, br.until_step, br.template))
         self.ctx, self.rows, self.step = ctx, rows, 0
         # every (re)start, e.g. a retry after a failed group prefill, samples from the request's seed again
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else self.decode.seed)
@@ -252,7 +254,7 @@ class Batch:
                 e.ctx.rows = {name: base + r for name, r in e.ctx.rows.items()}
                 rows.extend(e.rows)
             self.entries, self.rows = list(entries), rows
-            texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
+            texts = [adapter.chat_prompt(r.prompt, r.image is not None) if r.template else r.prompt for r in rows]
             batch = adapter.encode(texts, [r.image for r in rows])
             lengths = batch["attention_mask"].sum(1).tolist()  # every row's tokens, images expanded
             first = 0

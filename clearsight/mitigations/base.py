@@ -75,7 +75,11 @@ class Branch:
     """An extra row of a request, run in the same batched forward as its main row.
 
     ``image``: ``"same"`` (the request's image), ``None`` (no image) or another PIL image.
-    ``prompt``: None keeps the request's prompt. ``pixel_transform``: applied to this row's processed
+    ``prompt``: None keeps the request's prompt ("" is an empty user turn). ``template``: True (default) puts
+    ``prompt`` in the model's chat template as the request's prompt is; False = ``prompt`` is the row's whole
+    text input, template not applied (it must then hold the image slot when the row has an image, e.g.
+    INTER's prompt-removed row). A Branch may carry an image variant (``image`` / ``pixel_transform``) and a
+    prompt variant at once. ``pixel_transform``: applied to this row's processed
     pixel values (the model's normalised input tensor for its image, e.g. VCD's diffusion noise).
     ``until_step``: the branch leaves the batch after this step (0 = it runs in the prefill only, as
     VHR's text-only row); None keeps it for the whole generation. Plan edits for the branch's row (for
@@ -92,6 +96,7 @@ class Branch:
     name: str
     image: Image.Image | str | None = SAME_IMAGE
     prompt: str | None = None
+    template: bool = True
     pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     until_step: int | None = None
     receives_edits: bool = True

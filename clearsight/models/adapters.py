@@ -136,12 +136,14 @@ class Adapter:
         }
 
     # ------------------------------------------------------------------ prompts and inputs
-    def chat_prompt(self, prompt: str, has_image: bool) -> str:
-        """The prompt in the model's chat template, ready for generation."""
+    def chat_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:
+        """The prompt in the model's chat template, ready for generation (``add_generation_prompt=False``: the
+        user turn alone, without the assistant marker the template appends)."""
         content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a chat-formatted prompt as the processor tokenises it, before any image expansion."""
@@ -403,13 +405,13 @@ class TextOnlyAdapter(Adapter):
     def image_token_id(self) -> int:
         return -1  # matches no token
 
-    def chat_prompt(self, prompt: str, has_image: bool) -> str:
+    def chat_prompt(self, prompt: str, has_image: bool, add_generation_prompt: bool = True) -> str:
         if has_image:
             raise InputError(
                 f"{type(self.model).__name__} is a text-only model and cannot take an image: "
                 "drop the image or load a vision-language model"
             )
-        return super().chat_prompt(prompt, has_image=False)
+        return super().chat_prompt(prompt, has_image=False, add_generation_prompt=add_generation_prompt)
 
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         return []

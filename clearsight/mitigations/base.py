@@ -220,8 +220,10 @@ class Mitigation(BaseModel):
     name: str
     # one line shown by `clearsight mitigations`
     summary: ClassVar[str] = ""
-    # "plan" (single-pass attention edit), "branch" (logits-level), or "baseline"
+    # "plan" (single-pass attention edit), "branch" (logits-level), "input" (replaces the input image), or "baseline"
     kind: ClassVar[str] = "plan"
+    # part of `clearsight demo`'s job (False only for methods too slow for it, with the reason in the docs)
+    in_demo: ClassVar[bool] = True
     plan_fields: ClassVar[dict[str, str]] = {}
     refuses_plan_fields: ClassVar[dict[str, str]] = {}
     abs_bias_rows: ClassVar[str | None] = None
@@ -232,11 +234,22 @@ class Mitigation(BaseModel):
         """Whether these parameters write the plan fields declared above (False at zero strength)."""
         return True
 
+    def refuses(self, other: Mitigation) -> str | None:
+        """Why this method cannot run in one request with ``other`` beyond the plan fields (e.g. CARVE's
+        two-image re-query); None = no objection. ``registry.check_compatible`` asks both methods."""
+        return None
+
     def plan_layers(self) -> frozenset[int] | int:
         """The layers of the plan edits: a set (the ``layers`` parameter), or an int s for "s and every layer
         after it" (the default range, which ends at the model's depth)."""
         layers = getattr(self, "layers", None)
         return frozenset(layers) if layers is not None else self.first_plan_layer
+
+    def input_images(self, ctx: RequestContext) -> list[Image.Image] | None:
+        """The images the request's main row sees instead of the request's image (CARVE's refined view, or
+        [original, refined]); None = unchanged. Called before ``branches``, in the order the mitigations are
+        given; afterwards ``ctx.image`` is the last of them (the image the branches' ``"same"`` refers to)."""
+        return None
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         """Extra rows this request needs (their names must be unique within the mitigation)."""

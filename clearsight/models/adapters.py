@@ -278,6 +278,15 @@ class Adapter:
         return tuple(out.attentions)
 
 
+    @property
+    def vision_feature_attention_index(self) -> int | None:
+        """Index into ``vision_attentions()`` of the layer whose output the projector reads
+        (``hidden_states[vision_feature_layer]``: LLaVA-1.5 -2, the demo model -1); None when the config has none."""
+        layer = getattr(self.model.config, "vision_feature_layer", None)
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            return None
+        return layer if layer < 0 else layer - 1  # hidden_states[0] are the embeddings
+
     def hook_vision_feature_attention(self, fn: VisionAttentionHook) -> HookHandles:
         """Call ``fn(attn, hidden_states, output)`` at the self-attention of the vision layer the projector reads.
 

@@ -159,3 +159,14 @@ def test_mixed_batch_equals_solo():
 def test_text_only_request_fails_clearly():
     with pytest.raises(InputError, match="inter needs an image"):
         generate(tiny("tiny-llava"), [{"prompt": PROMPT}], ["inter"], decode=DECODE)
+
+
+def test_composes_with_plan_edits_and_other_combiners():
+    lvlm = tiny("tiny-llava")
+    req = {"prompt": PROMPT, "image": make_image(7)}
+    spec = RecINTER(k=0.0)
+    out = generate(lvlm, [req], ["vcd:alpha=1", spec], decode=DecodeSpec(max_new_tokens=2, ignore_eos=True))[0]
+    assert len(out.token_ids) == 2
+    # INTER follows VCD: its "main" is VCD's combination (the cut's -inf tokens included), its rows its own
+    assert torch.isinf(LOG[0]["main"]).any() and set(LOG[0]) == {"main", "noimg", "noprompt", "neither"}
+    assert len(generate(lvlm, [req], ["pai:alpha=0.5,gamma=1", "inter"], decode=DECODE)[0].token_ids) == 4

@@ -145,7 +145,7 @@ class CARVE(Mitigation):
     final: Literal["both", "refined"] = Field("both", description="the re-query's images: both = [original, "
                                               "refined] (the code), refined = the refined view alone (Alg. 1)")
     general: str = Field(GENERAL_QUESTION, description="the general question G of the second probe")
-    suffix: str = Field(CODE_SUFFIX, description="appended to both probes' questions (none = nothing)")
+    suffix: str | None = Field(CODE_SUFFIX, description="appended to both probes' questions (none = nothing)")
 
     def refuses(self, other: Mitigation) -> str | None:
         if self.final == "both" and other.name not in ("none", self.name):
@@ -163,7 +163,7 @@ class CARVE(Mitigation):
 
         assert ctx.image is not None
         layers = self._layers(ctx.lvlm.adapter.num_layers)
-        suffix = "" if self.suffix.lower() in ("", "none") else " " + self.suffix
+        suffix = " " + self.suffix if self.suffix else ""
         probes = [{"prompt": ctx.request.prompt + suffix, "image": ctx.image},
                   {"prompt": self.general + suffix, "image": ctx.image}]
         tokens = self.probe_tokens if self.steps == "all" else 1

@@ -136,6 +136,14 @@ def test_mixed_batch_equals_solo():
     assert batched == solo
 
 
+def test_parameters():
+    from clearsight.mitigations import parse_mitigation
+
+    m = parse_mitigation("carve")
+    assert (m.p, m.k, m.lam, m.steps, m.probe_tokens, m.final) == (0.2, 3, 1e-8, "all", 32, "both")
+    assert parse_mitigation("carve:suffix=none").suffix is None
+
+
 def test_refusals():
     with pytest.raises(PlanConflictError, match="'carve' and 'vcd' cannot be combined.*carve:final=refined"):
         parse_mitigations(["carve", "vcd"])

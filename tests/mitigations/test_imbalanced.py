@@ -135,6 +135,7 @@ def test_summary_layer_feature_is_the_models_feature_layer():
             assert got["feature"] == got[layer]
             feature = got.pop("feature")
             got[f"feature{layer}"] = feature
+        cfg.vision_feature_layer = 1  # hidden_states[1] is the first layer's output: attentions[0]
+        assert lvlm.adapter.vision_feature_attention_index == 0
     finally:
         cfg.vision_feature_layer = before
-    assert tiny("shapes-llava").adapter.vision_feature_attention_index == -1

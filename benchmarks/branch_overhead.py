@@ -11,6 +11,10 @@ On a LLaVA-shaped random-weight model (torch backend), for VCD, M3ID, AGLA and C
   the counterfactual plan edit).
 Target on CPU: batched <= 1.7x unmitigated and faster than sequential. AGLA's matcher prefill is a
 per-request cost outside the decode step (reported separately as prepare time).
+INTER (4 rows: main, noised image, prompt removed, both) is reported the same way against its four rows run
+one after the other (no target: twice the rows of the others). CARVE has no branch row: its decode step is
+the re-query's ([original, refined]: two images' keys; or the refined view alone), and its two probes are a
+per-request cost (prepare time).
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ def main() -> None:
     img = scene(0, args.image_size)
     decode = DecodeSpec(max_new_tokens=args.new_tokens, ignore_eos=True)
     prepare: dict[str, float] = {}
+    latency: dict[str, float] = {}  # the request's time before its first decode step (probes included)
 
     def step_time(request: dict, mitigations: list, key: str | None = None):
         def once() -> float:
             r = generate(lvlm, [request], mitigations, decode=decode)[0]
             if key is not None:
                 prepare[key] = r.timings["prepare_s"]
+            latency[key or "unmitigated"] = r.timings["latency_s"] - r.timings["decode_s"]
             return r.timings["decode_s"] / max(len(r.token_ids) - 1, 1)
         return once
 
@@ -66,6 +72,10 @@ def main() -> None:
         "m3id": step_time(with_image, ["m3id"]),
         "agla": step_time(with_image, ["agla"], key="agla"),
         "causalmm": step_time(with_image, ["causalmm"]),
+        "alone: no-prompt row": step_time({"prompt": ".", "image": img}, []),  # one token: an empty prompt is refused
+        "inter": step_time(with_image, ["inter"]),
+        "carve": step_time(with_image, ["carve"], key="carve"),
+        "carve:final=refined": step_time(with_image, ["carve:final=refined"], key="carve:final=refined"),
     }
     t = interleaved(runs, repeats=args.repeats)
     branch_alone = {"vcd": "alone: image row", "m3id": "alone: no-image row", "agla": "alone: image row",
@@ -83,6 +93,13 @@ def main() -> None:
         ok = "met" if r_base <= 1.7 and r_seq < 1.0 else "NOT met"
         print(f"{m:<10}{t[m] * 1e3:>12.2f}{seq * 1e3:>15.2f}{r_base:>15.2f}x{r_seq:>14.2f}x  {ok}")
     print(f"agla matcher + batch preparation (per request, not per step): {prepare.get('agla', 0.0) * 1e3:.1f} ms")
+    seq = 2 * t["alone: image row"] + 2 * t["alone: no-prompt row"]
+    print(f"{'inter':<10}{t['inter'] * 1e3:>12.2f}{seq * 1e3:>15.2f}{t['inter'] / base:>15.2f}x"
+          f"{t['inter'] / seq:>14.2f}x  (4 rows, no target)")
+    for m in ("carve", "carve:final=refined"):
+        extra = latency.get(m, 0.0) - latency.get("unmitigated", 0.0)
+        print(f"{m}: re-query step {t[m] * 1e3:.2f} ms ({t[m] / base:.2f}x unmitigated); probes + refinement "
+              f"+{extra * 1e3:.0f} ms per request (time to the first token vs unmitigated, last run)")
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ def test_token_count_precheck_is_exact_for_text(family):
 # ----------------------------------------------------------------------------------------- 4. parameters
 @pytest.mark.parametrize(("spec", "field", "params"), [
     ("pai:alpha=inf", "alpha", "alpha, gamma, cut, layers"),
-    ("vhr:alpha=inf", "alpha", "alpha, layers, outlier_filter, text_pass"),
+    ("vhr:alpha=inf", "alpha", "alpha, layers, outlier_filter, outlier_std, text_pass"),
     ("m3id:lam=inf", "lam", "lam, threshold, max_weight"),
     ("var:rho=nan", "rho", "p, p_semantics, rho, min_image_mass, tau, sink_dims, layers"),
 ])

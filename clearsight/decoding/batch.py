@@ -48,9 +48,14 @@ class _Row:
     entry: Entry
     branch: str
     prompt: str
-    image: Image.Image | None
+    image: Image.Image | list[Image.Image] | None  # a list: several images in this row (CARVE's re-query)
     pixel_transform: Any = None
     until_step: int | None = None
+    template: bool = True  # False: ``prompt`` is the row's whole text (Branch.template)
+
+
+def _num_images(row: _Row) -> int:
+    return 0 if row.image is None else len(row.image) if isinstance(row.image, list) else 1
 
 
 class Entry:
@@ -102,7 +107,13 @@ class Entry:
         ctx = RequestContext(lvlm=lvlm, request=req, index=self.index, rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
                              decode=self.decode, image=image, probe=make_probe(lvlm, self.backend),
                              warner=self.warner)
-        rows = [_Row(self, MAIN, req.prompt, image)]
+        main_image: Image.Image | list[Image.Image] | None = image
+        for m in self.mitigations:  # a mitigation may replace the request's input image(s) (CARVE)
+            new = m.input_images(ctx)
+            if new is not None:
+                main_image = new[0] if len(new) == 1 else list(new)
+                ctx.image = new[-1]
+        rows = [_Row(self, MAIN, req.prompt, main_image)]
         ctx.rows[MAIN] = 0
         for m in self.mitigations:
             for br in m.branches(ctx):
@@ -114,7 +125,8 @@ class Entry:
                     br_image = load_image(br_image, f"{m.name} branch image")
                 ctx.rows[name] = len(rows)
                 ctx.branch_specs[name] = br
-                rows.append(_Row(self, name, br.prompt or req.prompt, br_image, br.pixel_transform, br.until_step))
+                prompt = br.prompt if br.prompt is not None else req.prompt
+                rows.append(_Row(self, name, prompt, br_image, br.pixel_transform, br.until_step, br.template))
         self.ctx, self.rows, self.step = ctx, rows, 0
         # every (re)start, e.g. a retry after a failed group prefill, samples from the request's seed again
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else self.decode.seed)
@@ -252,7 +264,7 @@ class Batch:
                 e.ctx.rows = {name: base + r for name, r in e.ctx.rows.items()}
                 rows.extend(e.rows)
             self.entries, self.rows = list(entries), rows
-            texts = [adapter.chat_prompt(r.prompt, r.image is not None) for r in rows]
+            texts = [adapter.chat_prompt(r.prompt, _num_images(r)) if r.template else r.prompt for r in rows]
             batch = adapter.encode(texts, [r.image for r in rows])
             lengths = batch["attention_mask"].sum(1).tolist()  # every row's tokens, images expanded
             first = 0
@@ -265,6 +277,10 @@ class Batch:
             for r, lay in zip(rows, layouts):
                 if r.image is not None and not lay.image_spans:
                     raise InputError("the processor inserted no image tokens: the chat template lacks an image slot")
+                if isinstance(r.image, list) and len(lay.image_spans) != len(r.image):
+                    raise InputError(f"{len(r.image)} images in one prompt gave {len(lay.image_spans)} image-token "
+                                     f"spans on {adapter.family}: this family cannot separate several images of one "
+                                     "prompt; use one image per request")
             plan = AttentionPlan(num_layers=adapter.num_layers, num_heads=adapter.num_heads,
                                  segment=adapter.segments(batch).to(lvlm.device), layouts=layouts)
             if self.stats is not None:
@@ -310,11 +326,10 @@ class Batch:
         slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
         pixels = batch["pixel_values"].clone()
         for r in self.rows:
-            if r.image is None:
-                continue
-            sl = next(slices)
-            if r.pixel_transform is not None:
-                pixels[sl] = r.pixel_transform(pixels[sl])
+            for _ in range(_num_images(r)):
+                sl = next(slices)
+                if r.pixel_transform is not None:
+                    pixels[sl] = r.pixel_transform(pixels[sl])
         batch["pixel_values"] = pixels
 
     # ------------------------------------------------------------------ forwards

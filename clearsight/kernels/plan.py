@@ -11,7 +11,10 @@ Semantics, per layer l, row b, head h, query row i (key index q_i), key j (segme
 1. ``s = scaling * q.k`` (float32).
 2. ``s += bias[b, h, g_j]``                                   (constant key-class bias)
 3. ``s += abs_bias[b, h, g_j] * |s_raw|`` where ``q_i >= abs_from[b]``   (PAI / PAINT: the raw score)
-4. mask: key j allowed iff it is not padding and ``k_rank[b, j] <= q_limit[b, i]`` (causal by default)
+4. mask: key j allowed iff it is not padding and ``k_rank[b, j] <= q_limit[b, i]`` (causal by default),
+   or ``q_lo2[b, i] <= k_rank[b, j] <= q_hi2[b, i]`` (a second interval of ranks per query, empty by
+   default: lo2 = 0, hi2 = -1; AKI's modality-mutual mask, where image queries stay causal among the
+   image and also see the question after it)
 5. ``a = softmax(s)``
 6. counterfactual (CausalMM branches): on image keys the distribution is replaced by a uniform,
    random, shuffled or reversed one, keeping the row's image mass (see ``counterfactual_weights``).
@@ -337,6 +340,9 @@ class AttentionPlan:
         self.layers: dict[int, LayerEdit] = {}
         self.k_rank: torch.Tensor | None = None  # [B, L0] int64
         self.q_limit: torch.Tensor | None = None  # [B, L0] int64
+        # second allowed interval of key ranks per query, [B, L0] int64 each (set with k_rank: empty = 0, -1)
+        self.q_lo2: torch.Tensor | None = None
+        self.q_hi2: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None  # [B, L0] int64 (fed to the model, not the kernel)
         self.stats = StatsRequest()
         self.stats_out = PlanStats()
@@ -531,21 +537,34 @@ class AttentionPlan:
         e.segment[r] = segment.to(device=self.device, dtype=torch.int8)
         self.cache.clear()
 
-    def set_mask(self, rows, k_rank: torch.Tensor, q_limit: torch.Tensor, owner: str) -> None:
-        """Custom prompt mask: key j visible to query i iff k_rank[j] <= q_limit[i] (plus padding)."""
+    def set_mask(self, rows, k_rank: torch.Tensor, q_limit: torch.Tensor, owner: str,
+                 q_lo2: torch.Tensor | None = None, q_hi2: torch.Tensor | None = None) -> None:
+        """Custom prompt mask: key j visible to query i iff k_rank[j] <= q_limit[i], or
+        q_lo2[i] <= k_rank[j] <= q_hi2[i] when the second interval is given (plus padding)."""
         r = _as_rows(rows)
         self._claim("mask", -1, r, owner)
         if self.k_rank is None:
-            pos = torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1)
-            self.k_rank, self.q_limit = pos.clone(), pos.clone()
-        assert self.q_limit is not None
-        if k_rank.max() >= GENERATED_RANK_OFFSET or q_limit.max() >= GENERATED_RANK_OFFSET:
+            self.k_rank, self.q_limit, self.q_lo2, self.q_hi2 = self._mask_tables()
+        assert self.q_limit is not None and self.q_lo2 is not None and self.q_hi2 is not None
+        if q_lo2 is None or q_hi2 is None:
+            if q_lo2 is not None or q_hi2 is not None:
+                raise ValueError("set_mask: give both q_lo2 and q_hi2, or neither")
+            q_lo2, q_hi2 = torch.zeros_like(q_limit), torch.full_like(q_limit, -1)
+        if max(int(t.max()) for t in (k_rank, q_limit, q_hi2)) >= GENERATED_RANK_OFFSET:
             raise ValueError("prompt ranks and limits must stay below GENERATED_RANK_OFFSET")
         # copy on write: a new tensor per change, so caches keyed by the tensor's identity stay valid
         self.k_rank, self.q_limit = self.k_rank.clone(), self.q_limit.clone()
+        self.q_lo2, self.q_hi2 = self.q_lo2.clone(), self.q_hi2.clone()
         self.k_rank[r] = k_rank.to(self.device, torch.long)
         self.q_limit[r] = q_limit.to(self.device, torch.long)
+        self.q_lo2[r] = q_lo2.to(self.device, torch.long)
+        self.q_hi2[r] = q_hi2.to(self.device, torch.long)
         self.cache.clear()
+
+    def _mask_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_rank, q_limit, q_lo2, q_hi2) of the plain causal mask: ranks = limits = positions, no second interval."""
+        pos = torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1)
+        return pos, pos.clone(), torch.zeros_like(pos), torch.full_like(pos, -1)
 
     def set_position_ids(self, rows, position_ids: torch.Tensor, owner: str) -> None:
         r = _as_rows(rows)
@@ -566,6 +585,7 @@ class AttentionPlan:
         self.layouts = [self.layouts[i] for i in keep]
         self.pad = sel(self.pad)
         self.k_rank, self.q_limit, self.position_ids = sel(self.k_rank), sel(self.q_limit), sel(self.position_ids)
+        self.q_lo2, self.q_hi2 = sel(self.q_lo2), sel(self.q_hi2)
         for e in self.layers.values():
             e.bias, e.abs_bias, e.abs_from = sel(e.bias), sel(e.abs_bias), sel(e.abs_from)
             e.head_scale, e.segment = sel(e.head_scale), sel(e.segment)
@@ -600,6 +620,9 @@ class AttentionPlan:
         if self.k_rank is not None and self.q_limit is not None:
             self.k_rank = torch.cat([self.k_rank, idx + GENERATED_RANK_OFFSET], 1)
             self.q_limit = torch.cat([self.q_limit, idx + GENERATED_RANK_OFFSET], 1)
+        if self.q_lo2 is not None and self.q_hi2 is not None:  # generated queries: no second interval
+            self.q_lo2 = torch.cat([self.q_lo2, torch.zeros_like(idx)], 1)
+            self.q_hi2 = torch.cat([self.q_hi2, torch.full_like(idx, -1)], 1)
         if self.position_ids is not None:
             last = self.position_ids[:, -1:]
             self.position_ids = torch.cat([self.position_ids, last + torch.arange(1, n + 1, device=dev)], 1)
@@ -625,6 +648,8 @@ class AttentionPlan:
         self.segment = cols(self.segment, int(Segment.TEXT))
         if self.k_rank is not None and self.q_limit is not None:
             self.k_rank, self.q_limit = cols(self.k_rank), cols(self.q_limit)
+        if self.q_lo2 is not None and self.q_hi2 is not None:
+            self.q_lo2, self.q_hi2 = cols(self.q_lo2), cols(self.q_hi2, -1)
         if self.position_ids is not None:
             self.position_ids = cols(self.position_ids, 1)
         for e in self.layers.values():
@@ -652,6 +677,8 @@ class AttentionPlan:
         self.segment = self.segment[:, n:]
         if self.k_rank is not None and self.q_limit is not None:
             self.k_rank, self.q_limit = self.k_rank[:, n:], self.q_limit[:, n:]
+        if self.q_lo2 is not None and self.q_hi2 is not None:
+            self.q_lo2, self.q_hi2 = self.q_lo2[:, n:], self.q_hi2[:, n:]
         if self.position_ids is not None:
             self.position_ids = self.position_ids[:, n:]
         for e in self.layers.values():
@@ -683,9 +710,8 @@ class AttentionPlan:
                   layouts=[*a.layouts, *b.layouts])
         out.stats = a.stats
         if a.k_rank is not None or b.k_rank is not None:
-            ka, qa = a._rank_pair()
-            kb, qb = b._rank_pair()
-            out.k_rank, out.q_limit = torch.cat([ka, kb]), torch.cat([qa, qb])
+            ta, tb = a._rank_tables(), b._rank_tables()
+            out.k_rank, out.q_limit, out.q_lo2, out.q_hi2 = (torch.cat([x, y]) for x, y in zip(ta, tb))
         if a.position_ids is not None or b.position_ids is not None:
             out.position_ids = torch.cat([a._positions(), b._positions()])
         for layer in sorted(set(a.layers) | set(b.layers)):
@@ -716,11 +742,11 @@ class AttentionPlan:
         out._owners = {**a._owners, **{(w, l, r + a.batch): o for (w, l, r), o in b._owners.items()}}
         return out
 
-    def _rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_rank is not None and self.q_limit is not None:
-            return self.k_rank, self.q_limit
-        pos = torch.arange(self.prompt_len, device=self.device).repeat(self.batch, 1)
-        return pos, pos.clone()
+    def _rank_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.k_rank is not None:
+            assert self.q_limit is not None and self.q_lo2 is not None and self.q_hi2 is not None
+            return self.k_rank, self.q_limit, self.q_lo2, self.q_hi2
+        return self._mask_tables()
 
     def _positions(self) -> torch.Tensor:
         return self.position_ids if self.position_ids is not None else default_position_ids(self.pad, self.prompt_len)
@@ -765,6 +791,14 @@ class AttentionPlan:
         gen = torch.arange(L0, n, device=self.device) + GENERATED_RANK_OFFSET
         return torch.cat([base, gen.repeat(self.batch, 1)], 1)
 
+    def _second(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """Extend q_lo2 / q_hi2 to n keys: generated queries have no second interval (lo 0, hi -1)."""
+        L0 = self.prompt_len
+        if n <= L0:
+            return values[:, :n]
+        fill = 0 if values is self.q_lo2 else -1
+        return torch.cat([values, values.new_full((self.batch, n - L0), fill)], 1)
+
     def allowed(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Which keys each query may attend: [B, 1, Lq, Lk] bool (padding, causality, custom mask).
 
@@ -785,7 +819,11 @@ class AttentionPlan:
         rank = self._ranks(self.k_rank, num_keys)  # [B, Lk]
         limit = self._ranks(self.q_limit, num_keys)[:, num_keys - num_queries :]  # [B, Lq]
         valid_k = kv.view(1, -1) >= self.pad.view(-1, 1)  # [B, Lk]
-        allowed = (rank.unsqueeze(1) <= limit.unsqueeze(2)) & valid_k.unsqueeze(1)
+        allowed = rank.unsqueeze(1) <= limit.unsqueeze(2)
+        if self.q_lo2 is not None and self.q_hi2 is not None:
+            lo2, hi2 = (self._second(t, num_keys)[:, num_keys - num_queries:] for t in (self.q_lo2, self.q_hi2))
+            allowed = allowed | ((rank.unsqueeze(1) >= lo2.unsqueeze(2)) & (rank.unsqueeze(1) <= hi2.unsqueeze(2)))
+        allowed = allowed & valid_k.unsqueeze(1)
         pad_q = q_index.view(1, -1) < self.pad.view(-1, 1)  # [B, Lq]
         self_key = q_index.view(1, -1, 1) == kv.view(1, 1, -1)
         allowed = torch.where(pad_q.unsqueeze(2), self_key, allowed).unsqueeze(1)

@@ -108,7 +108,7 @@ def _uniform_hash(seed, head, q, k):
 
 @triton.jit
 def _score_tile(
-    q, offs_n, n_ok, offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
+    q, offs_n, n_ok, offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0, scale,
     k_base, stride_kn, stride_kd, offs_d, d_ok,
     seg_base, bias_base, abs_base, rank_base,
     mask_base, stride_mq, stride_mk,
@@ -144,13 +144,15 @@ def _score_tile(
         allowed = allowed & (offs_n[None, :] <= qi[:, None]) & n_ok[None, :]
     else:
         if HAS_RANK:
-            # custom masks (CCA, modality-mutual): key j visible iff k_rank[j] <= q_limit[i] (plan step 4);
-            # generated keys rank above every prompt limit
+            # custom masks (CCA, modality-mutual): key j visible iff k_rank[j] <= q_limit[i] or
+            # q_lo2[i] <= k_rank[j] <= q_hi2[i] (plan step 4); generated keys rank above every prompt limit
             rank = tl.load(rank_base + offs_n, mask=n_ok & in_prompt, other=0).to(tl.int32)
             rank = tl.where(in_prompt, rank, offs_n + GEN_OFFSET)
+            second = (rank[None, :] >= lo2[:, None]) & (rank[None, :] <= hi2[:, None])
+            allowed = (rank[None, :] <= lim[:, None]) | second
         else:
-            rank = offs_n
-        allowed = (rank[None, :] <= lim[:, None]) & (offs_n >= pad)[None, :] & n_ok[None, :]
+            allowed = offs_n[None, :] <= lim[:, None]
+        allowed = allowed & (offs_n >= pad)[None, :] & n_ok[None, :]
         # padding query rows attend to themselves only (plan.allowed), so no softmax row is empty
         allowed = tl.where(is_padq[:, None], offs_n[None, :] == qi[:, None], allowed)
     allowed = allowed & m_ok[:, None]  # rows past Lq: all -inf, so their dead lanes stay finite
@@ -173,7 +175,7 @@ def _attn_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    KvValid, Pad, Seg, stride_segb, Rank, Limit, stride_rankb, BlkMin, stride_blkb,
+    KvValid, Pad, Seg, stride_segb, Rank, Limit, Lo2, Hi2, stride_rankb, BlkMin, stride_blkb,
     Bias, AbsBias, AbsFrom, HeadScale,
     CfKind, CfSeed, CfSource, stride_srcb,
     RedP, RedRho, RedMin, RedFrom,
@@ -213,8 +215,14 @@ def _attn_kernel(
     if HAS_RANK:
         lim = tl.load(Limit + b * stride_rankb + qi, mask=m_ok & (qi < L0) & (qi >= 0), other=0).to(tl.int32)
         lim = tl.where(qi < L0, lim, qi + GEN_OFFSET)
+        # the second interval of ranks (AKI's mask); generated queries have none (lo 0 > hi -1)
+        in_q = m_ok & (qi < L0) & (qi >= 0)
+        lo2 = tl.load(Lo2 + b * stride_rankb + qi, mask=in_q, other=0).to(tl.int32)
+        hi2 = tl.load(Hi2 + b * stride_rankb + qi, mask=in_q, other=-1).to(tl.int32)
     else:
         lim = qi
+        lo2 = qi * 0
+        hi2 = lo2 - 1
     if HAS_ABS:
         abs_rows = qi >= tl.load(AbsFrom + b).to(tl.int32)
     else:
@@ -247,7 +255,8 @@ def _attn_kernel(
     per_split = (n_blocks + SPLITS - 1) // SPLITS
     start = lo + pid_s * per_split * BLOCK_N
     end = tl.minimum(hi, start + per_split * BLOCK_N)
-    max_lim = _rmax(tl.where(m_ok & ~is_padq, lim, -1), axis=0)
+    # block skipping: the largest rank any query of the tile may see (its limit or its second interval's end)
+    max_lim = _rmax(tl.where(m_ok & ~is_padq, tl.maximum(lim, hi2), -1), axis=0)
     row_base = (pid_bh * SPLITS + pid_s) * Lq + offs_m  # row index into St / Acc
 
     if HAS_CF:
@@ -393,7 +402,7 @@ def _attn_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < kvl
             s, seg, allowed = _score_tile(
-                q, offs_n, n_ok, offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
+                q, offs_n, n_ok, offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0, scale,
                 k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base, rank_base,
                 mask_base, stride_mq, stride_mk,
                 HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
@@ -424,7 +433,8 @@ def _attn_kernel(
                         src = tl.load(src_base + offs_n, mask=n_ok & (offs_n < L0), other=0).to(tl.int32)
                         src = tl.where(offs_n < L0, src, offs_n)
                         s_src, _seg_src, _al_src = _score_tile(
-                            q, src, n_ok & (src < kvl), offs_m, m_ok, qi, lim, is_padq, abs_rows, pad, L0, scale,
+                            q, src, n_ok & (src < kvl), offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0,
+                            scale,
                             k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base,
                             rank_base, mask_base, stride_mq, stride_mk,
                             HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
@@ -584,6 +594,8 @@ class KernelPlan:
     pad: torch.Tensor | None = None  # [B] left padding
     k_rank: torch.Tensor | None = None  # [B, L0] custom mask ranks (None = causal)
     q_limit: torch.Tensor | None = None  # [B, L0]
+    q_lo2: torch.Tensor | None = None  # [B, L0] second interval of ranks per query (with k_rank)
+    q_hi2: torch.Tensor | None = None  # [B, L0]
     prompt_len: int = 0  # L0 (0 = every key is a generated TEXT key)
     segment: torch.Tensor | None = None  # [B, L0] int8 key segments of this layer
     bias: torch.Tensor | None = None  # [B, H, S] float32
@@ -698,6 +710,10 @@ def fused_attention(
     has_rank = kp.k_rank is not None
     rank = kp.k_rank if has_rank else dummy_i
     limit = kp.q_limit if has_rank else dummy_i
+    if has_rank and (kp.q_lo2 is None or kp.q_hi2 is None):  # no second interval: an empty one per query
+        kp.q_lo2, kp.q_hi2 = torch.zeros_like(kp.k_rank), torch.full_like(kp.k_rank, -1)
+    lo2 = kp.q_lo2 if has_rank else dummy_i
+    hi2 = kp.q_hi2 if has_rank else dummy_i
     blk = block_min_rank(kp.k_rank, BLOCK_N) if has_rank else dummy_i
     mask = kp.dense_mask
     if mask is not None:
@@ -731,7 +747,7 @@ def fused_attention(
         query, key, value, out, st, acc, _f(masses), _f(last_row),
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         _i(kv_valid), _i(kp.pad), seg, seg.stride(0) if kp.segment is not None else 0,
-        rank, limit, rank.stride(0) if has_rank else 0, blk, blk.stride(0) if has_rank else 0,
+        rank, limit, lo2, hi2, rank.stride(0) if has_rank else 0, blk, blk.stride(0) if has_rank else 0,
         _f(kp.bias), _f(kp.abs_bias), _i(kp.abs_from), _f(kp.head_scale),
         _i(kp.cf_kind), _i(kp.cf_seed), src, src.stride(0) if kp.cf_source is not None else 0,
         _f(kp.red_p), _f(kp.red_rho), _f(kp.red_min), _i(kp.red_from),
@@ -762,7 +778,8 @@ def attention_flops(B: int, H: int, Lq: int, Lk: int, D: int, causal: bool) -> f
 # ----------------------------------------------------------------------------------------------- AOT check
 _PTR_TYPES = {
     "St": "*fp32", "Acc": "*fp32", "SegOut": "*fp32", "LastRow": "*fp32", "KvValid": "*i32", "Pad": "*i64",
-    "Seg": "*i8", "Rank": "*i64", "Limit": "*i64", "BlkMin": "*i32", "Bias": "*fp32", "AbsBias": "*fp32",
+    "Seg": "*i8", "Rank": "*i64", "Limit": "*i64", "Lo2": "*i64", "Hi2": "*i64",
+    "BlkMin": "*i32", "Bias": "*fp32", "AbsBias": "*fp32",
     "AbsFrom": "*i64", "HeadScale": "*fp32", "CfKind": "*i64", "CfSeed": "*i64", "CfSource": "*i64",
     "RedP": "*fp32", "RedRho": "*fp32", "RedMin": "*fp32", "RedFrom": "*i64", "Mask": "*i1",
 }

@@ -11,7 +11,7 @@ decode step needs no host synchronisation and can be captured in a CUDA graph.
 
 - No plan bound: the kernel runs with transformers' mask (bool ``[B,1,Lq,Lk]``; None = causal),
   equal to SDPA.
-- A plan bound: the mask comes from the plan's vectors (``pad``, ``k_rank``/``q_limit``, causal
+- A plan bound: the mask comes from the plan's vectors (``pad``, ``k_rank``/``q_limit``/``q_lo2``/``q_hi2``, causal
   otherwise) and is never materialised; the layer's edits select the kernel's features.
 """
 
@@ -57,7 +57,7 @@ def kernel_plan(plan: AttentionPlan | None, layer: int, attention_mask: torch.Te
     edit = plan.layer_edit(layer)
     kp = KernelPlan(pad=plan.pad, prompt_len=plan.prompt_len)
     if plan.k_rank is not None:
-        kp.k_rank, kp.q_limit = plan.k_rank, plan.q_limit
+        kp.k_rank, kp.q_limit, kp.q_lo2, kp.q_hi2 = plan.k_rank, plan.q_limit, plan.q_lo2, plan.q_hi2
     seg = edit.segment if edit is not None and edit.segment is not None else plan.segment
     kp.segment = seg.contiguous()
     if plan.stats.wants(layer):

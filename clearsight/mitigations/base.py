@@ -75,7 +75,11 @@ class Branch:
     """An extra row of a request, run in the same batched forward as its main row.
 
     ``image``: ``"same"`` (the request's image), ``None`` (no image) or another PIL image.
-    ``prompt``: None keeps the request's prompt. ``pixel_transform``: applied to this row's processed
+    ``prompt``: None keeps the request's prompt ("" is an empty user turn). ``template``: True (default) puts
+    ``prompt`` in the model's chat template as the request's prompt is; False = ``prompt`` is the row's whole
+    text input, template not applied (it must then hold the image slot when the row has an image, e.g.
+    INTER's prompt-removed row). A Branch may carry an image variant (``image`` / ``pixel_transform``) and a
+    prompt variant at once. ``pixel_transform``: applied to this row's processed
     pixel values (the model's normalised input tensor for its image, e.g. VCD's diffusion noise).
     ``until_step``: the branch leaves the batch after this step (0 = it runs in the prefill only, as
     VHR's text-only row); None keeps it for the whole generation. Plan edits for the branch's row (for
@@ -92,6 +96,7 @@ class Branch:
     name: str
     image: Image.Image | str | None = SAME_IMAGE
     prompt: str | None = None
+    template: bool = True
     pixel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     until_step: int | None = None
     receives_edits: bool = True
@@ -215,8 +220,10 @@ class Mitigation(BaseModel):
     name: str
     # one line shown by `clearsight mitigations`
     summary: ClassVar[str] = ""
-    # "plan" (single-pass attention edit), "branch" (logits-level), or "baseline"
+    # "plan" (single-pass attention edit), "branch" (logits-level), "input" (replaces the input image), or "baseline"
     kind: ClassVar[str] = "plan"
+    # part of `clearsight demo`'s job (False only for methods too slow for it, with the reason in the docs)
+    in_demo: ClassVar[bool] = True
     plan_fields: ClassVar[dict[str, str]] = {}
     refuses_plan_fields: ClassVar[dict[str, str]] = {}
     abs_bias_rows: ClassVar[str | None] = None
@@ -227,11 +234,22 @@ class Mitigation(BaseModel):
         """Whether these parameters write the plan fields declared above (False at zero strength)."""
         return True
 
+    def refuses(self, other: Mitigation) -> str | None:
+        """Why this method cannot run in one request with ``other`` beyond the plan fields (e.g. CARVE's
+        two-image re-query); None = no objection. ``registry.check_compatible`` asks both methods."""
+        return None
+
     def plan_layers(self) -> frozenset[int] | int:
         """The layers of the plan edits: a set (the ``layers`` parameter), or an int s for "s and every layer
         after it" (the default range, which ends at the model's depth)."""
         layers = getattr(self, "layers", None)
         return frozenset(layers) if layers is not None else self.first_plan_layer
+
+    def input_images(self, ctx: RequestContext) -> list[Image.Image] | None:
+        """The images the request's main row sees instead of the request's image (CARVE's refined view, or
+        [original, refined]); None = unchanged. Called before ``branches``, in the order the mitigations are
+        given; afterwards ``ctx.image`` is the last of them (the image the branches' ``"same"`` refers to)."""
+        return None
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         """Extra rows this request needs (their names must be unique within the mitigation)."""

@@ -7,6 +7,10 @@ attention is replaced by a counterfactual one (paper Sec. 3.3, "counterfactual a
 - ``llm``: in the chosen decoder layers (default: all) the row's attention over image keys is
   replaced by a uniform, random, shuffled or reversed distribution with the same image mass (the
   plan's ``counterfactual``, kernels/plan.py step 6), for every query row, prompt and generated.
+  ``llm_scope=all`` replaces the whole map instead, as the released code does: every prompt key of the
+  row is relabelled as an image key in those layers (the plan's per-layer segments), so the
+  counterfactual covers all of them with the row's whole prompt mass (at decode steps the generated
+  keys, always text in the plan, keep their own attention).
 - ``vision``: in the vision tower's feature layer (the layer whose output the projector reads,
   LLaVA's -2) the self-attention of the branch's image is replaced by a counterfactual map over all
   its tokens (same four kinds, rows renormalised) and the layer's output recomputed from it. This
@@ -39,7 +43,7 @@ from pydantic import Field
 
 from clearsight.config import MAX_SEED, Seed
 from clearsight.errors import InputError
-from clearsight.kernels.plan import Counterfactual, counterfactual_weights, uniform_hash
+from clearsight.kernels.plan import Counterfactual, Segment, counterfactual_weights, uniform_hash
 from clearsight.mitigations._branch_common import cut, plausible, require_image, weighted_sum
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.pai import LayerList, boost_layers
@@ -132,12 +136,23 @@ class CausalMM(Mitigation):
     level: Literal["llm", "vision", "multimodal"] = Field(
         "llm", description="counterfactual in the LLM's image attention, the vision feature layer, or both")
     llm_kind: Kind = Field("random", description="LLM-level counterfactual attention on image keys")
+    llm_scope: Literal["image", "all"] = Field(
+        "image", description="LLM-level counterfactual over the image keys (image) or the whole map (all, the "
+        "released code)")
     vision_kind: Kind = Field("shuffled", description="vision-level counterfactual attention (released code: shuffle)")
     layers: LayerList = Field(None, description="decoder layers of the LLM-level counterfactual (default: all)")
     seed: Seed = Field(0, description="seed of the random / shuffled counterfactuals")
 
     def edits_plan(self) -> bool:
         return CF_LLM in self._branch_names()  # the vision-level counterfactual is a hook, not a plan edit
+
+    def refuses(self, other: Mitigation) -> str | None:
+        if self.llm_scope == "all" and self.edits_plan() and other.edits_plan() and (
+                "segments" in other.plan_fields or other.abs_bias_rows is not None):
+            return (f"causalmm:llm_scope=all relabels every prompt key of its counterfactual row as an image key, "
+                    f"and {other.name} writes that row's key segments or boosts its image keys; use "
+                    f"causalmm:llm_scope=image to combine them")
+        return None
 
     def _branch_names(self) -> list[str]:
         return {"llm": [CF_LLM], "vision": [CF_VISION], "multimodal": [CF_VISION, CF_LLM]}[self.level]
@@ -154,7 +169,13 @@ class CausalMM(Mitigation):
             return
         row = ctx.rows[f"causalmm.{CF_LLM}"]
         kind = Counterfactual[self.llm_kind.upper()]
+        whole = None
+        if self.llm_scope == "all":  # the released code's whole-map counterfactual: every prompt key is "image"
+            whole = ctx.plan.segment[row].clone()
+            whole[ctx.layouts[row].pad:] = Segment.IMAGE
         for layer in boost_layers(self.layers, ctx.plan.num_layers, start=0):
+            if whole is not None:
+                ctx.plan.set_segments(layer, [row], whole.unsqueeze(0), owner=self.name)
             # seed + layer, wrapped into int64 for seeds within num_layers of 2**63
             ctx.plan.set_counterfactual([layer], [row], kind, (self.seed + layer) & MAX_SEED, owner=self.name)
 

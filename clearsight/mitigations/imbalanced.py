@@ -5,8 +5,11 @@ Hallucination of LVLM", arXiv 2501.12206; v3 "PAINT"; code hasanar1f/PAINT, a fo
    attention (the adapter's ``vision_attentions``; CLS first):
    - local tokens: the top ``local_ratio`` (25 %) of patches by CLS->patch attention at vision layer
      ``local_layer`` (0), summed over heads;
-   - summary tokens: patches whose CLS->patch attention at the feature layer ``summary_layer`` (-2),
-     summed over heads, is an upper IQR outlier (> Q3 + 1.5 IQR; the code takes the top-k with k the
+   - summary tokens: patches whose CLS->patch attention at vision layer ``summary_layer``, summed over
+     heads, is an upper IQR outlier. Default -2, PAINT's code (``output_attentions[-2]``), which is
+     LLaVA-1.5's feature layer; ``summary_layer=feature`` takes the model's own feature layer (the
+     config's ``vision_feature_layer``: -1 on the demo model, where the two choices give different
+     tokens). It is an upper IQR outlier (> Q3 + 1.5 IQR; the code takes the top-k with k the
      outlier count, the same set up to ties);
    - local := local minus summary;
    - spatial stream (optional, ``spatial_ratio`` > 0, off by default): ``round(ratio * n)`` patches
@@ -16,8 +19,8 @@ Hallucination of LVLM", arXiv 2501.12206; v3 "PAINT"; code hasanar1f/PAINT, a fo
    (last prompt row, then every generated row): ``s += alpha |s|`` on local keys (0.7),
    ``s += beta |s|`` on summary keys (0.4 paper, 0.3 code).
 3. Head-specific modulation (the paper's second component, absent from the released code). Rule
-   chosen and used here: once per request, a text-free probe prefill of the same request without
-   any edit measures each head's image attention mass m[l, h] at the last prompt row (the plan's
+   chosen and used here: once per request, a probe prefill of the same request (its prompt and image)
+   without any edit measures each head's image attention mass m[l, h] at the last prompt row (the plan's
    segment-mass statistics). Per layer, heads are ranked by m (r = 0 least visual .. H-1 most) and
    the local boost of head h becomes ``alpha_h = alpha * (1 + head_spread * (2 r / (H-1) - 1))``:
    the mean over heads stays alpha, vision-attuned heads get up to ``(1 + head_spread) alpha``, the
@@ -103,7 +106,9 @@ class Imbalanced(Mitigation):
     local_ratio: float = Field(0.25, ge=0.0, le=1.0, description="share of patches taken as local tokens")
     spatial_ratio: float = Field(0.0, ge=0.0, le=1.0, description="evenly spread spatial tokens (0 = off; paper 0.05)")
     local_layer: int = Field(0, description="vision layer of the local stream's CLS attention")
-    summary_layer: int = Field(-2, description="vision layer of the summary stream (the feature layer)")
+    summary_layer: int | Literal["feature"] = Field(
+        -2, description="vision layer of the summary stream: -2 (PAINT's code; LLaVA-1.5's feature layer) or "
+        "feature (the model's vision_feature_layer)")
     head_spread: float = Field(0.5, ge=0.0, le=1.0,
                                description="head modulation: alpha_h = alpha*(1 +- spread) by image-mass rank")
     layers: LayerList = Field(None, description="boosted layers (default 2..L-1)")
@@ -133,13 +138,18 @@ class Imbalanced(Mitigation):
         else:
             pixels = pixels.unsqueeze(0)
         atts = adapter.vision_attentions(pixels)
-        for field in ("local_layer", "summary_layer"):
-            layer = getattr(self, field)
+        summary_layer = self.summary_layer
+        if summary_layer == "feature":
+            summary_layer = adapter.vision_feature_attention_index
+            if summary_layer is None:
+                raise InputError("imbalanced: summary_layer=feature needs the model config's vision_feature_layer "
+                                 "(an int); give the layer index instead")
+        for field, layer in (("local_layer", self.local_layer), ("summary_layer", summary_layer)):
             if not -len(atts) <= layer < len(atts):
                 raise InputError(f"imbalanced: {field}={layer} is out of range: the vision tower has {len(atts)} "
                                  f"layers ({-len(atts)}..{len(atts) - 1})")
         local, summary, spatial = select_tokens(cls_attention(atts[self.local_layer][0]),
-                                                cls_attention(atts[self.summary_layer][0]),
+                                                cls_attention(atts[summary_layer][0]),
                                                 self.local_ratio, self.spatial_ratio)
         (R, C) = layout.grids[0]
         if local.numel() and int(local.max()) >= R * C or summary.numel() and int(summary.max()) >= R * C:

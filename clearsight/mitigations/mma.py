@@ -6,19 +6,22 @@ the image, up to but excluding the assistant marker; everything else is causal, 
 Needs a checkpoint trained (SFT) with this mask; applying it to another one warns clearly (same
 rule as CCA: ``mma:trained=true`` or ``clearsight_trained_with=['mma']`` in the model config).
 
-Through the plan's rank/limit mask (key j visible to query i iff rank[j] <= limit[i]) the image
-queries' limit is raised to the last question token. Deviation from AKI, stated plainly: a
-rank/limit mask can only express nested visibility sets, so an image query then also sees the
-image tokens after it (AKI keeps image->image causal). The exact AKI mask needs a two-interval
-mask in the plan; until then this is the closest expressible form, as design.md describes it.
+AKI's mask exactly, through the plan's rank mask with a second interval per query (plan step 4): every
+key keeps its position as rank and every query its causal limit, and each image query also gets the
+interval [end of the image, question end - 1], the question tokens after the image. So image->image stays
+causal, image queries see the question, text queries are causal. With several images in one prompt the
+interval starts after the last image (AKI is single-image).
 
-The question is found from the chat template: the tokens after the image, minus the template's
-generation suffix (e.g. `` ASSISTANT:`` or ``<|im_end|>\\n<|im_start|>assistant\\n``).
+The question ends at the chat template's assistant marker: the tokens the template adds for
+``add_generation_prompt`` (`` ASSISTANT:`` for LLaVA-1.5, ``<|im_start|>assistant\n`` for ChatML,
+``<|assistant|>\n`` for phi-3.5) stay hidden; end-of-turn tokens before the marker (``<|im_end|>``,
+``<|end|>``) stay visible, as in AKI's mask.
 
 Composition: the mask is written for every row of the request that receives edits
 (``RequestContext.edit_rows``: the main row and other mitigations' branch rows) from that row's own
 image span; rows without an image keep the causal mask. A branch with another prompt
-(``Branch.prompt``) is assumed to end with the same template suffix. Not combinable with CCA (both
+(``Branch.prompt``) is assumed to end with the same assistant marker (INTER's ``prompt_removal=all`` rows
+do not: their last tokens are then treated as the marker). Not combinable with CCA (both
 own the prompt mask): refused with a ``PlanConflictError`` naming both.
 """
 
@@ -37,23 +40,37 @@ from clearsight.mitigations.registry import register
 _SENTINEL = "qqqsentinelqqq"
 
 
-def suffix_tokens(ctx: RequestContext) -> int:
-    """Number of tokens the chat template adds after the user's text (the assistant marker and so on)."""
+def marker_tokens(ctx: RequestContext) -> int:
+    """Number of tokens of the assistant marker the chat template appends (``add_generation_prompt``): the
+    tokens of the full prompt that end after the user turn (tokenizer offsets; a token straddling the
+    boundary, as LLaVA's `` ASSISTANT`` with its space, belongs to the marker)."""
     adapter = ctx.lvlm.adapter
-    text = adapter.chat_prompt(_SENTINEL, has_image=False)
-    suffix = text[text.rindex(_SENTINEL) + len(_SENTINEL):]
-    if not suffix:
+    full = adapter.chat_prompt(_SENTINEL, has_image=False)
+    turn = adapter.chat_prompt(_SENTINEL, has_image=False, add_generation_prompt=False)
+    if full == turn:
         return 0
-    return len(adapter.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    tok = adapter.tokenizer
+    if full.startswith(turn) and getattr(tok, "is_fast", False):
+        offsets = tok(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return sum(1 for _, end in offsets if end > len(turn))
+    n_full, n_turn = (len(tok(t, add_special_tokens=False)["input_ids"]) for t in (full, turn))
+    return max(n_full - n_turn, 0)
 
 
-def mma_tables(image_spans, question_end: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k_rank, q_limit) [length] of one row: image queries see up to ``question_end`` (exclusive)."""
+def mma_tables(image_spans, question_end: int, length: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_rank, q_limit, q_lo2, q_hi2) [length] of one row: causal ranks and limits; image queries also see
+    the keys from the end of the (last) image up to ``question_end`` (exclusive)."""
     rank = torch.arange(length)
     limit = rank.clone()
-    for s, e in image_spans:
-        limit[s:e] = torch.clamp(torch.tensor(question_end - 1), min=e - 1)
-    return rank, limit
+    lo2 = torch.zeros(length, dtype=torch.long)
+    hi2 = torch.full((length,), -1, dtype=torch.long)
+    if image_spans:
+        after = max(e for _, e in image_spans)
+        for s, e in image_spans:
+            lo2[s:e] = after
+            hi2[s:e] = question_end - 1
+    return rank, limit, lo2, hi2
 
 
 @register
@@ -71,7 +88,7 @@ class MMA(Mitigation):
         if not rows:
             return
         L0 = ctx.plan.prompt_len
-        question_end = L0 - suffix_tokens(ctx)  # left padding: every row's prompt ends at L0 with the same suffix
+        question_end = L0 - marker_tokens(ctx)  # left padding: every row's prompt ends at L0 with the marker
         tables = [mma_tables(ctx.layouts[row].image_spans, question_end, L0) for row in rows]
-        rank, limit = (torch.stack(t) for t in zip(*tables))
-        ctx.plan.set_mask(rows, rank, limit, owner=self.name)
+        rank, limit, lo2, hi2 = (torch.stack(t) for t in zip(*tables))
+        ctx.plan.set_mask(rows, rank, limit, owner=self.name, q_lo2=lo2, q_hi2=hi2)

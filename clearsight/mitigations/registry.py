@@ -109,7 +109,12 @@ def _meet(a: Mitigation, b: Mitigation) -> bool:
 
 
 def conflict_between(a: Mitigation, b: Mitigation) -> str | None:
-    """Why ``a`` and ``b`` cannot be combined in one request, from their declared plan edits; None if they can."""
+    """Why ``a`` and ``b`` cannot be combined in one request, from their declared plan edits (and their own
+    ``refuses`` rules); None if they can."""
+    for first, second in ((a, b), (b, a)):
+        why = first.refuses(second)
+        if why is not None:
+            return why
     if not (a.edits_plan() and b.edits_plan()) or not _meet(a, b):
         return None
     for field in a.plan_fields:

@@ -20,7 +20,10 @@ Sink in Large Multimodal Models", ICLR 2025; code seilk/VisAttnSink).
    materialised).
 
 ``p_semantics``: ``paper`` (p = fraction moved, default 0.6) or ``code`` (the released config's p is
-the fraction kept, author-confirmed in VisAttnSink issue #5: code p = 0.4 is paper p = 0.6).
+the fraction kept, author-confirmed in VisAttnSink issue #5: code p = 0.4 is paper p = 0.6). The switch
+also selects the head test: the released code's head test uses the complement of rho (a head is
+image-centric when its non-sink share is >= 1 - rho), so ``p_semantics=code`` tests ``S_ns / S_img >=
+1 - rho`` (``rho_test``); at the default rho = 0.5 both read the same.
 Composition: every row that receives edits (``RequestContext.edit_rows``: the main row and the
 branch rows of other mitigations, e.g. VCD's noised image, AGLA's masked view, CausalMM's
 counterfactual rows) gets its own sinks, detected from that row's own layer inputs with its own
@@ -193,7 +196,7 @@ class _Detect:
         seg[sink & image] = Segment.IMAGE_SINK
         seg[sink & ~image] = Segment.TEXT_SINK
         ctx.plan.set_segments(layer, [row], seg, owner=spec.name)
-        ctx.plan.set_redistribute([layer], [row], p_move=spec.p_move, rho=spec.rho,
+        ctx.plan.set_redistribute([layer], [row], p_move=spec.p_move, rho=spec.rho_test,
                                   min_image_mass=spec.min_image_mass, query_rows=QueryRows.AFTER_IMAGE,
                                   owner=spec.name)
         return found
@@ -213,8 +216,10 @@ class VAR(Mitigation):
                    "redistribution": "moves sink attention to the non-sink image keys"}
 
     p: float = Field(0.6, ge=0.0, le=1.0, description="sink mass moved (paper) or kept (p_semantics=code)")
-    p_semantics: Literal["paper", "code"] = Field("paper", description="paper: p is moved; code: p is kept")
-    rho: float = Field(0.5, ge=0.0, le=1.0, description="head test: non-sink share of image mass >= rho")
+    p_semantics: Literal["paper", "code"] = Field("paper", description="paper: p is moved; code: p is kept "
+                                                  "and the head test uses 1 - rho")
+    rho: float = Field(0.5, ge=0.0, le=1.0, description="head test: non-sink share of image mass >= rho "
+                       "(p_semantics=code: >= 1 - rho)")
     min_image_mass: float = Field(0.2, ge=0.0, le=1.0, description="head test: image mass >= this")
     tau: float = Field(20.0, gt=0.0, description="sink threshold on max_d |x_d / rms(x)|")
     sink_dims: LayerList = Field(None, description="sink dimensions D (default: adapter table, else calibrate)")
@@ -223,6 +228,11 @@ class VAR(Mitigation):
     @property
     def p_move(self) -> float:
         return self.p if self.p_semantics == "paper" else 1.0 - self.p
+
+    @property
+    def rho_test(self) -> float:
+        """The head test's threshold on the non-sink share: rho (paper), 1 - rho (the released code)."""
+        return self.rho if self.p_semantics == "paper" else 1.0 - self.rho
 
     def edits_plan(self) -> bool:
         return self.p_move != 0.0

@@ -7,7 +7,10 @@ outputs before the output projection (the adapter's ``hook_head_outputs``):
 
 - Eq. 3: ``VHD[l, h] = || A[l, h](with image) - A[l, h](without image) ||_2`` at that position;
 - outlier filter (Sec. 4.2): ``VHD[l, h] := 0`` where ``VHD > mean_l + std_l`` AND the text-only
-  output's squared norm ``TA[l, h] > mean_l(TA) + std_l(TA)`` (population std over the layer's heads);
+  output's squared norm ``TA[l, h] > mean_l(TA) + std_l(TA)``; the std over the layer's heads is the
+  population one (``outlier_std=population``, default; numpy's ``np.std`` default) or the sample one
+  (``sample``, torch's ``std`` default). The paper does not say, the released code was not available to
+  us, and the choice changes which heads are filtered, hence tokens;
 - selection (Eq. 5): heads with VHD above the layer median (numpy-style median, so half the heads);
 - reinforcement (Eq. 6): their outputs are multiplied by alpha = 2.
 
@@ -55,13 +58,14 @@ def vhr_layers(layers: list[int] | None, num_layers: int) -> list[int]:
     return sorted({1, *range(max(2, num_layers - 14), num_layers)} & set(range(num_layers)))
 
 
-def select_heads(with_image: torch.Tensor, without: torch.Tensor, alpha: float, outlier_filter: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def select_heads(with_image: torch.Tensor, without: torch.Tensor, alpha: float, outlier_filter: bool = True,
+                 outlier_std: str = "population") -> tuple[torch.Tensor, torch.Tensor]:
     """Head outputs [H, D] of one layer at one position -> (VHD after the filter [H], per-head scale [H])."""
     vhd = (with_image.float() - without.float()).norm(dim=-1)
     if outlier_filter:
         ta = without.float().pow(2).sum(-1)
-        surge = (vhd > vhd.mean() + vhd.std(correction=0)) & (ta > ta.mean() + ta.std(correction=0))
+        c = 0 if outlier_std == "population" else 1
+        surge = (vhd > vhd.mean() + vhd.std(correction=c)) & (ta > ta.mean() + ta.std(correction=c))
         vhd = vhd.masked_fill(surge, 0.0)
     chosen = vhd > torch.quantile(vhd, 0.5)
     scale = torch.where(chosen, torch.tensor(float(alpha)), torch.tensor(1.0))
@@ -82,7 +86,8 @@ class _Reinforce:
         row = ctx.rows[MAIN]
         measure = ctx.rows.get(MEASURE)
         without = self.reference[layer] if self.reference is not None else x[measure, -1]
-        vhd, scale = select_heads(x[row, -1], without, self.spec.alpha, self.spec.outlier_filter)
+        vhd, scale = select_heads(x[row, -1], without, self.spec.alpha, self.spec.outlier_filter,
+                                  self.spec.outlier_std)
         ctx.state.setdefault("vhr", {})[layer] = {"vhd": vhd.cpu(), "scale": scale.cpu()}
         scale = scale.to(x.device, x.dtype)
         # the main row's selection applies to every row that receives edits (never to the measurement row)
@@ -106,6 +111,9 @@ class VHR(Mitigation):
     alpha: float = Field(2.0, gt=0.0, description="output scale of the selected heads (1 = off)")
     layers: LayerList = Field(None, description="reinforced layers (default 1 and the last 14: 1, 18..31 of 32)")
     outlier_filter: bool = Field(True, description="zero VHD of heads that surge without the image (mean + std rule)")
+    outlier_std: Literal["population", "sample"] = Field(
+        "population", description="std of the outlier filter over a layer's heads: population (ddof 0) or "
+        "sample (ddof 1)")
     text_pass: Literal["branch", "probe"] = Field(
         "branch", description="branch: no-image row batched alongside; probe: one text-only prefill before")
 

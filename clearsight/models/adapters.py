@@ -136,20 +136,24 @@ class Adapter:
         }
 
     # ------------------------------------------------------------------ prompts and inputs
-    def chat_prompt(self, prompt: str, has_image: bool) -> str:
-        """The prompt in the model's chat template, ready for generation."""
-        content: list[dict[str, str]] = [{"type": "image"}] if has_image else []
+    def chat_prompt(self, prompt: str, has_image: bool | int, add_generation_prompt: bool = True) -> str:
+        """The prompt in the model's chat template, ready for generation (``add_generation_prompt=False``: the
+        user turn alone, without the assistant marker the template appends). ``has_image``: True / False, or
+        the number of images (their slots come first, in order)."""
+        content: list[dict[str, str]] = [{"type": "image"} for _ in range(int(has_image))]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a chat-formatted prompt as the processor tokenises it, before any image expansion."""
         return len(self.tokenizer(text)["input_ids"])
 
-    def encode(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
-        """Tokenise a batch (left padding); images only for the rows that have one."""
-        present = [im for im in images if im is not None]
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """Tokenise a batch (left padding); images only for the rows that have one (a list: several, in order)."""
+        present = [im for row in images if row is not None for im in (row if isinstance(row, list) else [row])]
         self.tokenizer.padding_side = "left"
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if present:
@@ -173,14 +177,28 @@ class Adapter:
         n = len(batch.get("pixel_values", ()))
         return [slice(i, i + 1) for i in range(n)]
 
+    def grid_box(self, image: Image.Image) -> tuple[int, int, int, int] | None:
+        """The region (left, top, right, bottom, in pixels) of ``image`` that the token grid covers; None = all
+        of it (the processor resizes the whole image)."""
+        return None
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        """Image tokens of each image (in batch order) when the family fixes them (rows x cols of its grid), so
+        that two images whose slots tokenise back to back are two spans; None = one span per run of image tokens."""
+        return None
+
     def row_layouts(self, batch: dict[str, torch.Tensor]) -> list[RowLayout]:
         ids = batch["input_ids"]
         mask = batch["attention_mask"]
         grids = iter(self.image_grid_shapes(batch))
+        counts = self.image_token_counts(batch)
+        sizes = iter(counts) if counts is not None else None
         layouts = []
         for b in range(ids.shape[0]):
             pad = int((mask[b] == 0).sum())
             spans = _runs(ids[b] == self.image_token_id)
+            if sizes is not None:
+                spans = _split_runs(spans, sizes)
             layouts.append(RowLayout(pad=pad, image_spans=tuple(spans), grids=tuple(next(grids) for _ in spans)))
         return layouts
 
@@ -260,6 +278,15 @@ class Adapter:
         return tuple(out.attentions)
 
 
+    @property
+    def vision_feature_attention_index(self) -> int | None:
+        """Index into ``vision_attentions()`` of the layer whose output the projector reads
+        (``hidden_states[vision_feature_layer]``: LLaVA-1.5 -2, the demo model -1); None when the config has none."""
+        layer = getattr(self.model.config, "vision_feature_layer", None)
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            return None
+        return layer if layer < 0 else layer - 1  # hidden_states[0] are the embeddings
+
     def hook_vision_feature_attention(self, fn: VisionAttentionHook) -> HookHandles:
         """Call ``fn(attn, hidden_states, output)`` at the self-attention of the vision layer the projector reads.
 
@@ -305,12 +332,45 @@ def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     return spans
 
 
+def _split_runs(spans: list[tuple[int, int]], sizes) -> list[tuple[int, int]]:
+    """Cut runs of image tokens into consecutive images of the given token counts (taken from ``sizes``)."""
+    out = []
+    for s, e in spans:
+        while s < e:
+            n = next(sizes, e - s)
+            out.append((s, min(s + n, e)))
+            s += n
+    return out
+
+
 class LlavaAdapter(Adapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, one square grid of patches."""
 
     family = "llava"
     model_classes = (LlavaForConditionalGeneration,)
     sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        return [r * c for r, c in self.image_grid_shapes(batch)]
+
+    def grid_box(self, image: Image.Image) -> tuple[int, int, int, int] | None:
+        """CLIP's processor resizes the shortest edge and center-crops: the grid covers the crop."""
+        ip = getattr(self.processor, "image_processor", None)
+        if not getattr(ip, "do_center_crop", False):
+            return None
+
+        def get(d: Any, key: str) -> Any:
+            return d.get(key) if isinstance(d, dict) else getattr(d, key, None)  # dict or transformers' SizeDict
+
+        size, crop = getattr(ip, "size", None), getattr(ip, "crop_size", None)
+        short = get(size, "shortest_edge")
+        if not short or crop is None:
+            return None
+        w, h = image.size
+        scale = short / min(w, h)
+        cw, ch = (get(crop, "width") or short) / scale, (get(crop, "height") or short) / scale
+        left, top = max((w - cw) / 2, 0), max((h - ch) / 2, 0)
+        return (round(left), round(top), round(min(left + cw, w)), round(min(top + ch, h)))
 
 
 class LlavaNextAdapter(Adapter):
@@ -345,6 +405,9 @@ class Qwen2VLAdapter(Adapter):
         if thw is None:
             return []
         return [(int(h) // merge, int(w) // merge) for _, h, w in thw.tolist()]
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        return [r * c for r, c in self.image_grid_shapes(batch)]
 
     def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
         # pixel_values are the flattened patches of all images; each image has t * h * w of them
@@ -403,13 +466,13 @@ class TextOnlyAdapter(Adapter):
     def image_token_id(self) -> int:
         return -1  # matches no token
 
-    def chat_prompt(self, prompt: str, has_image: bool) -> str:
+    def chat_prompt(self, prompt: str, has_image: bool | int, add_generation_prompt: bool = True) -> str:
         if has_image:
             raise InputError(
                 f"{type(self.model).__name__} is a text-only model and cannot take an image: "
                 "drop the image or load a vision-language model"
             )
-        return super().chat_prompt(prompt, has_image=False)
+        return super().chat_prompt(prompt, has_image=False, add_generation_prompt=add_generation_prompt)
 
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         return []

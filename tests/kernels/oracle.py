@@ -36,13 +36,18 @@ def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
                 return i + GENERATED_RANK_OFFSET
             return int(plan.q_limit[b, i]) if plan.q_limit is not None else i
 
+        def second(i, r, b=b):  # the second interval of ranks (AKI's mask); none for generated queries
+            if i >= L0 or plan.q_lo2 is None:
+                return False
+            return int(plan.q_lo2[b, i]) <= r <= int(plan.q_hi2[b, i])
+
         for h in range(H):
             for i in range(Lq):
                 qi = Lk - Lq + i
                 if qi < pad:
                     keys = [qi]
                 else:
-                    keys = [j for j in range(Lk) if j >= pad and rank(j) <= limit(qi)]
+                    keys = [j for j in range(Lk) if j >= pad and (rank(j) <= limit(qi) or second(qi, rank(j)))]
                 t = {}
                 for j in keys:
                     s = scale * float(q[b, h, i] @ k[b, h // rep, j])

@@ -68,6 +68,44 @@ def _mask(plan):
     plan.set_mask([2], torch.arange(L0).unsqueeze(0), limit2.unsqueeze(0), owner="cca")
 
 
+def _aki(plan):
+    """AKI's modality-mutual mask (mma_tables) on rows 0 and 2: image queries causal among the image, plus the
+    question after it (up to the last two tokens, the assistant marker); row 1 keeps the causal mask."""
+    from clearsight.mitigations.mma import mma_tables
+
+    L0 = plan.prompt_len
+    rows = [0, 2]
+    tables = [mma_tables(plan.layouts[b].image_spans, L0 - 2, L0) for b in rows]
+    rank, limit, lo2, hi2 = (torch.stack(t) for t in zip(*tables))
+    plan.set_mask(rows, rank, limit, owner="mma", q_lo2=lo2, q_hi2=hi2)
+
+
+def aki_hand_mask(L0: int, Lq: int, Lk: int) -> torch.Tensor:
+    """[B, Lq, Lk] the mask of ``_aki`` written out by hand: key j >= pad, and j <= i, or (rows 0 and 2) i an
+    image query (pad+2 <= i < pad+8) and j a question token after the image (pad+8 <= j < L0-2); padding
+    query rows see themselves only."""
+    out = torch.zeros(len(PADS), Lq, Lk, dtype=torch.bool)
+    for b, p in enumerate(PADS):
+        for qi in range(Lk - Lq, Lk):
+            for j in range(Lk):
+                if qi < p:
+                    ok = j == qi
+                else:
+                    mutual = b != 1 and p + 2 <= qi < p + 8 and p + 8 <= j < L0 - 2
+                    ok = j >= p and (j <= qi or mutual)
+                out[b, qi - (Lk - Lq), j] = ok
+    return out
+
+
+def masked_softmax_attention(q, k, v, allowed, scale) -> torch.Tensor:
+    """Plain attention in float64 under a boolean mask [B, Lq, Lk]: -> [B, Lq, H, D]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    a = torch.softmax(s.masked_fill(~allowed.unsqueeze(1), float("-inf")), -1)
+    return (a @ v).transpose(1, 2)
+
+
 def _counterfactual(kind):
     def f(plan):
         plan.set_counterfactual([1], [0, 2], kind, seed=7, owner="causalmm")
@@ -92,6 +130,7 @@ FEATURES = {
     "head_scale": _head_scale,
     "segments": _segments,
     "mask": _mask,
+    "aki_mask": _aki,
     **{f"counterfactual_{k.name.lower()}": _counterfactual(k) for k in Counterfactual if k},
     "combined": _combined,
 }
@@ -261,3 +300,24 @@ def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_d
             if phase == "prefill":
                 diff[b, :p] = 0  # padding query rows are never read
         assert diff.max().item() < ATOL, f"layer {layer}: max diff {diff.max().item():.2e}"
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_aki_mask_equals_the_hand_built_mask(backend, phase, module):
+    plan = make_plan()
+    _aki(plan)
+    Lq, Lk = (L0, L0) if phase == "prefill" else (1, L0 + 3)
+    hand = aki_hand_mask(L0, Lq, Lk)
+    assert torch.equal(plan.allowed(Lq, Lk)[:, 0], hand)
+    if phase == "prefill":  # the second interval is there: an image query sees the question, not the next image key
+        p = PADS[0]
+        assert hand[0, p + 2, L0 - 3] and not hand[0, p + 2, p + 3] and not hand[1, PADS[1] + 2, L0 - 3]
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=5)
+    out = _run(BACKENDS[backend], module, plan, q, k, v)
+    want = masked_softmax_attention(q, k, v, hand, D**-0.5)
+    valid = torch.ones(len(PADS), Lq, dtype=torch.bool)
+    if phase == "prefill":
+        for b, p in enumerate(PADS):
+            valid[b, :p] = False
+    assert (out.double() - want).abs()[valid].max().item() < ATOL

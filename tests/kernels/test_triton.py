@@ -25,7 +25,15 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the trit
 
 from plan_cases import PADS, D, H, make_plan, make_qkv  # noqa: E402
 from test_backends import FEATURES as BASE_FEATURES  # noqa: E402
-from test_backends import _abs_last, _bias, _head_scale, _redistribute  # noqa: E402
+from test_backends import (  # noqa: E402
+    _abs_last,
+    _aki,
+    _bias,
+    _head_scale,
+    _redistribute,
+    aki_hand_mask,
+    masked_softmax_attention,
+)
 
 from clearsight.kernels import triton_attention as ta  # noqa: E402
 from clearsight.kernels.context import use_plan  # noqa: E402
@@ -124,6 +132,19 @@ def test_multi_tile_prefill_and_block_skipping(feature):
     out = _run(triton_attention, plan, q, k, v)
     ref = _run(reference_attention, plan, q, k, v)
     assert (out - ref).abs()[_valid_rows(37, True)].max().item() < ATOL
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_aki_mask_equals_the_hand_built_mask(phase):
+    """AKI's mask (a second interval of ranks per query) at L0 = 37: three query tiles, the image queries of
+    the first tile reach into the last key block, which block skipping must still visit."""
+    Lq, Lk = (37, 37) if phase == "prefill" else (1, 37 + DEC_EXTRA)
+    plan = make_plan(L=37)
+    _aki(plan)
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=13)
+    out = _run(triton_attention, plan, q, k, v)
+    want = masked_softmax_attention(q, k, v, aki_hand_mask(37, Lq, Lk), D**-0.5)
+    assert (out.double() - want).abs()[_valid_rows(Lq, phase == "prefill")].max().item() < ATOL
 
 
 def test_block_skipping_skips():

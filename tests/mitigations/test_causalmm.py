@@ -143,3 +143,32 @@ def test_impossible_combinations_fail_clearly():
     with pytest.raises(InputError, match="out of range"):
         generate(tiny("tiny-llava"), [{"prompt": PROMPT, "image": make_image(1)}], ["causalmm:layers=9"],
                  decode=DECODE)
+
+
+def test_whole_map_counterfactual_is_uniform_over_every_prompt_key():
+    from mithelp import spy_attention
+
+    from clearsight.kernels.plan import PlanConflictError
+    from clearsight.mitigations import parse_mitigations
+
+    lvlm = tiny("tiny-llava")
+    req = {"prompt": PROMPT, "image": make_image(3)}
+    with spy_attention(lvlm, [1]) as spy:
+        generate(lvlm, [req], ["causalmm:llm_kind=uniform,llm_scope=all"], decode=DecodeSpec(max_new_tokens=2))
+    prefill, decode = spy.calls[1][0], spy.calls[1][1]
+    # row 1 is the counterfactual row (no padding: both rows have the same prompt); uniform over all the keys
+    # a query may see, i.e. the running mean of the values; the main row (0) is untouched
+    v = prefill.v[1].double()  # [H, L, D]
+    L = v.shape[1]
+    want = (v.cumsum(1) / torch.arange(1, L + 1, dtype=torch.float64).view(1, -1, 1)).transpose(0, 1)
+    torch.testing.assert_close(prefill.out[1].double(), want, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(prefill.out[0].double(), want, atol=1e-3)
+    # decode: the prompt keys share the prompt mass uniformly, the generated key keeps its own weight
+    q, k, vd = decode.q[1, :, -1].double(), decode.k[1].double(), decode.v[1].double()
+    a = torch.softmax((q.unsqueeze(1) @ k.transpose(-1, -2)).squeeze(1) * decode.scale, -1)  # [H, Lk]
+    prompt_mass = a[:, :L].sum(-1, keepdim=True)
+    w = torch.cat([prompt_mass.expand(-1, L) / L, a[:, L:]], -1)
+    torch.testing.assert_close(decode.out[1, -1].double(), (w.unsqueeze(1) @ vd).squeeze(1), atol=2e-5, rtol=1e-4)
+    with pytest.raises(PlanConflictError, match="causalmm:llm_scope=all relabels.*var"):
+        parse_mitigations(["causalmm:llm_scope=all", "var"])
+    assert len(parse_mitigations(["causalmm", "var"])) == 2

@@ -103,17 +103,23 @@ def test_mma_attention_matches_plain_torch(family):
     ids = enc["input_ids"][0]
     (s, e), = lvlm.adapter.row_layouts(enc)[0].image_spans
     toks = lvlm.adapter.tokenizer.convert_ids_to_tokens(ids.tolist())
-    # the question ends where the assistant marker starts (hand-read from the templates)
-    marker = {"tiny-qwen2-vl": "<|im_end|>"}.get(family, "<unk>")  # 'ASSISTANT' is <unk> in the tiny vocab
+    # the question ends where the assistant marker starts (hand-read from the templates): ChatML keeps the
+    # end-of-turn token <|im_end|> visible and hides "<|im_start|>assistant"; LLaVA hides " ASSISTANT:"
+    marker = {"tiny-qwen2-vl": "<|im_start|>"}.get(family, "<unk>")  # 'ASSISTANT' is <unk> in the tiny vocab
     q_end = len(toks) - toks[::-1].index(marker) - 1
-    assert toks[q_end - 1] == "?"
+    assert toks[q_end - 1] == ("<|im_end|>" if family == "tiny-qwen2-vl" else "?")
+    prefill = 0
     for c in spy.calls[1]:
         Lq, Lk = c.q.shape[2], c.k.shape[2]
         allowed = causal(Lq, Lk).clone()
         if Lq == Lk:
-            allowed[s:e, :q_end] = True  # image queries: prefix, image block and the question
+            # AKI's mask: image queries stay causal among the image and also see the question after it
+            allowed[s:e, e:q_end] = True
+            assert not allowed[s, s + 1] and allowed[e - 1, q_end - 1] and not allowed[s, q_end]
+            prefill += 1
         want = plain_attention(c.q[0], c.k[0], c.v[0], c.scale, allowed)
         torch.testing.assert_close(c.out[0], want, atol=2e-5, rtol=1e-4)
+    assert prefill == 1
 
 
 def test_trained_flag_silences_and_families_refused():

@@ -226,8 +226,9 @@ def test_cca_and_mma_with_branches():
     generate(lvlm, [_req()], [_recording(MMA, got)(), "m3id", "vcd"], decode=ONE)
     ctx, rows = got[0]
     plan = ctx.plan
-    assert not torch.equal(plan.q_limit[rows["main"]], plan.k_rank[rows["main"]])
-    assert torch.equal(plan.q_limit[rows["vcd.noised"]], plan.q_limit[rows["main"]])
+    assert (plan.q_hi2[rows["main"]] >= 0).any()  # image queries' second interval (the question)
+    assert torch.equal(plan.q_hi2[rows["vcd.noised"]], plan.q_hi2[rows["main"]])
+    assert (plan.q_hi2[rows["m3id.noimg"]] < 0).all()  # no image: causal, no second interval
     assert torch.equal(plan.q_limit[rows["m3id.noimg"]], plan.k_rank[rows["m3id.noimg"]])
     with pytest.raises(PlanConflictError, match="'cca' and 'mma' cannot be combined in one request: both set "
                                                 "the attention mask"):

@@ -111,3 +111,31 @@ def test_zero_strength_batch_families_conflicts():
     with pytest.raises(PlanConflictError, match="'imbalanced' and 'var' cannot be combined in one request: both "
                                                 "set the attention segments"):
         generate(lvlm, [req], ["imbalanced", "var:sink_dims=5,tau=1,layers=2"], decode=DECODE)
+
+
+def test_summary_layer_feature_is_the_models_feature_layer():
+    lvlm = tiny("tiny-llava")
+    got: dict = {}
+
+    class Rec(Imbalanced):
+        def apply(self, ctx):
+            super().apply(ctx)
+            got[self.summary_layer] = ctx.state["imbalanced"]["summary"]
+
+    req = {"prompt": "what is in the picture?", "image": make_image(8)}
+    one = DecodeSpec(max_new_tokens=1)
+    cfg = lvlm.model.config
+    before = cfg.vision_feature_layer
+    assert lvlm.adapter.vision_feature_attention_index == before == -2
+    try:
+        for layer in (-2, -1):
+            cfg.vision_feature_layer = layer  # the selection reads it; the forward itself is not compared here
+            generate(lvlm, [req], [Rec(head_spread=0, summary_layer="feature")], decode=one)
+            generate(lvlm, [req], [Rec(head_spread=0, summary_layer=layer)], decode=one)
+            assert got["feature"] == got[layer]
+            feature = got.pop("feature")
+            got[f"feature{layer}"] = feature
+        cfg.vision_feature_layer = 1  # hidden_states[1] is the first layer's output: attentions[0]
+        assert lvlm.adapter.vision_feature_attention_index == 0
+    finally:
+        cfg.vision_feature_layer = before

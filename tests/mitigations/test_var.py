@@ -176,9 +176,16 @@ def test_zero_strength_p_semantics_and_families():
                             decode=DECODE)[0].token_ids == base
             paper = generate(lvlm, [req], ["var:p=0.6,sink_dims=5|17,tau=6,rho=0,min_image_mass=0,layers=1|2"],
                              decode=DECODE)[0].token_ids
-            code = generate(lvlm, [req], ["var:p=0.4,p_semantics=code,sink_dims=5|17,tau=6,rho=0,min_image_mass=0,"
+            # the released code's head test uses the complement of rho: code rho = 1 is paper rho = 0
+            code = generate(lvlm, [req], ["var:p=0.4,p_semantics=code,sink_dims=5|17,tau=6,rho=1,min_image_mass=0,"
                                           "layers=1|2"], decode=DECODE)[0].token_ids
             assert paper == code
+
+
+def test_code_semantics_head_test_uses_the_complement_of_rho():
+    assert VAR(rho=0.3).rho_test == 0.3
+    assert VAR(rho=0.3, p_semantics="code").rho_test == 0.7
+    assert VAR(p_semantics="code").rho_test == VAR().rho_test == 0.5  # the defaults read the same
 
 
 def test_mixed_batch_equals_solo():

@@ -7,7 +7,8 @@ import torch
 from mithelp import FAMILIES, make_image, tiny
 
 from clearsight import DecodeSpec, generate
-from clearsight.mitigations.vhr import VHR, vhr_layers
+from clearsight.mitigations import parse_mitigation
+from clearsight.mitigations.vhr import VHR, select_heads, vhr_layers
 
 PROMPT = "what is in the picture?"
 DECODE = DecodeSpec(max_new_tokens=4, ignore_eos=True)
@@ -123,3 +124,16 @@ def test_zero_strength_mixed_batch():
     ]
     batched = [r.token_ids for r in generate(lvlm, reqs, decode=DECODE)]
     assert batched == [generate(lvlm, [r], decode=DECODE)[0].token_ids for r in reqs]
+
+
+def test_outlier_std_population_or_sample_by_hand():
+    # VHD = [1, 2, 3, 3.45], TA = [0, 0, 0, 10]. Head 3's VHD: mean 2.3625; population std 0.9456 -> threshold
+    # 3.308 < 3.45 (a surge, with TA 10 > 2.5 + 4.33): zeroed, heads 1, 2 above the median 1.5; sample std
+    # 1.0919 -> threshold 3.454 > 3.45: kept, heads 2, 3 above the median 2.5.
+    without = torch.tensor([[0.0], [0.0], [0.0], [10 ** 0.5]])
+    with_image = without + torch.tensor([[1.0], [2.0], [3.0], [3.45]])
+    vhd, scale = select_heads(with_image, without, 2.0, True, "population")
+    assert vhd[3] == 0 and scale.tolist() == [1.0, 2.0, 2.0, 1.0]
+    vhd, scale = select_heads(with_image, without, 2.0, True, "sample")
+    assert abs(float(vhd[3]) - 3.45) < 1e-5 and scale.tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert parse_mitigation("vhr").outlier_std == "population"

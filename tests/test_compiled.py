@@ -7,15 +7,29 @@ benchmark ``benchmarks/compiled_step.py`` runs it).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
+import torch
 from tinyworld import make_image, tiny
 
 import clearsight.decoding.compiled as compiled
 from clearsight import DecodeSpec, generate
 from clearsight.engine import Engine
 from clearsight.errors import InputError
+from clearsight.mitigations import Mitigation
+from clearsight.mitigations.base import MAIN
 
 DECODE = DecodeSpec(max_new_tokens=6, ignore_eos=True)
+
+
+class HalfHeads(Mitigation):
+    """Test-only: halves two heads' outputs of layer 1 on the main row (a decode edit the graph captures)."""
+
+    name: Literal["test-half-heads"] = "test-half-heads"
+
+    def apply(self, ctx):
+        ctx.plan.scale_heads(1, [ctx.rows[MAIN]], torch.tensor([0.5, 1.0, 0.5, 1.0]))
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +48,7 @@ def _requests(n: int = 2):
 @pytest.mark.parametrize(("family", "mitigations"), [
     ("tiny-llava", []),
     ("tiny-llava", ["mma"]),  # a prompt-only mask: the decode plan is stock attention
+    ("tiny-llava", [HalfHeads()]),  # a per-head scale at decode: the plan is traced into the graph
     ("tiny-qwen2-vl", []),  # 3-D M-RoPE positions
 ])
 def test_compiled_step_gives_the_eager_tokens(family, mitigations):
@@ -47,6 +62,8 @@ def test_compiled_step_gives_the_eager_tokens(family, mitigations):
     assert all(len(r.token_ids) == 6 for r in comp)
     assert [r.decode_step for r in comp] == ["compiled"] * len(reqs)
     assert [r.decode_step for r in eager] == [None] * len(reqs)
+    if mitigations and isinstance(mitigations[0], HalfHeads):  # the edit changes the tokens: it is not skipped
+        assert [r.token_ids for r in generate(lvlm, reqs, decode=DECODE)] != [r.token_ids for r in eager]
 
 
 def test_uncapturable_plan_falls_back_to_the_eager_step():

@@ -380,6 +380,7 @@ class Batch:
                 if self.static is None:
                     remaining = max(e.decode.max_new_tokens - len(e.tokens) for e in self.entries)
                     self.static = StaticDecode(self, self.num_keys + remaining)
+                    self.cache = DynamicCache(config=self.lvlm.model.config)  # the copy holds the keys now
                 for e in self.entries:
                     e.ctx.step = e.step  # type: ignore[union-attr]
                 try:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, StaticCache
 
-from clearsight.kernels.context import use_traced
+from clearsight.kernels.context import use_backend, use_plan, use_traced
 from clearsight.kernels.plan import AttentionPlan
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class StaticDecode:
         self.mask = batch.mask.new_zeros(B, capacity)
         self.mask[:, :L] = batch.mask[:, :L]
         self.plan = decode_plan(batch.plan, capacity)
-        self.backend = batch.backend
+        self.full_plan, self.backend = batch.plan, batch.backend
         self.fn = step_function(batch.lvlm.model)
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,9 @@ class StaticDecode:
         if self.length >= self.capacity:
             raise NotCapturable("the static cache is full")
         self.mask[:, self.length] = 1
-        with use_traced(self.plan, self.backend):
+        # the eager bindings too: where dynamo runs the step's Python itself (past its recompile limit, say)
+        # the forward still sees the plan and the backend
+        with use_plan(self.full_plan), use_backend(self.backend), use_traced(self.plan, self.backend):
             logits = self.fn(input_ids, position_ids, self.mask, self.cache)
         self.length += 1
         return logits.clone()  # CUDA graphs reuse their output buffers: the caller keeps a copy

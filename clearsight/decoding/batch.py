@@ -12,7 +12,9 @@ attention mask and one AttentionPlan. Its life:
 - ``join(other)``: two batches in that "token chosen, not yet fed" state become one. The shorter side's
   KV cache, mask and plan are left-padded so that the key lengths match, then rows are concatenated.
   Padding keys are masked and positions are per row, so a row's computation is unchanged;
-- ``decode()``: one forward of every row with the chosen tokens.
+- ``decode()``: one forward of every row with the chosen tokens; when every request asked for it
+  (``compile=True``) and the plan allows, the compiled step over a preallocated cache (``decoding.compiled``),
+  copied back to the DynamicCache before any row operation.
 
 Memory: a joined batch stores B x max(Lk) keys per layer; a row shorter than the longest one costs
 its padding until the longest rows leave and the batch is compacted.

@@ -23,11 +23,12 @@ _BACKEND: ContextVar[str | None] = ContextVar("clearsight_attention_backend", de
 # What a compiled step (``decoding.compiled``) binds while torch.compile traces it: dynamo cannot trace
 # ``ContextVar.get`` (a graph break per layer), but it traces a module global and guards on it, so a graph is
 # reused while the same plan / backend is bound and retraced when another one is.
-_TRACED: dict[str, object] = {"plan": None, "backend": None}
+# Outside ``use_traced`` (a model a user compiles whole) the ContextVar is read as before (a graph break, correct).
+_TRACED: dict[str, object] = {"active": False, "plan": None, "backend": None}
 
 
 def current_plan() -> AttentionPlan | None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _TRACED["active"]:
         return _TRACED["plan"]  # type: ignore[return-value]
     return _PLAN.get()
 
@@ -42,7 +43,7 @@ def use_plan(plan: AttentionPlan | None) -> Iterator[AttentionPlan | None]:
 
 
 def current_backend() -> str | None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _TRACED["active"]:
         return _TRACED["backend"]  # type: ignore[return-value]
     return _BACKEND.get()
 
@@ -51,11 +52,12 @@ def current_backend() -> str | None:
 def use_traced(plan: AttentionPlan | None, backend: str | None) -> Iterator[None]:
     """Bind ``plan`` and ``backend`` for a compiled forward (as ``use_plan`` / ``use_backend`` do for eager ones).
 
-    A process-wide binding: the caller holds ``TRACED_LOCK`` around it and the compiled call.
+    A process-wide binding, held under ``TRACED_LOCK`` until the block ends (compiled steps of several
+    threads take turns).
     """
     with TRACED_LOCK:
         old = dict(_TRACED)
-        _TRACED.update(plan=plan, backend=backend)
+        _TRACED.update(active=True, plan=plan, backend=backend)
         try:
             yield
         finally:

@@ -48,6 +48,7 @@ bench: setup
 	cd benchmarks && ../$(BIN)/python plan_overhead.py
 	cd benchmarks && ../$(BIN)/python mitigation_overhead.py
 	cd benchmarks && ../$(BIN)/python branch_overhead.py
+	cd benchmarks && ../$(BIN)/python compiled_step.py
 	cd benchmarks && ../$(BIN)/python attention_kernels.py
 	cd benchmarks && ../$(BIN)/python engine_load.py
 	cd benchmarks && ../$(BIN)/python serve_load.py

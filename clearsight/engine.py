@@ -23,7 +23,7 @@ from typing import Any
 
 from clearsight.config import DecodeSpec, GenerationRequest, ModelSpec
 from clearsight.decoding.batch import Entry
-from clearsight.decoding.generate import GenerationResult, TokenEvent, as_decode, as_request
+from clearsight.decoding.generate import GenerationResult, TokenEvent, as_decode, as_request, check_compile
 from clearsight.decoding.scheduler import Scheduler
 from clearsight.errors import ClearsightError, EngineBusy, EngineClosed, InputError
 from clearsight.kernels.plan import StatsRequest
@@ -164,12 +164,15 @@ class Engine:
 
     ``model``: an ``LVLM`` already loaded (shared, e.g. in tests), a ``ModelSpec`` or a source string.
     Limits: ``max_requests`` / ``max_rows`` / ``max_tokens`` in flight (KV entries, padding included;
-    a soft limit checked before each admission), ``max_queue`` requests waiting. Use as a context manager
-    or call ``close()``.
+    a soft limit checked before each admission), ``max_queue`` requests waiting. ``compile``: decode steps
+    run ``torch.compile``d over a preallocated KV cache where a batch allows (``decoding.compiled``; results
+    say which step ran in ``decode_step``). Use as a context manager or call ``close()``.
     """
 
     def __init__(self, model: LVLM | ModelSpec | str, *, max_rows: int | None = 64, max_tokens: int = 1 << 20,
-                 max_queue: int = 1024, max_requests: int | None = None, backend: str | None = None) -> None:
+                 max_queue: int = 1024, max_requests: int | None = None, backend: str | None = None,
+                 compile: bool = False) -> None:
+        self.compile = check_compile(compile)
         self.lvlm = model if isinstance(model, LVLM) else load_model(model)
         self.backend = backend or self.lvlm.backend
         check_dispatchable(self.backend)
@@ -223,7 +226,7 @@ class Engine:
                 handle._post(ev)
 
             entry = Entry(req, mits, spec, index=handle.index, stats=stats, backend=chosen,
-                          on_event=event, on_error=handle._post)
+                          on_event=event, on_error=handle._post, compile=self.compile)
             handle._entry = entry
             self._inbox.append(entry)
             self._cv.notify()

@@ -12,7 +12,9 @@ attention mask and one AttentionPlan. Its life:
 - ``join(other)``: two batches in that "token chosen, not yet fed" state become one. The shorter side's
   KV cache, mask and plan are left-padded so that the key lengths match, then rows are concatenated.
   Padding keys are masked and positions are per row, so a row's computation is unchanged;
-- ``decode()``: one forward of every row with the chosen tokens.
+- ``decode()``: one forward of every row with the chosen tokens; when every request asked for it
+  (``compile=True``) and the plan allows, the compiled step over a preallocated cache (``decoding.compiled``),
+  copied back to the DynamicCache before any row operation.
 
 Memory: a joined batch stores B x max(Lk) keys per layer; a row shorter than the longest one costs
 its padding until the longest rows leave and the batch is compacted.
@@ -31,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from clearsight.config import DecodeSpec, GenerationRequest
+from clearsight.decoding.compiled import NotCapturable, StaticDecode, why_not
 from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image, make_probe
 from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError
@@ -67,8 +70,11 @@ class Entry:
     def __init__(self, request: GenerationRequest, mitigations: list[Mitigation], decode: DecodeSpec, *,
                  index: int = 0, stats: StatsRequest | None = None, backend: str | None = None,
                  on_event: Callable[[TokenEvent], None] | None = None,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None, compile: bool = False) -> None:
         self.request, self.mitigations, self.decode, self.index = request, mitigations, decode, index
+        self.compile = compile  # asks for the compiled decode step (decoding.compiled); an execution choice
+        self.steps = {"compiled": 0, "eager": 0}  # decode steps run each way (counted when compile is asked)
+        self.eager_because: str | None = None  # why the last eager step of a compile request was not compiled
         self.stats, self.backend = stats, backend
         self.on_event, self.on_error = on_event, on_error
         self.generator: torch.Generator | None = None  # seeded by prepare(), which every request runs first
@@ -132,6 +138,7 @@ class Entry:
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else self.decode.seed)
         self.tokens, self.text, self.finish = [], "", None
         self.timings.pop("first_token", None)
+        self.steps, self.eager_because = {"compiled": 0, "eager": 0}, None
         self.stats_acc = {"segment_mass": {}, "last_row": {}}
 
     def remove_hooks(self) -> None:
@@ -188,7 +195,19 @@ class Entry:
             text=self.text.strip(), token_ids=list(self.tokens), finish_reason=self.finish or "length",
             prompt=self.request.prompt, id=self.request.id,
             mitigations=[m.describe() for m in self.mitigations], timings=timings, stats=self._stats(),
+            decode_step=self._decode_step(),
         )
+
+    def _decode_step(self) -> str | None:
+        """Which decode step ran, for a request that asked for the compiled one (None otherwise)."""
+        if not self.compile:
+            return None
+        n = self.steps
+        if not n["eager"]:
+            return "compiled"
+        if not n["compiled"]:
+            return f"eager ({self.eager_because})"
+        return f"mixed: {n['compiled']} compiled, {n['eager']} eager ({self.eager_because})"
 
     def _stats(self) -> dict[str, Any] | None:
         acc = self.stats_acc
@@ -232,6 +251,8 @@ class Batch:
         self.pos: torch.Tensor  # the positions of each row's last fed token ([B, 1] or [3, B, 1])
         self.next_ids: torch.Tensor  # [B] the token each row is fed next
         self.logits: torch.Tensor | None = None
+        self.compile = False  # every entry asked for the compiled decode step (set by prefill)
+        self.static: StaticDecode | None = None  # the preallocated cache while compiled steps run
 
     @property
     def num_rows(self) -> int:
@@ -254,6 +275,7 @@ class Batch:
         On an error every hook installed here is removed again and the error propagates.
         """
         self = cls(lvlm, entries[0].key, entries[0].stats)
+        self.compile = all(e.compile for e in entries)
         adapter = lvlm.adapter
         t0 = time.perf_counter()
         try:
@@ -348,14 +370,59 @@ class Batch:
         self._collect_stats(int(input_ids.shape[1]))
 
     def decode(self) -> None:
-        """One step: every row is fed its chosen token."""
+        """One step: every row is fed its chosen token (compiled when the batch asks and can, else eager)."""
         adapter = self.lvlm.adapter
         for e in self.entries:
             e.step += 1
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.num_rows, 1)], 1)
         pos = adapter.next_position_ids(self.pos)
-        self._forward(self.next_ids.view(-1, 1).to(self.lvlm.device), pos, {})
+        ids = self.next_ids.view(-1, 1).to(self.lvlm.device)
+        if self.compile and self._compiled_step(ids, pos):
+            kind = "compiled"
+        else:
+            self._forward(ids, pos, {})
+            kind = "eager"
+        for e in self.entries:
+            if e.compile:
+                e.steps[kind] += 1
+                if kind == "eager" and e.eager_because is None:
+                    e.eager_because = "batched with requests that did not ask for the compiled step"
         self.pos = adapter.last_positions(pos)
+
+    def _compiled_step(self, ids: torch.Tensor, pos: torch.Tensor) -> bool:
+        """Run this step compiled (True), or record why not and leave it to the eager step (False)."""
+        reason = why_not(self) if self.static is None else None
+        if reason is None:
+            try:
+                if self.static is None:
+                    remaining = max(e.decode.max_new_tokens - len(e.tokens) for e in self.entries)
+                    self.static = StaticDecode(self, self.num_keys + remaining)
+                    self.cache = DynamicCache(config=self.lvlm.model.config)  # the copy holds the keys now
+                for e in self.entries:
+                    e.ctx.step = e.step  # type: ignore[union-attr]
+                try:
+                    self.logits = self.static.step(ids, pos)
+                finally:
+                    for e in self.entries:
+                        e.ctx.step = NOT_RUNNING  # type: ignore[union-attr]
+                return True
+            except NotCapturable as exc:
+                reason = str(exc)
+            except Exception as exc:  # a failed trace (dynamo / inductor): the eager step computes the same
+                inner = getattr(exc, "inner_exception", None) or exc  # dynamo wraps a compiler's own error
+                lines = [line for line in str(inner).splitlines() if line.strip()] or [""]
+                reason = f"the trace failed ({type(inner).__name__}: {lines[0][:160]})"
+            self.compile = False  # one failure is enough: this batch decodes eagerly from now on
+            self._leave_static()
+        for e in self.entries:
+            e.eager_because = reason
+        return False
+
+    def _leave_static(self) -> None:
+        """Back to a DynamicCache before a row operation (or the eager step)."""
+        if self.static is not None:
+            self.cache = self.static.to_dynamic(self.lvlm.model.config)
+            self.static = None
 
     def _collect_stats(self, num_queries: int) -> None:
         """Move this forward's statistics of each entry's main row (padding removed) into the entry."""
@@ -402,6 +469,7 @@ class Batch:
     def select(self, keep: list[int]) -> None:
         """Keep only these rows (in this order): cache, mask, positions, plan, each request's row map; then
         drop the key columns that became padding in every row (compaction)."""
+        self._leave_static()
         self.entries = [e for e in self.entries if any(self.rows[i].entry is e for i in keep)]
         if not keep:
             self.rows = []
@@ -426,6 +494,7 @@ class Batch:
         n = min(lay.pad for lay in self.plan.layouts)
         if n <= 0:
             return
+        self._leave_static()
         for layer in _layers(self.cache):
             layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
         self.mask = self.mask[:, n:]
@@ -435,6 +504,7 @@ class Batch:
 
     # ------------------------------------------------------------------ joining
     def _widen(self, num_keys: int) -> None:
+        self._leave_static()
         n = num_keys - self.num_keys
         self.plan.extend_prompt(self.num_keys)
         self.plan.pad_left(n)
@@ -447,6 +517,9 @@ class Batch:
         """Append ``other``'s rows (both batches: tokens chosen, not yet fed; same key)."""
         if other.key != self.key:
             raise ValueError("join: batches of different backends or statistics")
+        self._leave_static()
+        other._leave_static()
+        compile_both = self.compile and other.compile
         if not self.rows:
             self.__dict__.update(other.__dict__)
             return
@@ -469,6 +542,7 @@ class Batch:
         self.entries = self.entries + other.entries
         for e in self.entries:
             e.ctx.plan, e.ctx.layouts = self.plan, self.plan.layouts  # type: ignore[union-attr]
+        self.compile = compile_both
 
     def fail(self, exc: BaseException) -> list[Entry]:
         """End every entry of the batch (hooks removed); returns them for the runner to report."""

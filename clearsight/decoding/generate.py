@@ -44,6 +44,8 @@ class GenerationResult:
     mitigations: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] | None = None
+    # for a request run with compile=True: "compiled", "eager (why)" or "mixed: N compiled, M eager (why)"
+    decode_step: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,7 +207,8 @@ def _prepare(
 
 
 def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigation]], decode: DecodeSpec,
-            stats: StatsRequest | None, max_batch: int, backend: str | None = None) -> Iterator[TokenEvent]:
+            stats: StatsRequest | None, max_batch: int, backend: str | None = None,
+            compile: bool = False) -> Iterator[TokenEvent]:
     from clearsight.decoding.batch import Entry
     from clearsight.decoding.scheduler import Scheduler
 
@@ -215,7 +218,7 @@ def _stream(lvlm: LVLM, reqs: list[GenerationRequest], mits: list[list[Mitigatio
     scheduler = Scheduler(lvlm, max_requests=max_batch)
     for i, (req, m) in enumerate(zip(reqs, mits)):
         scheduler.add(Entry(req, m, decode, index=i, stats=stats, backend=backend, on_event=events.append,
-                            on_error=errors.append))
+                            on_error=errors.append, compile=compile))
     try:
         while scheduler.busy:
             scheduler.step()
@@ -235,6 +238,7 @@ def stream_generate(
     *,
     stats: StatsRequest | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    compile: bool = False,
 ) -> Iterator[TokenEvent]:
     """Yield tokens as they are chosen; each request's last event carries its GenerationResult.
 
@@ -242,8 +246,9 @@ def stream_generate(
     as ``generate``'s are.
     """
     max_batch = check_max_batch(max_batch)
+    check_compile(compile)
     reqs, mits, spec = _prepare(lvlm, requests, mitigations, decode)
-    return _stream(lvlm, reqs, mits, spec, stats, max_batch)
+    return _stream(lvlm, reqs, mits, spec, stats, max_batch, compile=compile)
 
 
 def generate(
@@ -254,6 +259,7 @@ def generate(
     *,
     stats: StatsRequest | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    compile: bool = False,
 ) -> list[GenerationResult]:
     """Generate for every request; results in request order.
 
@@ -261,14 +267,26 @@ def generate(
     GenerationRequest, or a list of them. ``mitigations``: a list of names (``"var"``,
     ``"var:p=0.4"``), dicts or specs; a single one may be given alone. ``decode``: a DecodeSpec or a
     dict of its fields (validated), None for the defaults. ``max_batch``: at most this many requests
-    in flight at once (continuously batched; the results do not depend on it).
+    in flight at once (continuously batched; the results do not depend on it). ``compile``: decode steps run
+    ``torch.compile``d over a preallocated KV cache where the batch allows (``clearsight.decoding.compiled``;
+    the same greedy tokens, each result's ``decode_step`` says which step ran); off by default.
 
     >>> from clearsight import load_model, generate
     >>> lvlm = load_model("builtin:tiny-llava")
     >>> [r.finish_reason for r in generate(lvlm, "describe the image", decode=DecodeSpec(max_new_tokens=3))]
     ['length']
+    >>> generate(lvlm, "describe the image", decode={"max_new_tokens": 3}, compile=True)[0].decode_step
+    'compiled'
     """
-    return _collect(stream_generate(lvlm, requests, mitigations, decode, stats=stats, max_batch=max_batch))
+    return _collect(stream_generate(lvlm, requests, mitigations, decode, stats=stats, max_batch=max_batch,
+                                    compile=compile))
+
+
+def check_compile(compile: Any) -> bool:
+    """``compile`` as a bool, or a one-line InputError."""
+    if not isinstance(compile, bool):
+        raise InputError(f"compile must be True or False (the compiled decode step), got {compile!r}")
+    return compile
 
 
 def _collect(events: Iterator[TokenEvent]) -> list[GenerationResult]:

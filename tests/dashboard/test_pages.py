@@ -146,7 +146,7 @@ def test_evals_renders_the_result_folder(finished_job, monkeypatch):
         for split, m in system["pope"]["splits"].items():
             row = pope[(pope["system"] == system["name"]) & (pope["split"] == split)].iloc[0]
             assert row["accuracy"] == pytest.approx(m["accuracy"]) and row["n"] == 2
-    assert tables["CHAIR"]["CHAIR_i"].tolist() == pytest.approx([s["chair"]["chair_i"] for s in results["systems"]])
+    assert tables["CHAIR"]["chair_i"].tolist() == pytest.approx([s["chair"]["chair_i"] for s in results["systems"]])
     assert {_caption(im) for im in at.get("image")} >= {"figures.png"}
 
     # the per-sample browser: 3 x 2 POPE questions + 1 caption; hallucinations counted independently from the

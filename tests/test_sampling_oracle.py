@@ -115,13 +115,36 @@ def test_top_p_one_token_nucleus_and_tiny_temperature():
     assert set(draw([0.0, 1.0, 0.5], DecodeSpec(do_sample=True, temperature=0.01), n=200)) == {1}
 
 
-def test_same_generator_seed_same_draws_and_seeds_differ():
-    decode = DecodeSpec(do_sample=True, temperature=1.0)
-    assert draw(LOGITS, decode, 300, seed=5) == draw(LOGITS, decode, 300, seed=5)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_same_generator_seed_same_draws_and_seeds_differ(top_p):
+    decode = DecodeSpec(do_sample=True, temperature=1.0, top_p=top_p)
     x = torch.tensor(LOGITS)
-    assert [sampling.select_token(x, decode, g1) for _ in range(30)] != \
-        [sampling.select_token(x, decode, g2) for _ in range(30)]
+
+    def seq(seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        return [sampling.select_token(x, decode, g) for _ in range(40)]
+
+    assert seq(5) == seq(5)  # the request's generator alone decides the draws (no global RNG)
+    assert seq(5) != seq(6)
+
+
+def test_full_nucleus_draws_in_vocabulary_order():
+    """top_p = 1 is plain multinomial sampling over the vocabulary in token order, so seeded outputs are
+    those of ``torch.multinomial(softmax(l / T))`` (a nucleus path, sorting first, would draw other tokens
+    from the same random numbers)."""
+    x = torch.tensor(LOGITS)
+    decode = DecodeSpec(do_sample=True, temperature=1.7)
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    probs = torch.tensor(oracle(LOGITS, 1.7, 1.0), dtype=torch.float32)
+    got = [sampling.select_token(x, decode, g) for _ in range(50)]
+    assert got == [int(torch.multinomial(probs, 1, generator=ref)) for _ in range(50)]
+
+
+def test_nucleus_boundary_is_reached_not_passed():
+    """The smallest prefix whose mass reaches top_p: four equal tokens (p = 1/4, exact in float32) and
+    top_p = 1/2 keep exactly two, the mass before the third being exactly 1/2."""
+    counts = draw([0.0, 0.0, 0.0, 0.0], DecodeSpec(do_sample=True, top_p=0.5), n=400)
+    assert len(counts) == 2 and min(counts.values()) > 150
 
 
 # --------------------------------------------------------------------------------------- per-request seeds

@@ -38,7 +38,8 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                    "tests/mitigations/test_vcd.py::test_defaults_and_cli_parsing",
                    "tests/mitigations/test_m3id.py::test_weight_and_gate_by_hand",
                    "tests/mitigations/test_m3id.py::test_defaults"], []),
-    "metrics": (["clearsight/evals/metrics/chair.py"], ["tests/evals/test_chair.py"], []),
+    "metrics": (["clearsight/evals/metrics/chair.py"], ["tests/evals/test_chair.py"],
+                ["-k", "not ground_truth_from_instances"]),
 }
 
 

@@ -26,7 +26,7 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
     "sampling": (["clearsight/decoding/sampling.py"],
                  ["tests/test_sampling_oracle.py", "tests/test_stop_and_batching.py::"
                   "test_find_stop_earliest_position_wins_not_list_order"], ["-k", "not planted and not request_seeds"]),
-    "cache": (["clearsight/evals/cache.py"], ["tests/evals/test_cache.py"], []),
+    "cache": (["clearsight/evals/cache.py"], ["tests/evals/test_cache.py", "tests/evals/test_cache_records.py"], []),
     "combiners": (["clearsight/mitigations/_branch_common.py", "clearsight/mitigations/vcd.py",
                    "clearsight/mitigations/m3id.py"],
                   ["tests/mitigations/test_combiners_oracle.py",

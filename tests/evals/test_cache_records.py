@@ -1,0 +1,45 @@
+"""Generation cache edge cases found by mutation testing (docs/testing.md): a clean reload drops nothing
+and warns nothing, the dropped tail's preview, the record layout on disk, lookups by system."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from clearsight.evals import GenerationCache, cache_key
+
+SYS = {"model": "demo", "decode": {"max_new_tokens": 4}}
+OTHER = {"model": "demo", "decode": {"max_new_tokens": 5}}
+
+
+def test_clean_reload_drops_nothing_and_warns_nothing(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    c = GenerationCache(p)
+    c.put(SYS, "a", "Yes.")
+    c.put(OTHER, "a", "No.", n_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = GenerationCache(p)
+    assert again.dropped_tail is None and len(again) == 2
+    assert again.outputs(SYS) == {"a": "Yes."} and again.outputs(OTHER) == {"a": "No."}
+    assert cache_key(SYS, "a") in again and cache_key(SYS, "b") not in again
+    assert sorted(r["output"] for r in again) == ["No.", "Yes."]
+    # one canonical JSON object per line: key, system, sample id, output, then the extra fields
+    line = json.loads(p.read_text().splitlines()[1])
+    assert line == {"key": cache_key(OTHER, "a"), "system": OTHER, "sample_id": "a", "output": "No.", "n_tokens": 2}
+    assert again.get(OTHER, "a")["n_tokens"] == 2 and again.get(OTHER, "b") is None
+
+
+def test_dropped_tail_preview_is_the_bad_lines_start(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    GenerationCache(p).put(SYS, "a", "Yes.")
+    p.write_bytes(p.read_bytes() + b'{"key": "abc", "output": "cut off here' + b"x" * 100)
+    with pytest.warns(UserWarning, match="dropped truncated/invalid last line 2"):
+        c = GenerationCache(p)
+    assert c.dropped_tail.line_number == 2
+    assert c.dropped_tail.preview == ('{"key": "abc", "output": "cut off here' + "x" * 100)[:80]
+    assert c.put(SYS, "b", "No.") is True
+    assert [json.loads(x)["sample_id"] for x in p.read_text().splitlines()] == ["a", "b"]
+    assert p.read_bytes().endswith(b"\n")

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from clearsight.evals import GenerationCache, cache_key
+from clearsight.evals import EvalInputError, GenerationCache, cache_key
 
 SYS = {"model": "demo", "decode": {"max_new_tokens": 4}}
 OTHER = {"model": "demo", "decode": {"max_new_tokens": 5}}
@@ -43,3 +43,29 @@ def test_dropped_tail_preview_is_the_bad_lines_start(tmp_path):
     assert c.put(SYS, "b", "No.") is True
     assert [json.loads(x)["sample_id"] for x in p.read_text().splitlines()] == ["a", "b"]
     assert p.read_bytes().endswith(b"\n")
+
+
+def test_undecodable_tail_is_previewed_and_the_warning_says_what_happens(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    GenerationCache(p).put(SYS, "a", "Yes.")
+    p.write_bytes(p.read_bytes() + b'{"key": "\xff\xfe broken')  # killed mid-write, and not valid UTF-8
+    with pytest.warns(UserWarning) as caught:
+        c = GenerationCache(p)
+    assert [str(w.message) for w in caught] == [
+        f"{p}: dropped truncated/invalid last line 2; that sample will be generated again"]
+    assert c.dropped_tail.preview == '{"key": "\ufffd\ufffd broken'
+
+
+def test_records_without_a_key_are_not_records(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    GenerationCache(p).put(SYS, "a", "Yes.")
+    good = p.read_text()
+    p.write_text(good + '{"output": "no key"}\n' + good.replace('"a"', '"b"'))
+    with pytest.raises(EvalInputError, match="line 2 is not a valid cache record"):
+        GenerationCache(p)
+    p.write_text(good + "[1, 2]\n" + good.replace('"a"', '"b"'))  # JSON, but not an object
+    with pytest.raises(EvalInputError, match="line 2 is not a valid cache record"):
+        GenerationCache(p)
+    p.write_text(good + '{"key": 7}')  # a last line whose key is not a string: dropped, redone
+    with pytest.warns(UserWarning, match="dropped truncated/invalid last line 2"):
+        assert len(GenerationCache(p)) == 1

@@ -69,3 +69,20 @@ def test_records_without_a_key_are_not_records(tmp_path):
     p.write_text(good + '{"key": 7}')  # a last line whose key is not a string: dropped, redone
     with pytest.warns(UserWarning, match="dropped truncated/invalid last line 2"):
         assert len(GenerationCache(p)) == 1
+
+
+def test_reload_then_append_keeps_every_line_valid(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    c = GenerationCache(p)
+    for i in range(3):
+        c.put(SYS, i, f"out {i}")
+    GenerationCache(p).put(SYS, 3, "out 3")  # reloaded from a clean file, then appended
+    again = GenerationCache(p)
+    assert len(again) == 4 and p.read_text().count("\n") == 4
+    # a bad tail after several good lines: cut exactly there, then appended
+    p.write_bytes(p.read_bytes() + b'{"key": "half')
+    with pytest.warns(UserWarning):
+        c = GenerationCache(p)
+    c.put(SYS, 4, "out 4")
+    assert [json.loads(x)["sample_id"] for x in p.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert len(GenerationCache(p)) == 5

@@ -4,6 +4,7 @@ and warns nothing, the dropped tail's preview, the record layout on disk, lookup
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -86,3 +87,18 @@ def test_reload_then_append_keeps_every_line_valid(tmp_path):
     c.put(SYS, 4, "out 4")
     assert [json.loads(x)["sample_id"] for x in p.read_text().splitlines()] == [0, 1, 2, 3, 4]
     assert len(GenerationCache(p)) == 5
+
+
+def test_put_makes_folders_a_readable_file_and_is_visible_at_once(tmp_path):
+    p = tmp_path / "a" / "b" / "gen.jsonl"  # folders made as needed
+    c = GenerationCache(p)
+    assert c.put(SYS, "a", "Yes.", n_tokens=1) is True
+    assert c.get(SYS, "a")["output"] == "Yes." and c.has(SYS, "a") and len(c) == 1  # this instance sees it
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o644 & ~umask  # rw-r--r--: never executable, readable by the reporter
+    p.write_bytes(p.read_bytes() + b'{"key"')
+    with pytest.warns(UserWarning):
+        c = GenerationCache(p)
+    c.put(SYS, "b", "No.")
+    assert c.dropped_tail is None  # the bad tail is gone once the file is cut and appended

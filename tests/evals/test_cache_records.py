@@ -102,3 +102,12 @@ def test_put_makes_folders_a_readable_file_and_is_visible_at_once(tmp_path):
         c = GenerationCache(p)
     c.put(SYS, "b", "No.")
     assert c.dropped_tail is None  # the bad tail is gone once the file is cut and appended
+
+
+def test_duplicate_key_message_names_the_line_and_key(tmp_path):
+    p = tmp_path / "gen.jsonl"
+    GenerationCache(p).put(SYS, "a", "Yes.")
+    p.write_text(p.read_text() * 2)
+    with pytest.raises(EvalInputError) as err:
+        GenerationCache(p)
+    assert str(err.value) == f"{p}: line 2 duplicates key {cache_key(SYS, 'a')[:12]}...; delete the duplicate line"

@@ -90,3 +90,16 @@ def test_m3id_branch_and_weight_saturation():
     assert m3id_weight(29, 1.0) == pytest.approx(math.expm1(29.0))
     assert m3id_weight(10_000, 1.0, max_weight=3.0) == 3.0
     assert m3id_weight(2, 0.1, max_weight=3.0) == pytest.approx(math.expm1(0.2))
+
+
+def test_diffuse_defaults_and_dtype():
+    from clearsight.mitigations.vcd import diffuse
+
+    x = torch.rand(1, 3, 4, 4)
+    # the defaults are VCD's: the sigmoid schedule and noise seed 0
+    torch.testing.assert_close(diffuse(x, 500), diffuse(x, 500, "sigmoid", 0))
+    assert not torch.equal(diffuse(x, 500), diffuse(x, 500, "linear", 0))
+    assert not torch.equal(diffuse(x, 500), diffuse(x, 500, "sigmoid", 1))
+    half = diffuse(x.to(torch.bfloat16), 500)  # a half-precision model's pixels stay in its dtype
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), diffuse(x.to(torch.bfloat16).float(), 500), atol=2e-2, rtol=0)

@@ -103,3 +103,10 @@ def test_diffuse_defaults_and_dtype():
     half = diffuse(x.to(torch.bfloat16), 500)  # a half-precision model's pixels stay in its dtype
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), diffuse(x.to(torch.bfloat16).float(), 500), atol=2e-2, rtol=0)
+
+
+def test_m3id_gate_at_the_threshold_keeps_the_main_logits():
+    """The gate is ``max p_c >= threshold``: two equal logits give max p = 0.5 exactly."""
+    m = parse_mitigation({"name": "m3id", "lam": 0.5, "threshold": 0.5})
+    main, noimg = torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0])
+    assert torch.equal(m.combine({MAIN: main, "noimg": noimg}, 3, _ctx()), main)

@@ -58,6 +58,9 @@ def _pyproject(files: list[str], tests: list[str], extra: list[str]) -> str:
         # torch in the test process: fork workers from a server that did not run the tests
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
+        # a mutant's time limit is 15x its tests' time plus this: tests of milliseconds on a busy machine
+        # would otherwise end by timeout (counted as killed) rather than by their assertions
+        "timeout_constant = 10.0\n"
     )
 
 

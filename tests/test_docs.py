@@ -27,7 +27,7 @@ PY_BLOCKS = [(doc, i, block) for doc in RUNNABLE_DOCS
 
 
 @pytest.mark.parametrize(("doc", "index", "code"), PY_BLOCKS, ids=[f"{d}#{i}" for d, i, _ in PY_BLOCKS])
-def test_python_examples_run(doc, index, code, monkeypatch, capsys):
+def test_python_examples_run_smoke(doc, index, code, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     exec(compile(code, f"{doc} python block {index}", "exec"), {})
 
@@ -37,7 +37,7 @@ SEQUENTIAL_DOCS = ("docs/mitigations.md", "docs/branch-mitigations.md")
 
 
 @pytest.mark.parametrize("doc", SEQUENTIAL_DOCS)
-def test_guide_examples_run_in_order(doc, monkeypatch, capsys):
+def test_guide_examples_run_in_order_smoke(doc, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     for i, block in enumerate(_blocks("python", (ROOT / doc).read_text(encoding="utf-8"))):
@@ -70,7 +70,7 @@ def _cli_lines() -> list[str]:
 
 
 @pytest.mark.parametrize("line", _cli_lines())
-def test_readme_cli_lines_run(line, monkeypatch, capsys):
+def test_readme_cli_lines_run_smoke(line, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     argv = shlex.split(line)[1:]
     assert main(argv) == 0, capsys.readouterr().err

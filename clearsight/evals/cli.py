@@ -33,7 +33,7 @@ def _systems(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise EvalInputError(f"--system {s!r}: the label before '=' is empty: write LABEL={spec} or just {spec}")
         mits = [] if spec.strip() in ("", "none") else [m for m in spec.split("+") if m]
         system: dict[str, Any] = {"name": label, "model": args.model, "backend": args.backend,
-                                  "device": args.device, "mitigations": mits}
+                                  "device": args.device, "dtype": args.dtype, "mitigations": mits}
         if decode:
             system["decode"] = decode
         out.append(system)

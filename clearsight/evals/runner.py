@@ -56,9 +56,11 @@ def model_identity(system: SystemSpec) -> str:
 
 
 def _folder_hash(path: Path, contents: bool = False) -> str:
-    """config.json plus each safetensors file's name and size (or, for small shipped files, its bytes).
+    """config.json plus each safetensors file's name and content digest (small shipped files: their bytes).
 
-    Cached by the files' names, sizes and modification times: a job asks once per system and stage."""
+    The digest is of the contents, not the size: a fine-tuned checkpoint has the sizes of its base model, and
+    reusing the base model's generations for it would be silently wrong. Cached by the files' names, sizes and
+    modification times: a job asks once per system and stage, and a process hashes each file once."""
     files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
     return _hash_files(tuple((str(f), st.st_size, st.st_mtime_ns) for f in files if (st := f.stat())), contents)
 
@@ -67,15 +69,38 @@ def _folder_hash(path: Path, contents: bool = False) -> str:
 def _hash_files(files: tuple[tuple[str, int, int], ...], contents: bool) -> str:
     (config, _, _), *weights = files
     h = hashlib.sha256(Path(config).read_bytes())
-    for name, size, _ in weights:
-        h.update(Path(name).read_bytes() if contents else f"{Path(name).name}:{size}".encode())
+    for name, _, _ in weights:
+        h.update(Path(name).read_bytes() if contents else f"{Path(name).name}:{_file_digest(Path(name))}".encode())
     return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file. A Hugging Face cache snapshot links each weights file to a blob named by its sha256
+    (the git-LFS object id), so that name is used and nothing is read; else the file is read once (about
+    1 GB/s: 10 s for a 7B model in float16, once per process)."""
+    target = path.resolve()
+    if len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    h = hashlib.sha256()
+    with open(target, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# transformers' own attention: it runs no AttentionPlan, so the mitigations that edit attention do nothing
+# there and the outputs differ from the plan-running backends' (reference / torch / triton, equal to float
+# rounding: tests/kernels): such a backend is part of the key, the others are not (docs/evals.md)
+STOCK_BACKENDS = ("sdpa", "eager")
 
 
 def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
     decode = system.decode_for(max_new_tokens).model_dump(mode="json")  # no batch size: it is not a decoding option
-    return {"model": model_identity(system), "dtype": system.dtype, "mitigations": system.mitigation_config(),
-            "decode": decode}
+    config = {"model": model_identity(system), "dtype": system.dtype, "mitigations": system.mitigation_config(),
+              "decode": decode}
+    if system.backend in STOCK_BACKENDS:
+        config["backend"] = system.backend
+    return config
 
 
 # ------------------------------------------------------------------------------------------- run

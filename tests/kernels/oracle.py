@@ -1,13 +1,15 @@
 """An independent plain-torch evaluation of the AttentionPlan formula: loops over rows, heads and
-queries in float64, written from the plan's documented semantics, not from the backends."""
+queries in float64, written from the plan's documented semantics, not from the backends. The RANDOM draws and
+the SHUFFLED order come from ``cf_oracle`` (re-implemented from their definitions), not from the plan."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from cf_oracle import shuffle_order, uniform
 
-from clearsight.kernels.plan import GENERATED_RANK_OFFSET, Counterfactual, Segment, uniform_hash
+from clearsight.kernels.plan import GENERATED_RANK_OFFSET, Counterfactual, Segment
 
 
 def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
@@ -69,14 +71,14 @@ def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
                             w = {j: 1.0 for j in img}
                         elif kind == Counterfactual.RANDOM:
                             seed = int(e.counterfactual.seed[b])
-                            w = {
-                                j: float(uniform_hash(torch.tensor(seed), torch.tensor(h), torch.tensor(qi - pad),
-                                                      torch.tensor(j - pad)))
-                                for j in img
-                            }
+                            w = {j: uniform(seed, h, qi - pad, j - pad) for j in img}
                         elif kind == Counterfactual.SHUFFLED:
-                            src = e.counterfactual.source[b]
-                            w = {j: a[int(src[j])] if int(src[j]) in a else 0.0 for j in img}
+                            seed = int(e.counterfactual.seed[b])
+                            src = {}
+                            for start, end in plan.layouts[b].image_spans:
+                                span = list(range(start, end))
+                                src.update(zip(span, shuffle_order(seed, layer, span, pad)))
+                            w = {j: a.get(src.get(j, j), 0.0) for j in img}
                         else:
                             top = max(a[j] for j in img)
                             w = {j: top - a[j] for j in img}

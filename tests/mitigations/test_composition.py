@@ -106,8 +106,9 @@ def test_measurement_rows_receive_no_edits():
     got: list = []
     generate(lvlm, [_req()], [_recording(PAI, got)(gamma=1.0), Probe()], decode=ONE)
     ctx, rows = got[0]
-    if not ctx.branch_specs:
-        pytest.skip("the decoding loop does not fill RequestContext.branch_specs yet (generate.py)")
+    # the decoding loop must fill branch_specs: without them every row would receive the edits (edit_rows)
+    assert set(ctx.branch_specs) == {"probe_rows.measure", "probe_rows.edited"}
+    assert list(ctx.edit_names) == ["main", "probe_rows.edited"]
     ab = ctx.plan.layer_edit(2).abs_bias
     assert float(ab[rows["probe_rows.edited"], 0, Segment.IMAGE]) == pytest.approx(0.2)
     assert float(ab[rows["probe_rows.measure"]].abs().sum()) == 0.0

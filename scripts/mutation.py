@@ -1,0 +1,109 @@
+"""Mutation testing of the core modules with mutmut (``make mutation``; not part of CI: minutes per module).
+
+Each module runs in its own copy of the repository (``build/mutation/<module>/``), with mutmut told to
+mutate only that module's files and to run only the fast tests that cover them, so a run finishes on a
+small machine. Prints ``module: killed / total`` per module and writes each run's survivors (with their
+diffs) to ``build/mutation/<module>/survivors.txt`` for review (docs/testing.md lists the reviewed ones).
+
+    python scripts/mutation.py                  # every module
+    python scripts/mutation.py sampling cache   # some
+    MUTATION_CHILDREN=2 python scripts/mutation.py combiners
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# module -> (files to mutate, tests that cover them, extra pytest arguments). The tests of the tests
+# (``planted``) rebuild functions from their source, which mutmut's trampolines change: left out here.
+MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "sampling": (["clearsight/decoding/sampling.py"],
+                 ["tests/test_sampling_oracle.py", "tests/test_stop_and_batching.py::"
+                  "test_find_stop_earliest_position_wins_not_list_order"], ["-k", "not planted and not request_seeds"]),
+    "cache": (["clearsight/evals/cache.py"], ["tests/evals/test_cache.py", "tests/evals/test_cache_records.py"], []),
+    "combiners": (["clearsight/mitigations/_branch_common.py", "clearsight/mitigations/vcd.py",
+                   "clearsight/mitigations/m3id.py"],
+                  ["tests/mitigations/test_combiners_oracle.py",
+                   "tests/mitigations/test_branch_common.py::test_plausibility_cut_keeps_exactly_the_tokens_above_beta_max",
+                   "tests/mitigations/test_branch_common.py::test_contrast_and_weighted_sum_by_hand",
+                   "tests/mitigations/test_vcd.py::test_schedules_by_hand",
+                   "tests/mitigations/test_vcd.py::test_diffusion_is_q_sample_and_seeded",
+                   "tests/mitigations/test_vcd.py::test_formula_and_cut_by_hand",
+                   "tests/mitigations/test_vcd.py::test_defaults_and_cli_parsing",
+                   "tests/mitigations/test_m3id.py::test_weight_and_gate_by_hand",
+                   "tests/mitigations/test_m3id.py::test_defaults"], []),
+    "metrics": (["clearsight/evals/metrics/chair.py"], ["tests/evals/test_chair.py"],
+                ["-k", "not ground_truth_from_instances"]),
+}
+
+
+def _pyproject(files: list[str], tests: list[str], extra: list[str]) -> str:
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    text = text.replace('addopts = "-q --durations=15"', 'addopts = "-q -p no:cacheprovider"')
+
+    def arr(xs: list[str]) -> str:
+        return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+
+    return text + (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["clearsight"]\n'
+        f"only_mutate = {arr(files)}\n"
+        f"pytest_add_cli_args_test_selection = {arr(tests + extra)}\n"
+        # torch in the test process: fork workers from a server that did not run the tests
+        'process_isolation = "forkserver"\n'
+        "use_git_change_detection = false\n"
+        # a mutant's time limit is 15x its tests' time plus this: tests of milliseconds on a busy machine
+        # would otherwise end by timeout (counted as killed) rather than by their assertions
+        "timeout_constant = 10.0\n"
+    )
+
+
+def run(module: str, children: int) -> dict[str, int]:
+    files, tests, extra = MODULES[module]
+    work = ROOT / "build" / "mutation" / module
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "clearsight", work / "clearsight", ignore=ignore)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    (work / "pyproject.toml").write_text(_pyproject(files, tests, extra), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/ first itself
+    mutmut = [sys.executable, "-m", "mutmut"]
+    subprocess.run([*mutmut, "run", "--max-children", str(children)], cwd=work, env=env, check=True)
+    subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
+    stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
+    listing = subprocess.run([*mutmut, "results"], cwd=work, env=env, check=True, capture_output=True, text=True)
+    survivors = [line.split(":")[0].strip() for line in listing.stdout.splitlines()
+                 if line.strip().endswith("survived")]
+    with open(work / "survivors.txt", "w", encoding="utf-8") as fh:
+        for name in survivors:
+            shown = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True)
+            fh.write(f"## {name}\n{shown.stdout}\n")
+    return stats
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(MODULES)
+    unknown = [n for n in names if n not in MODULES]
+    if unknown:
+        print(f"error: unknown module {unknown[0]!r}: choose from {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    children = int(os.environ.get("MUTATION_CHILDREN", "2"))
+    for name in names:
+        s = run(name, children)
+        total = s["killed"] + s["survived"] + s.get("timeout", 0) + s.get("suspicious", 0) + s.get("no_tests", 0)
+        caught = s["killed"] + s.get("timeout", 0)
+        print(f"{name}: {caught} / {total} killed ({100 * caught / max(total, 1):.0f}%), stats {json.dumps(s)}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
+
+Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
+logits within LOGIT_TOL with our reference and torch backends; a mixed batch (rows with and without an
+image, different image sizes) equals each row run alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import _stock_generate
+from tinyworld import make_image, tiny
+
+from clearsight import DecodeSpec, generate
+from clearsight.kernels.context import use_plan
+from clearsight.kernels.plan import AttentionPlan
+
+NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl")
+LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5}  # absolute, float32 (logits of magnitude ~10)
+PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
+
+
+def _requests():
+    sizes = [(40, 50), (64, 30), (32, 32)]
+    return [{"prompt": PROMPTS[i], "image": make_image(i, sizes[i])} for i in range(3)]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_empty_plan_same_tokens_and_logits_as_stock(family):
+    lvlm = tiny(family)
+    requests = _requests()
+    expected, batch = _stock_generate(lvlm, requests, 8)
+    assert any(len(t) >= 3 for t in expected)  # the comparison is not vacuous
+    layouts = lvlm.adapter.row_layouts(batch)
+    assert all(lay.image_spans for lay in layouts)
+    with torch.inference_mode():
+        lvlm.set_backend("sdpa")
+        stock = lvlm.model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    for backend in ("torch", "reference"):
+        lvlm.set_backend(backend)
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=8))]
+        assert ours == expected, backend
+        plan = AttentionPlan(num_layers=lvlm.adapter.num_layers, num_heads=lvlm.adapter.num_heads,
+                             segment=lvlm.adapter.segments(batch), layouts=layouts)
+        with torch.inference_mode(), use_plan(plan):
+            logits = lvlm.model(**batch).logits
+        assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_mixed_batch_equals_solo_runs(family):
+    lvlm = tiny(family)
+    requests = [*_requests()[:2], {"prompt": "describe the image please", "image": None}]
+    decode = DecodeSpec(max_new_tokens=6)
+    batched = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    solo = [generate(lvlm, [r], decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert all(solo)

@@ -58,3 +58,45 @@ def test_mixed_batch_equals_solo_runs(family):
     solo = [generate(lvlm, [r], decode=decode)[0].token_ids for r in requests]
     assert batched == solo
     assert all(solo)
+
+
+# each matrix row's configurations: its default (what the matrix cell is about) and its zero strength (None: the
+# method has no strength, e.g. a plan for a trained checkpoint); tiny models have no VAR sink table, so sink_dims
+DEFAULTS: dict[str, dict] = {"var": {"sink_dims": [3]}, "causalmm:level=vision": {"level": "vision"}}
+ZERO: dict[str, dict | None] = {
+    "none": {}, "vcd": {"alpha": 0.0}, "m3id": {"lam": 0.0}, "pai": {"alpha": 0.0, "gamma": 1.0},
+    "agla": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "var": {"p": 0.0, "sink_dims": [3]}, "mma": None,
+    "causalmm": {"gamma": 0.0}, "causalmm:level=vision": {"gamma": 0.0, "level": "vision"}, "cca": None,
+    "imbalanced": {"alpha": 0.0, "beta": 0.0},
+}
+# what each refusal says (the mitigation's own error), for the cells the matrix marks refused
+REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style"}
+
+
+def _spec(config: str, fields: dict) -> dict:
+    return {"name": config.split(":")[0], **fields}
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_the_matrix_says_what_each_mitigation_does(family):
+    from clearsight.errors import InputError
+    from clearsight.mitigations.compat import REQUIREMENTS, WORKS, compatibility_matrix
+
+    lvlm = tiny(family)
+    matrix = compatibility_matrix()
+    assert set(ZERO) == set(REQUIREMENTS)  # every row of the matrix is walked
+    request = [{"prompt": PROMPTS[0], "image": make_image(5, (40, 50))}]
+    decode = DecodeSpec(max_new_tokens=3)
+    plain = generate(lvlm, request, decode=decode)[0].token_ids
+    assert plain
+    for config, row in matrix.items():
+        verdict = row[lvlm.adapter.family]
+        default = _spec(config, DEFAULTS.get(config, {}))
+        if verdict != WORKS:
+            with pytest.raises(InputError, match=REFUSAL[config]):
+                generate(lvlm, request, mitigations=[default], decode=decode)
+            continue
+        assert generate(lvlm, request, mitigations=[default], decode=decode)[0].token_ids, config
+        if ZERO[config] is not None:
+            zero = generate(lvlm, request, mitigations=[_spec(config, ZERO[config])], decode=decode)[0].token_ids
+            assert zero == plain, config

@@ -112,3 +112,12 @@ def test_models_matrix_flag_prints_the_generated_matrix(capsys):
     out = capsys.readouterr().out
     assert matrix_markdown() in out
     assert "llava_onevision" in out and "qwen2_5_vl" in out
+
+
+def test_docs_matrix_is_the_generated_one():
+    from pathlib import Path
+
+    from clearsight.mitigations.compat import matrix_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mitigations.md").read_text(encoding="utf-8")
+    assert matrix_markdown() in doc  # regenerate the table in docs/mitigations.md when the adapters change

@@ -1,7 +1,8 @@
 """The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
 
 Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
-logits within LOGIT_TOL with our reference and torch backends; a mixed batch (rows with and without an
+logits within LOGIT_TOL with our reference and torch backends (and triton under the interpreter:
+tests/kernels/test_triton_e2e.py, Qwen2.5-VL); a mixed batch (rows with and without an
 image, different image sizes) equals each row run alone.
 """
 

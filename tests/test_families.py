@@ -122,3 +122,17 @@ def test_docs_matrix_is_the_generated_one():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "mitigations.md").read_text(encoding="utf-8")
     assert matrix_markdown() in doc  # regenerate the table in docs/mitigations.md when the adapters change
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_a_saved_checkpoint_loads_with_an_image_processor_and_same_tokens(family, tmp_path):
+    from clearsight import load_model
+
+    lvlm = tiny(family)
+    lvlm.model.save_pretrained(tmp_path)
+    lvlm.processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))  # no torchvision here: the image-only processor stands in for the stock one
+    assert loaded.adapter.family == lvlm.adapter.family
+    request = [{"prompt": PROMPTS[1], "image": make_image(7, (40, 50))}]
+    decode = DecodeSpec(max_new_tokens=4)
+    assert generate(loaded, request, decode=decode)[0].token_ids == generate(lvlm, request, decode=decode)[0].token_ids

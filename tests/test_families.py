@@ -136,3 +136,20 @@ def test_a_saved_checkpoint_loads_with_an_image_processor_and_same_tokens(family
     request = [{"prompt": PROMPTS[1], "image": make_image(7, (40, 50))}]
     decode = DecodeSpec(max_new_tokens=4)
     assert generate(loaded, request, decode=decode)[0].token_ids == generate(lvlm, request, decode=decode)[0].token_ids
+
+
+def test_onevision_vision_level_counterfactual_batches_like_solo():
+    """CausalMM's vision-level branch hooks OneVision's SigLIP feature layer; images with different tile
+    counts sit at the right rows of the tower's batch (vision_tiles_per_image), so a batch equals solo runs."""
+    lvlm = tiny("tiny-llava-onevision")
+    requests = [{"prompt": PROMPTS[0], "image": make_image(1, (64, 30))},
+                {"prompt": PROMPTS[1], "image": make_image(2, (60, 60))}]
+    batch = lvlm.adapter.encode([lvlm.adapter.chat_prompt("x", True)] * 2, [r["image"] for r in requests])
+    assert len(set(lvlm.adapter.vision_tiles_per_image(batch))) == 2  # the rows differ in tiles
+    decode = DecodeSpec(max_new_tokens=6)
+    mit = [{"name": "causalmm", "level": "vision", "gamma": 3.0}]
+    plain = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    batched = [r.token_ids for r in generate(lvlm, requests, mitigations=mit, decode=decode)]
+    solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert batched != plain  # the counterfactual acts

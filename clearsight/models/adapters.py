@@ -365,6 +365,15 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     sink_dimensions = {}
     has_cls_vision_attention = False
 
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        # the model's own tile count (OneVision keeps its own copy of the LLaVA-NeXT function)
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=cfg.vision_config.image_size)
+                for s in batch.get("image_sizes", torch.empty(0, 2)).tolist()]
+
 
 class Qwen2VLAdapter(Adapter):
     """Qwen2-VL: dynamic-resolution grids, 2x2 patch merging, 3-D M-RoPE position ids."""

@@ -104,13 +104,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from clearsight.models.adapters import ADAPTERS
+    from clearsight.mitigations.compat import compatibility_matrix, matrix_markdown
+    from clearsight.models.adapters import ADAPTERS, capabilities
     from clearsight.models.loader import describe_builtins
 
     info = {
         "builtins": describe_builtins(),
         "adapters": [{"family": a.family, "classes": [c.__name__ for c in a.model_classes], "doc": (a.__doc__ or "")
-                      .strip().splitlines()[0]} for a in ADAPTERS],
+                      .strip().splitlines()[0], "capabilities": capabilities(a)} for a in ADAPTERS],
+        "matrix": compatibility_matrix(),
     }
     if args.json:
         _print_json(info)
@@ -120,7 +122,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  {b['name']:<26} {b['description']}")
     print("\nSupported families (load any checkpoint of these classes from a local path or the HF cache):")
     for a in info["adapters"]:
-        print(f"  {a['family']:<12} {', '.join(a['classes'])}: {a['doc']}")
+        print(f"  {a['family']:<16} {', '.join(a['classes'])}: {a['doc']}")
+    if args.matrix:
+        print("\nCompatibility (mitigation x family; yes, or why it is refused):")
+        print(matrix_markdown())
     return 0
 
 
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list builtin models and supported model families")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--matrix", action="store_true", help="also print which mitigation runs on which family")
     m.set_defaults(func=cmd_models)
 
     mi = sub.add_parser("mitigations", help="list mitigations with their parameters and defaults")

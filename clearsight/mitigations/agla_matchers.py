@@ -159,7 +159,7 @@ class AttentionMatcher(Matcher):
         start, (gr, gc) = layout.image_spans[0][0], layout.grids[0]
         base = att[start - pad: start - pad + gr * gc]  # LLaVA-NeXT: the base grid comes first
         mass = sum(float(att[s - pad: e - pad].sum()) for s, e in layout.image_spans)
-        box = center_crop_box(lvlm.processor.image_processor, image) if lvlm.adapter.family == "llava" else None
+        box = center_crop_box(lvlm.processor.image_processor, image) if lvlm.adapter.center_crop_preprocess else None
         return Match(relevance=base.view(gr, gc), similarity=min(max(mass, 0.0), 1.0), box=box)
 
 

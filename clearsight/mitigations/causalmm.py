@@ -89,15 +89,7 @@ def counterfactual_vision_attention(attn: torch.nn.Module, hidden: torch.Tensor,
 def vision_rows(ctx: RequestContext, row: int) -> slice:
     """Rows of the vision tower's batch that hold the image of batch row ``row`` (LLaVA: 1; NeXT: its tiles)."""
     image_index = sum(1 for lay in ctx.layouts[:row] if lay.image_spans)
-    adapter = ctx.lvlm.adapter
-    counts = [1] * (image_index + 1)
-    if adapter.family == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        cfg = ctx.lvlm.model.config
-        counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                            patch_size=cfg.vision_config.image_size)
-                  for s in ctx.inputs["image_sizes"].tolist()[: image_index + 1]]
+    counts = ctx.lvlm.adapter.vision_tiles_per_image(ctx.inputs)[: image_index + 1]
     start = sum(counts[:image_index])
     return slice(start, start + counts[image_index])
 
@@ -159,9 +151,9 @@ class CausalMM(Mitigation):
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         require_image(ctx, "causalmm", "its branches are counterfactual attention over the image")
-        if CF_VISION in self._branch_names() and ctx.lvlm.adapter.family not in ("llava", "llava_next"):
-            raise InputError(f"causalmm level={self.level} needs a CLIP-style vision tower (LLaVA, LLaVA-NeXT); "
-                             f"{ctx.lvlm.adapter.family} has none: use level=llm")
+        if CF_VISION in self._branch_names() and not ctx.lvlm.adapter.vision_feature_hook:
+            raise InputError(f"causalmm level={self.level} needs a CLIP-style vision tower (LLaVA, LLaVA-NeXT, "
+                             f"OneVision); {ctx.lvlm.adapter.family} has none: use level=llm")
         return [Branch(name) for name in self._branch_names()]
 
     def apply(self, ctx: RequestContext) -> None:

@@ -106,11 +106,11 @@ class CCA(Mitigation):
     trained: bool = Field(False, description="assert the checkpoint was trained with CCA (silences the warning)")
 
     def apply(self, ctx: RequestContext) -> None:
-        family = ctx.lvlm.adapter.family
-        if family not in ("llava",):
+        adapter = ctx.lvlm.adapter
+        if not (adapter.single_grid_per_image and adapter.plain_1d_positions):
             raise InputError(
-                f"cca is not supported for {family}: it needs one plain square-ish token grid and 1-D position ids "
-                "(LLaVA-1.5); LLaVA-NeXT's anyres tiles and Qwen2-VL's M-RoPE have no concentric layout"
+                f"cca is not supported for {adapter.family}: it needs one plain token grid per image and 1-D position "
+                "ids (LLaVA-1.5); anyres tiles and M-RoPE's 3-D positions have no concentric layout"
             )
         warn_untrained(ctx, "cca", "concentric causal attention", "xing0047/cca-llava-1.5-7b", self.trained)
         rows = image_rows(ctx)  # rows without an image (text-only request, no-image branches): nothing concentric

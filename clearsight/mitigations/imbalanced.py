@@ -127,9 +127,9 @@ class Imbalanced(Mitigation):
         layout = ctx.layouts[row]
         if not layout.image_spans:
             return
-        if adapter.family not in ("llava", "llava_next"):
-            adapter.vision_attentions(ctx.inputs["pixel_values"])  # raises the family's clear error
-            raise InputError(f"imbalanced: not supported for {adapter.family} (needs CLS->patch vision attention)")
+        if not adapter.has_cls_vision_attention:
+            raise InputError(f"imbalanced: not supported for {adapter.family}: its token selection needs the vision "
+                             "tower's CLS->patch attention, and this tower has no CLS token")
         if len(layout.image_spans) != 1:
             raise InputError("imbalanced: one image per request")
         pixels = ctx.inputs["pixel_values"][self._image_index(ctx, row)]

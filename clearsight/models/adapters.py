@@ -15,8 +15,10 @@ from PIL import Image
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
     ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
@@ -53,6 +55,13 @@ class Adapter:
     model_classes: ClassVar[tuple[type, ...]] = ()
     # VAR sink dimensions of the language model, keyed by hidden size (Kang et al. 2025, Table 6; reference notes)
     sink_dimensions: ClassVar[dict[int, tuple[int, ...]]] = {}
+
+    # Capabilities: what mitigations ask instead of testing family names (meanings in CAPABILITIES below).
+    has_cls_vision_attention: ClassVar[bool] = False
+    vision_feature_hook: ClassVar[bool] = False
+    plain_1d_positions: ClassVar[bool] = True
+    single_grid_per_image: ClassVar[bool] = True
+    center_crop_preprocess: ClassVar[bool] = False
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model
@@ -133,6 +142,7 @@ class Adapter:
             "kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "max_context": self.max_context,
+            **capabilities(type(self)),
         }
 
     # ------------------------------------------------------------------ prompts and inputs
@@ -171,6 +181,10 @@ class Adapter:
         side = int(self.vision_tower.config.image_size // self.vision_tower.config.patch_size)
         n = len(batch.get("pixel_values", ()))
         return [(side, side)] * n
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        """How many rows of the vision tower's batch each image takes (anyres families: its tiles), in image order."""
+        return [1] * len(batch.get("pixel_values", ()))
 
     def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
         """Where each image's processed pixels sit along dim 0 of ``batch["pixel_values"]`` (in image order)."""
@@ -349,6 +363,9 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = (LlavaForConditionalGeneration,)
     sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
+    has_cls_vision_attention = True
+    vision_feature_hook = True
+    center_crop_preprocess = True
 
     def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
         return [r * c for r, c in self.image_grid_shapes(batch)]
@@ -383,6 +400,39 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_classes = (LlavaNextForConditionalGeneration,)
     sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
+    has_cls_vision_attention = True
+    vision_feature_hook = True
+    single_grid_per_image = False
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        # the processor pads pixel_values to the most tiles in the batch; the model keeps each image's own count
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=cfg.vision_config.image_size)
+                for s in batch.get("image_sizes", torch.empty(0, 2)).tolist()]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: LLaVA-NeXT's anyres layout (base grid, then tiles with newline tokens) on a SigLIP tower.
+
+    SigLIP has no CLS token, so there is no CLS->patch attention map; the feature layer is still hookable.
+    """
+
+    family = "llava_onevision"
+    model_classes = (LlavaOnevisionForConditionalGeneration,)
+    sink_dimensions = {}
+    has_cls_vision_attention = False
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        # the model's own tile count (OneVision keeps its own copy of the LLaVA-NeXT function)
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
+                                          patch_size=cfg.vision_config.image_size)
+                for s in batch.get("image_sizes", torch.empty(0, 2)).tolist()]
 
 
 class Qwen2VLAdapter(Adapter):
@@ -391,6 +441,7 @@ class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = (Qwen2VLForConditionalGeneration,)
     sink_dimensions = {3584: (458, 2570)}
+    plain_1d_positions = False
 
     @property
     def vision_tower(self) -> torch.nn.Module:
@@ -445,6 +496,14 @@ class Qwen2VLAdapter(Adapter):
         )
 
 
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: Qwen2-VL's layout and M-RoPE; the vision tower adds windowed attention (stock, untouched)."""
+
+    family = "qwen2_5_vl"
+    model_classes = (Qwen2_5_VLForConditionalGeneration,)
+    sink_dimensions = {}
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -478,7 +537,24 @@ class TextOnlyAdapter(Adapter):
         return []
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+# most specific first: adapter_for takes the first whose classes match
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
+                                       Qwen2_5_VLAdapter)
+
+CAPABILITIES: dict[str, str] = {
+    "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",
+    "vision_feature_hook": "the projector reads one layer of a CLIP/SigLIP-style tower whose self-attention can be "
+                           "hooked",
+    "plain_1d_positions": "position ids are one integer per token (not 3-D M-RoPE), so a plan may override them",
+    "single_grid_per_image": "each image is exactly one rows x cols block of tokens (no anyres tiles or newlines)",
+    "center_crop_preprocess": "the processor resizes and center-crops (CLIP-style), so a box maps to the grid "
+                              "through that crop",
+}
+
+
+def capabilities(cls: type[Adapter]) -> dict[str, bool]:
+    """The capability flags of an adapter class (what mitigations ask of it)."""
+    return {name: bool(getattr(cls, name)) for name in CAPABILITIES}
 
 
 def adapter_for(model: PreTrainedModel, processor: ProcessorMixin) -> Adapter:

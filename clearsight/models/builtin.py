@@ -16,17 +16,22 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PreTrainedModel,
     ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from clearsight.models.processors import ImageOnlyQwen2VLProcessor
+from clearsight.models.processors import ImageOnlyLlavaOnevisionProcessor, ImageOnlyQwen2VLProcessor
 from clearsight.models.tokenizer import LLAVA_SPECIALS, QWEN_SPECIALS, word_level_tokenizer
 
 TINY_WORDS = (
@@ -126,6 +131,47 @@ def tiny_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: Qwen2VLForConditionalGeneration(cfg), 3), proc
 
 
+def tiny_llava_onevision() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-OneVision: SigLIP tower (no CLS; "full" features), anyres tiles, a Qwen2 language model."""
+    # its processor counts <video> tokens too, so the vocabulary has one (unused)
+    tok = word_level_tokenizer(TINY_WORDS, (*LLAVA_SPECIALS, "<video>"), image_token="<image>", bos="<s>", eos="</s>")
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    proc = ImageOnlyLlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, num_image_tokens=16,
+                                            vision_feature_select_strategy="full", chat_template=LLAVA_TEMPLATE)
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(TINY_CLIP, model_type="siglip_vision_model"),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), **TINY_TEXT),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="full",
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    cfg.text_config.pad_token_id, cfg.text_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    cfg.text_config.bos_token_id = tok.bos_token_id
+    return _seeded(lambda: LlavaOnevisionForConditionalGeneration(cfg), 5), proc
+
+
+def tiny_qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2.5-VL: Qwen2-VL's processor and M-RoPE; a vision tower with one windowed and one full-attention block."""
+    tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    text = dict(TINY_TEXT, vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           window_size=56, fullatt_block_indexes=[1]),
+        text_config=dict(text, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(cfg), 6), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -143,6 +189,9 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
     "tiny-llava": ("random-weight LLaVA-1.5-style model (CLIP 32 px, 4x4 image grid, Llama 4 layers)", tiny_llava),
     "tiny-llava-next": ("random-weight LLaVA-NeXT model (anyres tiles + image newline tokens)", tiny_llava_next),
     "tiny-qwen2-vl": ("random-weight Qwen2-VL model (M-RoPE, merged 2x2 patches)", tiny_qwen2_vl),
+    "tiny-llava-onevision": ("random-weight LLaVA-OneVision model (SigLIP, anyres tiles, Qwen2 4 layers)",
+                             tiny_llava_onevision),
+    "tiny-qwen2.5-vl": ("random-weight Qwen2.5-VL model (M-RoPE, windowed vision attention)", tiny_qwen2_5_vl),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

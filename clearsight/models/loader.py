@@ -165,20 +165,63 @@ def safetensors_problem(file: Path) -> str | None:
 
 def _load_processor(location: str) -> ProcessorMixin:
     try:
-        return AutoProcessor.from_pretrained(location, local_files_only=True)
-    except (ImportError, AttributeError, ValueError, OSError, TypeError):
-        # Qwen2-VL's stock processor needs torchvision for its video processor; images need none
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        found = AutoProcessor.from_pretrained(location, local_files_only=True)
+        failure: Exception | None = None
+        if isinstance(found, ProcessorMixin):
+            return found
+        # a processor class transformers cannot resolve (e.g. our image-only ones, saved) gives a bare tokenizer
+    except (ImportError, AttributeError, ValueError, OSError, TypeError) as exc:
+        found, failure = None, exc
+    # Qwen2-VL's and LLaVA-OneVision's stock processors need torchvision for their video processor; images need none
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from clearsight.models.processors import ImageOnlyQwen2VLProcessor
+    from clearsight.models.processors import ImageOnlyQwen2VLProcessor
 
-        cfg = AutoConfig.from_pretrained(location, local_files_only=True)
-        if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise
+    cfg = AutoConfig.from_pretrained(location, local_files_only=True)
+    if cfg.model_type == "llava_onevision":  # its stock processor needs a video processor too
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        from clearsight.models.processors import ImageOnlyLlavaOnevisionProcessor
+
         tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
-        ip = Qwen2VLImageProcessorPil.from_pretrained(location, local_files_only=True)
-        return ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+        ip = LlavaOnevisionImageProcessorPil.from_pretrained(location, local_files_only=True)
+        saved = _processor_config(location)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size  # tokens per base grid, if not saved
+        return ImageOnlyLlavaOnevisionProcessor(
+            image_processor=ip, tokenizer=tok, chat_template=saved.get("chat_template", tok.chat_template),
+            num_image_tokens=saved.get("num_image_tokens") or side * side,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            vision_aspect_ratio=saved.get("vision_aspect_ratio", cfg.vision_aspect_ratio))
+    if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        if failure is not None:
+            raise failure
+        return found
+    tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+    ip = Qwen2VLImageProcessorPil.from_pretrained(location, local_files_only=True)
+    return ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+
+
+def _processor_config(location: str) -> dict[str, Any]:
+    """The saved processor_config.json (plus chat_template.jinja) of a folder or a cached HF id; {} if none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    out: dict[str, Any] = {}
+    for name in ("processor_config.json", "chat_template.jinja"):
+        path: Path | None = Path(location) / name
+        if not path.exists():
+            cached = try_to_load_from_cache(location, name) if _looks_like_hub_id(location) else None
+            path = Path(cached) if isinstance(cached, str) else None
+        if path is None:
+            continue
+        if name.endswith(".json"):
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            out.update(loaded if isinstance(loaded, dict) else {})
+        else:
+            out["chat_template"] = path.read_text(encoding="utf-8")
+    return out
 
 
 def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:

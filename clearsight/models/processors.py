@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import ProcessorMixin, Qwen2VLProcessor
+from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -40,3 +40,19 @@ class TextOnlyProcessor:
 
     def __call__(self, text, return_tensors: str = "pt", padding: bool = True, **kwargs):
         return self.tokenizer(text, return_tensors=return_tensors, padding=padding)
+
+
+class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor without the video processor (torchvision-free, as for Qwen2-VL above)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 vision_aspect_ratio="anyres_max_9", **kwargs):
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.video_token = "<video>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

@@ -22,7 +22,8 @@ DECODE = DecodeSpec(max_new_tokens=5)
 
 @pytest.mark.parametrize(
     ("family", "mitigations"),
-    [("tiny-llava", []), ("tiny-llava", ["pai"]), ("tiny-llava", ["cca"]), ("tiny-qwen2-vl", [])],
+    [("tiny-llava", []), ("tiny-llava", ["pai"]), ("tiny-llava", ["cca"]), ("tiny-qwen2-vl", []),
+     ("tiny-qwen2.5-vl", [])],
 )
 def test_triton_generation_equals_reference(family, mitigations):
     requests = [{"prompt": "what is in the picture?", "image": make_image(1)},

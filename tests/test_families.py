@@ -1,0 +1,155 @@
+"""The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
+
+Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
+logits within LOGIT_TOL with our reference and torch backends (and triton under the interpreter:
+tests/kernels/test_triton_e2e.py, Qwen2.5-VL); a mixed batch (rows with and without an
+image, different image sizes) equals each row run alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import _stock_generate
+from tinyworld import make_image, tiny
+
+from clearsight import DecodeSpec, generate
+from clearsight.kernels.context import use_plan
+from clearsight.kernels.plan import AttentionPlan
+
+NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl")
+LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5}  # absolute, float32 (logits of magnitude ~10)
+PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
+
+
+def _requests():
+    sizes = [(40, 50), (64, 30), (32, 32)]
+    return [{"prompt": PROMPTS[i], "image": make_image(i, sizes[i])} for i in range(3)]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_empty_plan_same_tokens_and_logits_as_stock(family):
+    lvlm = tiny(family)
+    requests = _requests()
+    expected, batch = _stock_generate(lvlm, requests, 8)
+    assert any(len(t) >= 3 for t in expected)  # the comparison is not vacuous
+    layouts = lvlm.adapter.row_layouts(batch)
+    assert all(lay.image_spans for lay in layouts)
+    with torch.inference_mode():
+        lvlm.set_backend("sdpa")
+        stock = lvlm.model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    for backend in ("torch", "reference"):
+        lvlm.set_backend(backend)
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=8))]
+        assert ours == expected, backend
+        plan = AttentionPlan(num_layers=lvlm.adapter.num_layers, num_heads=lvlm.adapter.num_heads,
+                             segment=lvlm.adapter.segments(batch), layouts=layouts)
+        with torch.inference_mode(), use_plan(plan):
+            logits = lvlm.model(**batch).logits
+        assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_mixed_batch_equals_solo_runs(family):
+    lvlm = tiny(family)
+    requests = [*_requests()[:2], {"prompt": "describe the image please", "image": None}]
+    decode = DecodeSpec(max_new_tokens=6)
+    batched = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    solo = [generate(lvlm, [r], decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert all(solo)
+
+
+# each matrix row's configurations: its default (what the matrix cell is about) and its zero strength (None: the
+# method has no strength, e.g. a plan for a trained checkpoint); tiny models have no VAR sink table, so sink_dims
+DEFAULTS: dict[str, dict] = {"var": {"sink_dims": [3]}, "causalmm:level=vision": {"level": "vision"}}
+ZERO: dict[str, dict | None] = {
+    "none": {}, "vcd": {"alpha": 0.0}, "m3id": {"lam": 0.0}, "pai": {"alpha": 0.0, "gamma": 1.0},
+    "agla": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "var": {"p": 0.0, "sink_dims": [3]}, "mma": None,
+    "causalmm": {"gamma": 0.0}, "causalmm:level=vision": {"gamma": 0.0, "level": "vision"}, "cca": None,
+    "imbalanced": {"alpha": 0.0, "beta": 0.0},
+}
+# what each refusal says (the mitigation's own error), for the cells the matrix marks refused
+REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style"}
+
+
+def _spec(config: str, fields: dict) -> dict:
+    return {"name": config.split(":")[0], **fields}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # untrained-checkpoint warnings of cca / mma on random weights
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_the_matrix_says_what_each_mitigation_does(family):
+    from clearsight.errors import InputError
+    from clearsight.mitigations.compat import REQUIREMENTS, WORKS, compatibility_matrix
+
+    lvlm = tiny(family)
+    matrix = compatibility_matrix()
+    assert set(ZERO) == set(REQUIREMENTS)  # every row of the matrix is walked
+    request = [{"prompt": PROMPTS[0], "image": make_image(5, (32, 32))}]
+    decode = DecodeSpec(max_new_tokens=2)
+    plain = generate(lvlm, request, decode=decode)[0].token_ids
+    assert plain
+    for config, row in matrix.items():
+        verdict = row[lvlm.adapter.family]
+        default = _spec(config, DEFAULTS.get(config, {}))
+        if verdict != WORKS:
+            with pytest.raises(InputError, match=REFUSAL[config]):
+                generate(lvlm, request, mitigations=[default], decode=decode)
+            continue
+        if REQUIREMENTS[config] or ZERO[config] is None:  # the verdict depends on the family, or no zero strength
+            assert generate(lvlm, request, mitigations=[default], decode=decode)[0].token_ids, config
+        if ZERO[config] is not None:
+            zero = generate(lvlm, request, mitigations=[_spec(config, ZERO[config])], decode=decode)[0].token_ids
+            assert zero == plain, config
+
+
+def test_models_matrix_flag_prints_the_generated_matrix(capsys):
+    from clearsight.cli import main
+    from clearsight.mitigations.compat import matrix_markdown
+
+    assert main(["models", "--matrix"]) == 0
+    out = capsys.readouterr().out
+    assert matrix_markdown() in out
+    assert "llava_onevision" in out and "qwen2_5_vl" in out
+
+
+def test_docs_matrix_is_the_generated_one():
+    from pathlib import Path
+
+    from clearsight.mitigations.compat import matrix_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mitigations.md").read_text(encoding="utf-8")
+    assert matrix_markdown() in doc  # regenerate the table in docs/mitigations.md when the adapters change
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_a_saved_checkpoint_loads_with_an_image_processor_and_same_tokens(family, tmp_path):
+    from clearsight import load_model
+
+    lvlm = tiny(family)
+    lvlm.model.save_pretrained(tmp_path)
+    lvlm.processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))  # no torchvision here: the image-only processor stands in for the stock one
+    assert loaded.adapter.family == lvlm.adapter.family
+    request = [{"prompt": PROMPTS[1], "image": make_image(7, (40, 50))}]
+    decode = DecodeSpec(max_new_tokens=4)
+    assert generate(loaded, request, decode=decode)[0].token_ids == generate(lvlm, request, decode=decode)[0].token_ids
+
+
+def test_onevision_vision_level_counterfactual_batches_like_solo():
+    """CausalMM's vision-level branch hooks OneVision's SigLIP feature layer; images with different tile
+    counts sit at the right rows of the tower's batch (vision_tiles_per_image), so a batch equals solo runs."""
+    lvlm = tiny("tiny-llava-onevision")
+    requests = [{"prompt": PROMPTS[0], "image": make_image(1, (64, 30))},
+                {"prompt": PROMPTS[1], "image": make_image(2, (60, 60))}]
+    batch = lvlm.adapter.encode([lvlm.adapter.chat_prompt("x", True)] * 2, [r["image"] for r in requests])
+    assert len(set(lvlm.adapter.vision_tiles_per_image(batch))) == 2  # the rows differ in tiles
+    decode = DecodeSpec(max_new_tokens=6)
+    mit = [{"name": "causalmm", "level": "vision", "gamma": 3.0}]
+    plain = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    batched = [r.token_ids for r in generate(lvlm, requests, mitigations=mit, decode=decode)]
+    solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert batched != plain  # the counterfactual acts

@@ -7,6 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# transformers' own attention backends: they run no AttentionPlan, so attention-editing mitigations do nothing there
+STOCK_BACKENDS = ("sdpa", "eager")
+
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 # the one default model of every command and job: the demo model (trained, shipped in the package)

@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from clearsight.config import DecodeSpec, GenerationRequest
+from clearsight.config import STOCK_BACKENDS, DecodeSpec, GenerationRequest
 from clearsight.decoding.compiled import NotCapturable, StaticDecode, why_not
 from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image, make_probe
 from clearsight.decoding.sampling import find_stop, select_token
@@ -314,6 +314,11 @@ class Batch:
                 ctx.plan, ctx.layouts, ctx.inputs = plan, plan.layouts, batch
                 for m in e.mitigations:
                     m.apply(ctx)
+            if self.backend in STOCK_BACKENDS and (plan.layers or plan.has_custom_mask):
+                # transformers' own attention never reads the plan: its edits would silently do nothing
+                names = sorted({m.name for e in entries for m in e.mitigations})
+                raise InputError(f"backend '{self.backend}' is transformers' own attention, which does not run the "
+                                 f"attention edits of {', '.join(names)}: use backend torch, triton or reference")
             position_ids = adapter.prefill_position_ids(batch, layouts)
             if plan.position_ids is not None:
                 if position_ids.ndim != 2:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clearsight.config import STOCK_BACKENDS
 from clearsight.evals._io import atomic_write_text
 from clearsight.evals.benchmarks.base import Benchmark, BenchmarkScore, ScoreContext, benchmark_class
 from clearsight.evals.cache import GenerationCache
@@ -88,18 +89,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-# transformers' own attention: it runs no AttentionPlan, so the mitigations that edit attention do nothing
-# there and the outputs differ from the plan-running backends' (reference / torch / triton, equal to float
-# rounding: tests/kernels): such a backend is part of the key, the others are not (docs/evals.md)
-STOCK_BACKENDS = ("sdpa", "eager")
 
 
 def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
     decode = system.decode_for(max_new_tokens).model_dump(mode="json")  # no batch size: it is not a decoding option
     config = {"model": model_identity(system), "dtype": system.dtype, "mitigations": system.mitigation_config(),
               "decode": decode}
-    if system.backend in STOCK_BACKENDS:
-        config["backend"] = system.backend
+    if system.backend in STOCK_BACKENDS:  # its outputs differ from the plan-running backends' (which agree to
+        config["backend"] = system.backend  # float rounding: tests/kernels), so it is part of the key
     return config
 
 

@@ -19,6 +19,7 @@ from tinyworld import make_image, tiny
 
 from clearsight import generate
 from clearsight.config import DecodeSpec, DType
+from clearsight.errors import InputError
 from clearsight.evals.cache import cache_key
 from clearsight.evals.job import SystemSpec, parse_job
 from clearsight.evals.runner import model_identity, run_job, system_config
@@ -102,18 +103,19 @@ def test_every_decode_field_and_the_dtype_change_the_key():
 
 def test_backend_changes_the_key_only_where_it_changes_the_logits():
     """Plan-running backends agree to float rounding (tests/kernels, tests/test_generate.py); transformers'
-    stock attention runs no plan, so an attention-editing mitigation does nothing there."""
+    stock attention runs no plan (an attention-editing mitigation is refused there) and rounds differently."""
     assert key() == key(backend="torch") == key(backend="reference") == key(backend="triton") \
         == key(device="cuda:0") == key(device="cpu")
     assert len({key(), key(backend="sdpa"), key(backend="eager")}) == 3
     lvlm = tiny("tiny-llava")
     request = [{"prompt": "what is in the picture?", "image": make_image(0)}]
-    outputs = {}
-    for backend in ("torch", "sdpa"):
-        lvlm.set_backend(backend)
-        outputs[backend] = generate(lvlm, request, ["pai:alpha=3"], {"max_new_tokens": 8})[0].token_ids
-    lvlm.set_backend("torch")
-    assert outputs["torch"] != outputs["sdpa"]  # why sdpa must be in the key
+    lvlm.set_backend("sdpa")
+    try:  # an attention edit on stock attention is refused, never silently a no-op
+        with pytest.raises(InputError, match="backend 'sdpa'.*pai"):
+            generate(lvlm, request, ["pai:alpha=3"], {"max_new_tokens": 8})
+        assert generate(lvlm, request, [], {"max_new_tokens": 8})[0].token_ids  # no edits: runs
+    finally:
+        lvlm.set_backend("torch")
 
 
 def test_weights_change_the_key(tmp_path):

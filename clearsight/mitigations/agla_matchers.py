@@ -38,6 +38,7 @@ from PIL import Image
 from clearsight.errors import InputError
 from clearsight.mitigations.base import Probe, RequestContext, probe_for
 from clearsight.mitigations.pai import boost_layers
+from clearsight.models.adapters import center_crop_box
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in image pixels
 
@@ -71,24 +72,6 @@ def match_for(matcher: Matcher, ctx: RequestContext) -> Match:
         pass
     assert ctx.image is not None
     return matcher.match(ctx.lvlm, ctx.image, ctx.request.prompt, **kwargs)
-
-
-def center_crop_box(image_processor: Any, image: Image.Image) -> Box | None:
-    """The region a CLIP-style processor keeps (resize shortest edge, then center crop); None = all of it."""
-    if not getattr(image_processor, "do_center_crop", False):
-        return None
-    def get(d: Any, key: str) -> Any:
-        return d.get(key) if isinstance(d, dict) else getattr(d, key, None)  # dict or transformers' SizeDict
-
-    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
-    short = get(size, "shortest_edge")
-    if not short or crop is None:
-        return None
-    w, h = image.size
-    scale = short / min(w, h)
-    cw, ch = (get(crop, "width") or short) / scale, (get(crop, "height") or short) / scale
-    left, top = max((w - cw) / 2, 0), max((h - ch) / 2, 0)
-    return (round(left), round(top), round(min(left + cw, w)), round(min(top + ch, h)))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -48,6 +48,25 @@ class HookHandles:
         self.remove()
 
 
+
+def center_crop_box(image_processor: Any, image: Image.Image) -> tuple[int, int, int, int] | None:
+    """The region a CLIP-style processor keeps (resize shortest edge, then center crop); None = all of it."""
+    if not getattr(image_processor, "do_center_crop", False):
+        return None
+
+    def get(d: Any, key: str) -> Any:
+        return d.get(key) if isinstance(d, dict) else getattr(d, key, None)  # dict or transformers' SizeDict
+
+    size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+    short = get(size, "shortest_edge")
+    if not short or crop is None:
+        return None
+    w, h = image.size
+    scale = short / min(w, h)
+    cw, ch = (get(crop, "width") or short) / scale, (get(crop, "height") or short) / scale
+    left, top = max((w - cw) / 2, 0), max((h - ch) / 2, 0)
+    return (round(left), round(top), round(min(left + cw, w)), round(min(top + ch, h)))
+
 class Adapter:
     """Base adapter for HF LVLMs whose language model is ``model.model.language_model``."""
 
@@ -372,22 +391,7 @@ class LlavaAdapter(Adapter):
 
     def grid_box(self, image: Image.Image) -> tuple[int, int, int, int] | None:
         """CLIP's processor resizes the shortest edge and center-crops: the grid covers the crop."""
-        ip = getattr(self.processor, "image_processor", None)
-        if not getattr(ip, "do_center_crop", False):
-            return None
-
-        def get(d: Any, key: str) -> Any:
-            return d.get(key) if isinstance(d, dict) else getattr(d, key, None)  # dict or transformers' SizeDict
-
-        size, crop = getattr(ip, "size", None), getattr(ip, "crop_size", None)
-        short = get(size, "shortest_edge")
-        if not short or crop is None:
-            return None
-        w, h = image.size
-        scale = short / min(w, h)
-        cw, ch = (get(crop, "width") or short) / scale, (get(crop, "height") or short) / scale
-        left, top = max((w - cw) / 2, 0), max((h - ch) / 2, 0)
-        return (round(left), round(top), round(min(left + cw, w)), round(min(top + ch, h)))
+        return center_crop_box(getattr(self.processor, "image_processor", None), image)
 
 
 class LlavaNextAdapter(Adapter):

@@ -8,6 +8,7 @@ package's own checkpoint folder through the same path as any HF checkpoint.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import (
@@ -112,12 +113,18 @@ def tiny_llava_next() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: LlavaNextForConditionalGeneration(cfg), 2), proc
 
 
-def tiny_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+def _tiny_qwen_processor() -> tuple[Any, ProcessorMixin, dict[str, Any]]:
+    """Tokenizer, processor and text config of the tiny Qwen2-VL and Qwen2.5-VL (same processor and M-RoPE)."""
     tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
     ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
     proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
     text = dict(TINY_TEXT, vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    return tok, proc, text
+
+
+def tiny_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    tok, proc, text = _tiny_qwen_processor()
     cfg = Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
@@ -153,11 +160,7 @@ def tiny_llava_onevision() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 def tiny_qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     """Qwen2.5-VL: Qwen2-VL's processor and M-RoPE; a vision tower with one windowed and one full-attention block."""
-    tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
-                                  temporal_patch_size=2)
-    proc = ImageOnlyQwen2VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    text = dict(TINY_TEXT, vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    tok, proc, text = _tiny_qwen_processor()
     cfg = Qwen2_5_VLConfig(
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,

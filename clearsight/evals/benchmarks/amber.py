@@ -16,6 +16,7 @@ from clearsight.evals.benchmarks.base import (
     BenchmarkSpec,
     DataFile,
     ScoreContext,
+    forest_plots,
     register_benchmark,
     result_keys,
 )
@@ -23,7 +24,7 @@ from clearsight.evals.benchmarks.pope import prompt_tag
 from clearsight.evals.datasets.amber import PARTS, AmberData, AmberQuery, load_amber
 from clearsight.evals.executor import WorkItem
 from clearsight.evals.metrics.amber import DISCRIMINATIVE_GROUPS, AmberResult, amber_measures, score_amber
-from clearsight.evals.render import Column, fmt, forest_png, stats_tables, table
+from clearsight.evals.render import Column, fmt, stats_tables, table
 
 
 class AmberBenchmark(BenchmarkSpec):
@@ -153,14 +154,7 @@ class Amber(Benchmark):
 
     @classmethod
     def plots(cls, results: Any) -> dict[str, bytes]:
-        plots: dict[str, bytes] = {}
-        if results.stats is None:
-            return plots
-        for key in result_keys(results, AmberResult):
-            png = forest_png(results.stats, cls._columns(key), "AMBER" if key == "amber" else f"AMBER {key}")
-            if png is not None:
-                plots[f"forest_{key}.png"] = png
-        return plots
+        return forest_plots(results, AmberResult, "AMBER", cls._columns)
 
     @classmethod
     def raw_columns(cls, results: Any) -> list[Column]:

@@ -220,3 +220,19 @@ def result_keys(results: EvalResults, result_type: type) -> list[str]:
             if isinstance(v, result_type):
                 keys[k] = None
     return list(keys)
+
+
+def forest_plots(results: EvalResults, result_type: type, kind: str,
+                 columns: Callable[[str], list[Column]]) -> dict[str, bytes]:
+    """One forest plot (``forest_<key>.png``) per result key holding ``result_type``, titled ``kind`` for the
+    benchmark's default label and ``"<kind> <key>"`` for a named one; none without statistics."""
+    from clearsight.evals.render import forest_png
+
+    plots: dict[str, bytes] = {}
+    if results.stats is None:
+        return plots
+    for key in result_keys(results, result_type):
+        png = forest_png(results.stats, columns(key), kind if key == kind.lower() else f"{kind} {key}")
+        if png is not None:
+            plots[f"forest_{key}.png"] = png
+    return plots

@@ -17,6 +17,7 @@ from clearsight.evals.benchmarks.base import (
     BenchmarkSpec,
     DataFile,
     ScoreContext,
+    forest_plots,
     register_benchmark,
     result_keys,
 )
@@ -31,7 +32,7 @@ from clearsight.evals.metrics.chair import (
     compute_chair,
     sample_image_ids,
 )
-from clearsight.evals.render import Column, fmt, forest_png, stats_tables, table
+from clearsight.evals.render import Column, fmt, stats_tables, table
 
 CHAIR_PROMPT = "Please describe this image in detail."
 
@@ -192,14 +193,7 @@ class Chair(Benchmark):
 
     @classmethod
     def plots(cls, results: Any) -> dict[str, bytes]:
-        plots: dict[str, bytes] = {}
-        if results.stats is None:
-            return plots
-        for key in result_keys(results, ChairResult):
-            png = forest_png(results.stats, cls._columns(key), "CHAIR" if key == "chair" else f"CHAIR {key}")
-            if png is not None:
-                plots[f"forest_{key}.png"] = png
-        return plots
+        return forest_plots(results, ChairResult, "CHAIR", cls._columns)
 
     @classmethod
     def raw_columns(cls, results: Any) -> list[Column]:

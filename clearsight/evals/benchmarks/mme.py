@@ -17,6 +17,7 @@ from clearsight.evals.benchmarks.base import (
     BenchmarkSpec,
     DataFile,
     ScoreContext,
+    forest_plots,
     register_benchmark,
     result_keys,
 )
@@ -25,7 +26,7 @@ from clearsight.evals.datasets.mme import MmeSubset, load_mme
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.executor import WorkItem
 from clearsight.evals.metrics.mme import SUBSETS, MmeResult, mme_measures, score_mme
-from clearsight.evals.render import Column, fmt, forest_png, stats_tables, table
+from clearsight.evals.render import Column, fmt, stats_tables, table
 
 
 class MmeBenchmark(BenchmarkSpec):
@@ -154,14 +155,7 @@ class Mme(Benchmark):
 
     @classmethod
     def plots(cls, results: Any) -> dict[str, bytes]:
-        plots: dict[str, bytes] = {}
-        if results.stats is None:
-            return plots
-        for key in result_keys(results, MmeResult):
-            png = forest_png(results.stats, cls._columns(results, key), f"MME {key}" if key != "mme" else "MME")
-            if png is not None:
-                plots[f"forest_{key}.png"] = png
-        return plots
+        return forest_plots(results, MmeResult, "MME", lambda key: cls._columns(results, key))
 
     @classmethod
     def raw_columns(cls, results: Any) -> list[Column]:

@@ -19,6 +19,7 @@ from clearsight.evals.benchmarks.base import (
     BenchmarkSpec,
     DataFile,
     ScoreContext,
+    forest_plots,
     register_benchmark,
     result_keys,
 )
@@ -288,16 +289,11 @@ class Pope(Benchmark):
 
     @classmethod
     def plots(cls, results: Any) -> dict[str, bytes]:
-        plots: dict[str, bytes] = {}
-        st = results.stats
-        if st is None:
+        plots = forest_plots(results, PopeReport, "POPE", lambda key: cls._columns(results, key))
+        if results.stats is None:
             return plots
-        for key in result_keys(results, PopeReport):
-            png = forest_png(st, cls._columns(results, key), "POPE" if key == "pope" else f"POPE {key}")
-            if png is not None:
-                plots[f"forest_{key}.png"] = png
         for label in cls._partner_labels(results):
-            png = forest_png(st, cls._partner_columns(label), "Partner questions")
+            png = forest_png(results.stats, cls._partner_columns(label), "Partner questions")
             if png is not None:
                 plots[f"forest_{partner_key(label)}.png"] = png
         return plots

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from clearsight.config import DEFAULT_MODEL  # the demo model: one default for the CLI and eval jobs
 
@@ -145,10 +145,18 @@ def cmd_mitigations(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one `error: ...` line naming the argument, exit status 2
+    (argparse's own prints the whole usage block first). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clearsight import __version__
 
-    parser = argparse.ArgumentParser(prog="clearsight", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineErrorParser(prog="clearsight", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"clearsight {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

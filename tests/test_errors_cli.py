@@ -102,3 +102,23 @@ def test_cli_generate_json_models_mitigations(capsys, image_file):
 def test_module_entry_point_and_version():
     out = subprocess.run([sys.executable, "-m", "clearsight", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("clearsight ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--prompt", "x", "--max-new-tokens", "abc"],
+         "error: clearsight generate: argument --max-new-tokens: invalid int value: 'abc'"),
+        (["generate"], "error: clearsight generate: the following arguments are required: --prompt"),
+        (["bogus"], "error: clearsight: argument command: invalid choice: 'bogus'"),
+        (["eval", "pope", "--limit", "x"], "error: clearsight eval pope: argument --limit: invalid int value"),
+    ],
+)
+def test_argument_errors_are_one_line(capsys, argv, message):
+    # argparse's own error() prints the usage block before the message: the project's shape is one line.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert err.count("\n") == 1 and "usage:" not in err

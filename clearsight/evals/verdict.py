@@ -9,7 +9,6 @@ Holm-adjusted p-value) and from the methods' declared requirements checked again
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +16,6 @@ if TYPE_CHECKING:
     from clearsight.evals.job import SystemSpec
     from clearsight.evals.report import EvalResults
     from clearsight.evals.stats import Difference
-
-# the order effects are listed in: the prior-driven hallucination first, then POPE, then captions
-_ORDER = {("pope", "partner_yes"): 0, ("pope", "control_yes"): 1, ("pope", "present_yes"): 2,
-          ("pope", "accuracy"): 3, ("pope", "f1"): 4, ("pope", "yes_ratio"): 5, ("chair", "chair_s"): 6,
-          ("chair", "chair_i"): 7, ("chair", "recall"): 8, ("chair", "partner_share"): 9,
-          ("chair", "partner_captions"): 10}
-
 
 def _model_config(model: str) -> dict[str, Any] | None:
     """The model's config.json, where it can be read without loading weights (shipped or local folder)."""
@@ -43,30 +35,16 @@ def _model_config(model: str) -> dict[str, Any] | None:
 
 
 def cannot_act(system: SystemSpec) -> str | None:
-    """Why a system's mitigations cannot act as designed on its model, from their declared requirements
-    and the model's config; None when nothing says so (or the config cannot be read without loading).
-
-    - a method that needs a checkpoint trained with it (a ``trained`` field: CCA, modality-mutual
-      attention) on a model whose config does not record it (``clearsight_trained_with``);
-    - VAR: a token is a sink iff max_d |x_d / rms(x)| > tau, and |x_d| <= sqrt(sum x^2) = sqrt(H) rms(x),
-      so with sqrt(hidden size H) <= tau no token can be a sink (Kang et al. 2025, Sec. 4.1).
-    """
+    """Why a system's mitigations cannot act as designed on its model, from each mitigation's own
+    ``cannot_act_on`` rule checked against the model's config (e.g. CCA on a checkpoint not trained with it,
+    VAR where no token can reach its sink threshold); None when nothing says so (or the config cannot be
+    read without loading)."""
     from clearsight.mitigations import parse_mitigations
 
     cfg = _model_config(system.model)
     if cfg is None:
         return None
-    text = cfg.get("text_config") or cfg
-    hidden = text.get("hidden_size")
-    recorded = cfg.get("clearsight_trained_with") or []
-    reasons = []
-    for m in parse_mitigations(system.mitigations):
-        if hasattr(m, "trained") and not m.trained and m.name not in recorded and not cfg.get(m.name):
-            reasons.append(f"{m.name} needs a checkpoint trained with it and this model's config does not record one")
-        tau = getattr(m, "tau", None)
-        if m.name == "var" and isinstance(hidden, int) and tau is not None and math.sqrt(hidden) <= tau:
-            reasons.append(f"var can find no sinks: |x_d / rms(x)| <= sqrt({hidden}) = {math.sqrt(hidden):.1f}, "
-                           f"not above tau = {tau:g}")
+    reasons = [why for m in parse_mitigations(system.mitigations) if (why := m.cannot_act_on(cfg))]
     return "; ".join(reasons) or None
 
 
@@ -83,20 +61,13 @@ def describe(d: Difference) -> str:
 
 
 def _reading(sig: list[Difference], diffs: list[Difference]) -> str | None:
-    """A plain-words reading of the partner-question effects, when they tell one: ``sig`` are the
-    significant differences, ``diffs`` all of the system's (to know which kinds were measured)."""
-    measured = {d.metric for d in diffs if d.split == "partner"}
-    by = {d.metric: d for d in sig if d.split == "partner"}
-    up = {k: (by[k].estimate or 0) > 0 for k in by}
-    kinds = ("partner_yes", "control_yes", "present_yes")
-    if all(k in by for k in kinds) and all(up[k] for k in kinds):
-        return "more yes to everything"
-    if all(k in by for k in kinds) and not any(up[k] for k in kinds):
-        return "more no to everything"
-    if "partner_yes" in by and not up["partner_yes"] and "present_yes" in measured and "present_yes" not in by:
-        return "fewer yes to absent partners, not fewer to present shapes"
-    if "partner_yes" in by and up["partner_yes"] and "control_yes" in measured and "control_yes" not in by:
-        return "more yes to absent partners, not to other absent shapes"
+    """The first plain-words reading a registered benchmark gives of these differences (each benchmark reads
+    only its own metrics; None when none tells one)."""
+    from clearsight.evals.benchmarks import registered
+
+    for cls in registered().values():
+        if (reading := cls.verdict_reading(sig, diffs)) is not None:
+            return reading
     return None
 
 
@@ -113,8 +84,7 @@ def verdict_lines(results: EvalResults) -> dict[str, str]:
         diffs = [d for d in st.differences if d.system == s.name]
         if not diffs:
             continue
-        sig = sorted((d for d in diffs if d.significant), key=lambda d: (_ORDER.get((d.benchmark, d.metric), 99),
-                                                                        d.split or ""))
+        sig = [d for d in diffs if d.significant]  # in the benchmarks' own order of their measures
         if all(d.identical for d in diffs):
             text = f"identical to {st.baseline} on every question and caption"
         elif sig:

@@ -234,6 +234,11 @@ class Mitigation(BaseModel):
         """Whether these parameters write the plan fields declared above (False at zero strength)."""
         return True
 
+    def cannot_act_on(self, config: Mapping[str, Any]) -> str | None:
+        """Why these parameters cannot act as designed on a model with this ``config.json`` (read without
+        loading weights), for a report's verdict; None when nothing in the config says so."""
+        return None
+
     def refuses(self, other: Mitigation) -> str | None:
         """Why this method cannot run in one request with ``other`` beyond the plan fields (e.g. CARVE's
         two-image re-query); None = no objection. ``registry.check_compatible`` asks both methods."""

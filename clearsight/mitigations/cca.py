@@ -28,7 +28,8 @@ prompt mask, refused with a ``PlanConflictError`` naming both.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -51,6 +52,14 @@ def trained_with(ctx: RequestContext, method: str, asserted: bool) -> bool:
     cfg = ctx.lvlm.model.config
     recorded = getattr(cfg, "clearsight_trained_with", None) or ()
     return method in recorded or bool(getattr(cfg, method, False))
+
+
+def untrained_reason(method: str, asserted: bool, config: Mapping[str, Any]) -> str | None:
+    """``cannot_act_on`` of a method that needs a checkpoint trained with it (same rule as ``trained_with``)."""
+    recorded = config.get("clearsight_trained_with") or ()
+    if asserted or method in recorded or config.get(method):
+        return None
+    return f"{method} needs a checkpoint trained with it and this model's config does not record one"
 
 
 def warn_untrained(ctx: RequestContext, method: str, title: str, example: str, asserted: bool) -> None:
@@ -104,6 +113,9 @@ class CCA(Mitigation):
     plan_fields = {"mask": "makes the image block ring-causal", "position ids": "gives image tokens ring positions"}
 
     trained: bool = Field(False, description="assert the checkpoint was trained with CCA (silences the warning)")
+
+    def cannot_act_on(self, config: Mapping[str, Any]) -> str | None:
+        return untrained_reason("cca", self.trained, config)
 
     def apply(self, ctx: RequestContext) -> None:
         adapter = ctx.lvlm.adapter

@@ -27,13 +27,14 @@ own the prompt mask): refused with a ``PlanConflictError`` naming both.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from clearsight.mitigations.base import Mitigation, RequestContext
-from clearsight.mitigations.cca import warn_untrained
+from clearsight.mitigations.cca import untrained_reason, warn_untrained
 from clearsight.mitigations.pai import image_rows
 from clearsight.mitigations.registry import register
 
@@ -81,6 +82,9 @@ class MMA(Mitigation):
     plan_fields = {"mask": "lets image queries see the question"}
 
     trained: bool = Field(False, description="assert the checkpoint was trained with MMA (silences the warning)")
+
+    def cannot_act_on(self, config: Mapping[str, Any]) -> str | None:
+        return untrained_reason("mma", self.trained, config)
 
     def apply(self, ctx: RequestContext) -> None:
         warn_untrained(ctx, "mma", "modality-mutual attention", "Sony/AKI-4B-phi-3.5-mini", self.trained)

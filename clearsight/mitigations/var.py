@@ -38,6 +38,8 @@ p = 0 (paper) writes nothing: the tokens are exactly the unmitigated ones.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -236,6 +238,15 @@ class VAR(Mitigation):
 
     def edits_plan(self) -> bool:
         return self.p_move != 0.0
+
+    def cannot_act_on(self, config: Mapping[str, Any]) -> str | None:
+        # a token is a sink iff max_d |x_d / rms(x)| > tau, and |x_d| <= sqrt(sum x^2) = sqrt(H) rms(x), so with
+        # sqrt(hidden size H) <= tau no token can be a sink (Kang et al. 2025, Sec. 4.1)
+        hidden = (config.get("text_config") or config).get("hidden_size")
+        if self.p_move == 0.0 or not isinstance(hidden, int) or math.sqrt(hidden) > self.tau:
+            return None
+        return (f"var can find no sinks: |x_d / rms(x)| <= sqrt({hidden}) = {math.sqrt(hidden):.1f}, "
+                f"not above tau = {self.tau:g}")
 
     def install(self, ctx: RequestContext) -> Any | None:
         if self.p_move == 0.0:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from clearsight.evals.job import EvalJob, SystemSpec
     from clearsight.evals.render import Column
     from clearsight.evals.report import EvalResults
+    from clearsight.evals.stats import Difference
 
 
 def _decode_bound(name: str, default: int) -> int:
@@ -180,6 +181,14 @@ class Benchmark(ABC):
     def raw_columns(cls, results: EvalResults) -> list[Column]:
         """The figures of this kind that go into the shared ``figures.png`` (with CIs)."""
         return []
+
+    @classmethod
+    def verdict_reading(cls, significant: Sequence[Difference], measured: Sequence[Difference]) -> str | None:
+        """A plain-words reading of one system's differences that this kind's metrics tell (for example "more
+        yes to everything"), appended to its verdict line; None when they tell none. ``significant`` are the
+        differences significant after correction, ``measured`` all of the system's. The verdict lists the
+        significant ones in the order ``score`` gave its measures."""
+        return None
 
 
 _REGISTRY: dict[str, type[Benchmark]] = {}

@@ -5,7 +5,7 @@ metrics: ``clearsight.evals.metrics.pope`` and ``clearsight.evals.metrics.partne
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ from clearsight.evals.metrics.partner import (
 from clearsight.evals.metrics.pope import PopeReport, pope_measures, score_pope
 from clearsight.evals.parsers import get_parser
 from clearsight.evals.render import Column, fmt, forest_png, stats_tables, table
+from clearsight.evals.stats import Difference
 
 PARTNER_SET = "partner"
 
@@ -227,11 +228,12 @@ class Pope(Benchmark):
             if self.partner:
                 mine[partner_key(self.label)], preds.setdefault(PARTNER_SET, {})[system.label] = score_partner(
                     self.partner, partner_answers, parser=parser)
+        # the verdict lists effects in this order: the prior-driven hallucination first, then the splits
+        if self.partner:
+            out.measures += partner_measures([q.kind for q in self.partner], preds[PARTNER_SET], benchmark=self.label)
         for split, pset in self.sets.items():
             out.measures += pope_measures(split, [q.label or "no" for q in pset.questions], preds[split],
                                           benchmark=self.label)
-        if self.partner:
-            out.measures += partner_measures([q.kind for q in self.partner], preds[PARTNER_SET], benchmark=self.label)
         out.fields[f"{self.label}_parser"] = parser
         return out
 
@@ -256,6 +258,23 @@ class Pope(Benchmark):
         return [(label, "partner_yes", PARTNER_SET, "partner yes%"),
                 (label, "control_yes", PARTNER_SET, "other-absent yes%"),
                 (label, "present_yes", PARTNER_SET, "present yes%")]
+
+    @classmethod
+    def verdict_reading(cls, significant: Sequence[Difference], measured: Sequence[Difference]) -> str | None:
+        """What the partner questions' yes-rates say together, when they tell one story."""
+        kinds = ("partner_yes", "control_yes", "present_yes")
+        was_measured = {d.metric for d in measured if d.split == PARTNER_SET}
+        by = {d.metric: d for d in significant if d.split == PARTNER_SET and d.metric in kinds}
+        up = {k: (d.estimate or 0) > 0 for k, d in by.items()}
+        if len(by) == len(kinds) and all(up.values()):
+            return "more yes to everything"
+        if len(by) == len(kinds) and not any(up.values()):
+            return "more no to everything"
+        if "partner_yes" in by and not up["partner_yes"] and "present_yes" in was_measured and "present_yes" not in by:
+            return "fewer yes to absent partners, not fewer to present shapes"
+        if "partner_yes" in by and up["partner_yes"] and "control_yes" in was_measured and "control_yes" not in by:
+            return "more yes to absent partners, not to other absent shapes"
+        return None
 
     @classmethod
     def render(cls, results: Any) -> list[str]:

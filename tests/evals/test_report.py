@@ -122,3 +122,46 @@ def test_decode_settings_table_when_systems_differ(tmp_path):
     md = write_report(_stats_results([{"greedy": True}, {"greedy": False}, {"greedy": True}]),
                       tmp_path)["report.md"].read_text()
     assert "| system | decode |" in md and md.count("`{\"greedy\": true}`") == 2
+
+
+def _diff(metric, estimate, significant, split="partner"):
+    from clearsight.evals.stats import Difference
+
+    return Difference(system="s", baseline="none", benchmark="mine", metric=metric, split=split, n=10,
+                      estimate=estimate, low=estimate, high=estimate, test="bootstrap", p_value=0.01, p_holm=0.01,
+                      significant=significant)
+
+
+def test_verdict_reading_comes_from_the_benchmark_that_owns_the_metrics():
+    from clearsight.evals.verdict import _reading
+
+    kinds = ("partner_yes", "control_yes", "present_yes")
+    up = [_diff(k, 0.05, True) for k in kinds]
+    assert _reading(up, up) == "more yes to everything"
+    down = [_diff(k, -0.05, True) for k in kinds]
+    assert _reading(down, down) == "more no to everything"
+    measured = [_diff("partner_yes", -0.05, True), _diff("present_yes", -0.01, False)]
+    assert _reading(measured[:1], measured) == "fewer yes to absent partners, not fewer to present shapes"
+    measured = [_diff("partner_yes", 0.05, True), _diff("control_yes", 0.01, False)]
+    assert _reading(measured[:1], measured) == "more yes to absent partners, not to other absent shapes"
+    # the same metric names outside the partner questions tell nothing (the reading is POPE's own)
+    other = [_diff(k, 0.05, True, split="random") for k in kinds]
+    assert _reading(other, other) is None
+
+
+@pytest.mark.parametrize(("spec", "config", "reason"), [
+    ("var", {"text_config": {"hidden_size": 192}}, "var can find no sinks: |x_d / rms(x)| <= sqrt(192) = 13.9"),
+    ("var", {"hidden_size": 4096}, None),  # sqrt(4096) = 64 > tau = 20: sinks are possible
+    ("var:tau=10", {"hidden_size": 192}, None),
+    ("cca", {}, "cca needs a checkpoint trained with it"),
+    ("cca", {"clearsight_trained_with": ["cca"]}, None),
+    ("cca:trained=true", {}, None),
+    ("mma", {"clearsight_trained_with": ["cca"]}, "mma needs a checkpoint trained with it"),
+    ("mma", {"mma": True}, None),
+    ("vcd", {"hidden_size": 192}, None),
+])
+def test_each_mitigation_says_when_it_cannot_act_on_a_config(spec, config, reason):
+    from clearsight.mitigations import parse_mitigation
+
+    got = parse_mitigation(spec).cannot_act_on(config)
+    assert (got is None) if reason is None else got.startswith(reason), got

@@ -33,11 +33,10 @@ from clearsight.engine import Engine
 MIX = [[], ["pai"], ["vcd"]]
 REQUESTS = 32
 # Chosen by measurement at 6 / t_solo on both models and both workloads (README, "Engine under load"):
-# static batching had its best throughput at 16 requests (of 8 / 16 / 32); the Engine at 32 rows (of 16 / 32 / 64).
+# static batching had its best throughput at 16 requests (of 8 / 16 / 32); the Engine's time to first token was
+# much lower at 32 rows than at 16, and 64 rows were slower than 32.
 STATIC_BATCH = "16"
 ENGINE_ROWS = 32
-
-
 LENGTHS = ("varied", "fixed", "pope-chair")
 POPE_SHARE = 2 / 3  # pope-chair: the share of short (POPE-style yes/no) answers; the rest are captions (CHAIR)
 

@@ -51,6 +51,7 @@ bench: setup
 	cd benchmarks && ../$(BIN)/python compiled_step.py
 	cd benchmarks && ../$(BIN)/python attention_kernels.py
 	cd benchmarks && ../$(BIN)/python engine_load.py
+	cd benchmarks && ../$(BIN)/python kv_join.py
 	cd benchmarks && ../$(BIN)/python serve_load.py
 	cd benchmarks && ../$(BIN)/python eval_throughput.py
 

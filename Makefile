@@ -50,10 +50,10 @@ bench: setup
 	cd benchmarks && ../$(BIN)/python branch_overhead.py
 	cd benchmarks && ../$(BIN)/python compiled_step.py
 	cd benchmarks && ../$(BIN)/python attention_kernels.py
-	cd benchmarks && ../$(BIN)/python engine_load.py
+	cd benchmarks && OMP_NUM_THREADS=1 ../$(BIN)/python engine_load.py  # 1 torch thread, as the README figures
 	cd benchmarks && ../$(BIN)/python kv_join.py
 	cd benchmarks && ../$(BIN)/python serve_load.py
-	cd benchmarks && ../$(BIN)/python eval_throughput.py
+	cd benchmarks && OMP_NUM_THREADS=1 ../$(BIN)/python eval_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .

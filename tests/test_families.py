@@ -17,8 +17,8 @@ from clearsight import DecodeSpec, generate
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import AttentionPlan
 
-NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl")
-LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5}  # absolute, float32 (logits of magnitude ~10)
+NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 1e-4}  # absolute, float32 (logits of magnitude ~10)
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
 
@@ -48,6 +48,32 @@ def test_empty_plan_same_tokens_and_logits_as_stock(family):
         with torch.inference_mode(), use_plan(plan):
             logits = lvlm.model(**batch).logits
         assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
+    """The triton backend (the interpreter on a CPU) on one request: stock greedy tokens and prefill logits."""
+    from clearsight.kernels import triton_attention
+
+    if not triton_attention.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("triton kernels need TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py)")
+    lvlm = tiny(family)
+    requests = _requests()[:1]
+    expected, batch = _stock_generate(lvlm, requests, 4)
+    assert len(expected[0]) >= 2  # the comparison is not vacuous
+    with torch.inference_mode():
+        stock = lvlm.model(**batch).logits
+    plan = AttentionPlan(num_layers=lvlm.adapter.num_layers, num_heads=lvlm.adapter.num_heads,
+                         segment=lvlm.adapter.segments(batch), layouts=lvlm.adapter.row_layouts(batch))
+    lvlm.set_backend("triton")
+    try:
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=4))]
+        with torch.inference_mode(), use_plan(plan):
+            logits = lvlm.model(**batch).logits
+    finally:
+        lvlm.set_backend("torch")
+    assert ours == expected
+    assert (logits - stock).abs().max().item() < LOGIT_TOL["triton"]
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -153,3 +179,31 @@ def test_onevision_vision_level_counterfactual_batches_like_solo():
     solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
     assert batched == solo
     assert batched != plain  # the counterfactual acts
+
+
+def test_qwen3_vl_layer_input_hooks_see_deepstack_features():
+    """DeepStack adds vision features to the image tokens after each of the first decoder layers (inside the
+    model's forward): a layer-input hook (VAR reads its sinks there) sees the previous layer's output plus those
+    features, at the image tokens and nowhere else, as the next layer does."""
+    lvlm = tiny("tiny-qwen3-vl")
+    adapter = lvlm.adapter
+    batch = adapter.encode([adapter.chat_prompt(PROMPTS[0], True)], [make_image(3, (40, 50))])
+    image = batch["input_ids"][0] == adapter.image_token_id
+    outputs, inputs = {}, {}
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.clone()))
+               for i, layer in enumerate(adapter.decoder_layers)]
+    try:
+        with torch.inference_mode(), adapter.hook_layer_inputs(lambda i, h: inputs.__setitem__(i, h.clone())):
+            lvlm.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stacked = len(lvlm.model.config.vision_config.deepstack_visual_indexes)
+    assert 0 < stacked < adapter.num_layers
+    for i in range(1, adapter.num_layers):
+        added = (inputs[i] - outputs[i - 1])[0]
+        assert added[~image].abs().max().item() == 0.0, i
+        if i <= stacked:
+            assert added[image].ne(0).any(dim=-1).all(), i  # every image token got its feature
+        else:
+            assert added[image].abs().max().item() == 0.0, i

@@ -20,6 +20,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 
 from clearsight.errors import InputError
@@ -508,6 +509,23 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     sink_dimensions = {}
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's layout (merged 2x2 patches, 3-D M-RoPE from the model's ``get_rope_index``) with DeepStack.
+
+    DeepStack adds features of early vision layers to the image tokens' hidden states after each of the first
+    ``len(deepstack_visual_indexes)`` decoder layers, inside the model's own forward (prefill only: the image
+    tokens are all there). Layer-input hooks therefore see the hidden states with those features added, as the
+    next layer does, and attention edits act on the keys the layers really attend to. Interleaved M-RoPE and
+    the QK-norm are applied before the attention backend is called, so the backends see ordinary q / k.
+    The processor's timestamp tokens belong to videos only; images are ``<|vision_start|>``, the grid,
+    ``<|vision_end|>``, as in Qwen2-VL.
+    """
+
+    family = "qwen3_vl"
+    model_classes = (Qwen3VLForConditionalGeneration,)
+    sink_dimensions = {}
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -543,7 +561,7 @@ class TextOnlyAdapter(Adapter):
 
 # most specific first: adapter_for takes the first whose classes match
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                       Qwen2_5_VLAdapter)
+                                       Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 CAPABILITIES: dict[str, str] = {
     "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",

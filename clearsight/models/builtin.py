@@ -175,6 +175,34 @@ def tiny_qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(cfg), 6), proc
 
 
+def tiny_qwen3_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen3-VL: 16 px patches, DeepStack (two vision layers' features added into the first two LLM layers),
+    interleaved M-RoPE, QK-norm; the image-only Qwen3-VL processor (no video)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from clearsight.models.processors import ImageOnlyQwen3VLProcessor
+
+    tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
+    ip = Qwen2VLImageProcessorPil(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16, patch_size=16, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = ImageOnlyQwen3VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        text_config=dict(TINY_TEXT, vocab_size=len(tok), head_dim=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    return _seeded(lambda: Qwen3VLForConditionalGeneration(cfg), 21), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -195,6 +223,7 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
     "tiny-llava-onevision": ("random-weight LLaVA-OneVision model (SigLIP, anyres tiles, Qwen2 4 layers)",
                              tiny_llava_onevision),
     "tiny-qwen2.5-vl": ("random-weight Qwen2.5-VL model (M-RoPE, windowed vision attention)", tiny_qwen2_5_vl),
+    "tiny-qwen3-vl": ("random-weight Qwen3-VL model (DeepStack, interleaved M-RoPE, QK-norm)", tiny_qwen3_vl),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor
+from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor, Qwen3VLProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -55,4 +55,22 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without the video processor (torchvision-free, as for Qwen2-VL above).
+
+    Images tokenise as in the stock class (``<|vision_start|>``, the merged patches, ``<|vision_end|>``);
+    the frame timestamps (``<t seconds>``) it writes exist only for videos, which need the video processor.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

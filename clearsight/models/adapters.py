@@ -21,6 +21,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
 )
 
 from clearsight.errors import InputError
@@ -526,6 +527,96 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     sink_dimensions = {}
 
 
+class SmolVLMAdapter(Adapter):
+    """SmolVLM: each image is split into tiles plus a downscaled global image; every one is a square grid.
+
+    Token layout of an image (the processor's): per tile ``<fake_token_around_image><row_i_col_j>`` then its
+    grid, a newline after each row of tiles, then ``<fake_token_around_image><global-img>``, the global grid,
+    ``<fake_token_around_image>``. The markers are text tokens. Each grid (a tile's or the global image's) is
+    one image span of ``side x side`` tokens (``side`` = tile patches per side / the pixel-shuffle factor,
+    row-major, as the connector's pixel shuffle orders them). Spans are reported per image with the global
+    image's span first: ``image_spans[0]`` and ``grids[0]`` cover the whole image (as LLaVA-NeXT's base grid
+    does), so maps over "the first grid" (AGLA's attention matcher, CARVE, the dashboard) read the global
+    view; the tiles follow in reading order.
+
+    Pixels: the processor pads each row's tiles to the batch's largest count with all-zero tiles, which the
+    model drops; ``encode`` keeps only the real tiles, one per row of ``pixel_values`` ([tiles, 1, C, H, W]),
+    so that a branch's pixel transform (VCD's noise) touches its own image's tiles and never a padding tile.
+    """
+
+    family = "smolvlm"
+    model_classes = (SmolVLMForConditionalGeneration,)
+    has_cls_vision_attention = False  # a SigLIP-style tower: no CLS token
+    single_grid_per_image = False
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.text_model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_model
+
+    @property
+    def grid_side(self) -> int:
+        """Tokens per side of each tile's grid (and of the global image's)."""
+        vc = self.model.config.vision_config
+        return int(vc.image_size // vc.patch_size // self.model.config.scale_factor)
+
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """As the base class, with images nested per row (the processor's layout) and only the real tiles kept."""
+        nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
+        self.tokenizer.padding_side = "left"
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if any(nested):
+            kwargs["images"] = nested
+        batch = {k: v for k, v in dict(self.processor(**kwargs)).items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in batch:
+            # row b's tiles are its first (runs of image tokens) entries; the rest are the processor's padding
+            counts = [len(_runs(ids == self.image_token_id)) for ids in batch["input_ids"]]
+            for key in ("pixel_values", "pixel_attention_mask"):
+                if key in batch:
+                    v = batch[key]
+                    batch[key] = torch.cat([v[b, :n] for b, n in enumerate(counts)]).unsqueeze(1)
+        return batch
+
+    def _image_runs(self, ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """The runs of image tokens of one row, grouped per image (its tiles, then its global image)."""
+        global_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "global_image_token", "<global-img>"))
+        images, current = [], []
+        for s, e in _runs(ids == self.image_token_id):
+            current.append((s, e))
+            if s > 0 and int(ids[s - 1]) == global_id:  # the global image closes an image's block
+                images.append(current)
+                current = []
+        if current:  # a block without a global image (not the processor's layout): its runs as they are
+            images.append(current)
+        return images
+
+    def row_layouts(self, batch: dict[str, torch.Tensor]) -> list[RowLayout]:
+        side = self.grid_side
+        layouts = []
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            spans = [span for runs in self._image_runs(ids) for span in (runs[-1:] + runs[:-1])]  # global first
+            layouts.append(RowLayout(pad=int((mask == 0).sum()), image_spans=tuple(spans),
+                                     grids=tuple((side, side) for _ in spans)))
+        return layouts
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        return [g for lay in self.row_layouts(batch) for g in lay.grids]
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return [len(runs) for ids in batch["input_ids"] for runs in self._image_runs(ids)]
+
+    def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
+        out, start = [], 0
+        for n in self.vision_tiles_per_image(batch):
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -561,7 +652,7 @@ class TextOnlyAdapter(Adapter):
 
 # most specific first: adapter_for takes the first whose classes match
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                       Qwen2_5_VLAdapter, Qwen3VLAdapter)
+                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter)
 
 CAPABILITIES: dict[str, str] = {
     "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",

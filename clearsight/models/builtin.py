@@ -203,6 +203,35 @@ def tiny_qwen3_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: Qwen3VLForConditionalGeneration(cfg), 21), proc
 
 
+SMOLVLM_SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                    "<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)))
+
+
+def tiny_smolvlm() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """SmolVLM: a SigLIP-style tower on 24 px tiles (6x6 patches, pixel shuffle to 3x3 tokens); images resized to
+    48 px and split into 24 px tiles plus a global image, tiles marked by <fake_token_around_image><row_i_col_j>."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    from clearsight.models.processors import ImageOnlySmolVLMProcessor
+
+    tok = word_level_tokenizer(TINY_WORDS, SMOLVLM_SPECIALS, image_token="<image>", bos=None,
+                               eos="<end_of_utterance>")
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 24},
+                                  do_image_splitting=True)
+    proc = ImageOnlySmolVLMProcessor(image_processor=ip, tokenizer=tok, image_seq_len=9,
+                                     chat_template=DEFAULT_CHAT_TEMPLATE)
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=24, patch_size=4),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY_TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tok.pad_token_id,
+    )
+    return _seeded(lambda: SmolVLMForConditionalGeneration(cfg), 23), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -224,6 +253,8 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
                              tiny_llava_onevision),
     "tiny-qwen2.5-vl": ("random-weight Qwen2.5-VL model (M-RoPE, windowed vision attention)", tiny_qwen2_5_vl),
     "tiny-qwen3-vl": ("random-weight Qwen3-VL model (DeepStack, interleaved M-RoPE, QK-norm)", tiny_qwen3_vl),
+    "tiny-smolvlm": ("random-weight SmolVLM model (tiles + global image, pixel shuffle, Llama 4 layers)",
+                     tiny_smolvlm),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

@@ -203,6 +203,18 @@ def _load_processor(location: str) -> ProcessorMixin:
         return ImageOnlyQwen3VLProcessor(image_processor=ip, tokenizer=tok,
                                          chat_template=_processor_config(location).get("chat_template",
                                                                                        tok.chat_template))
+    if cfg.model_type == "smolvlm":  # its stock processor needs a video processor and num2words (videos only)
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        from clearsight.models.processors import ImageOnlySmolVLMProcessor
+
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        ip = SmolVLMImageProcessorPil.from_pretrained(location, local_files_only=True)
+        saved = _processor_config(location)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        return ImageOnlySmolVLMProcessor(image_processor=ip, tokenizer=tok,
+                                         image_seq_len=saved.get("image_seq_len") or side * side,
+                                         chat_template=saved.get("chat_template", tok.chat_template))
     if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         if failure is not None:
             raise failure

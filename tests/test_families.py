@@ -17,7 +17,8 @@ from clearsight import DecodeSpec, generate
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import AttentionPlan
 
-NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm")
+NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm",
+                "tiny-instructblip")
 LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 1e-4}  # absolute, float32 (logits of magnitude ~10)
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
@@ -97,7 +98,8 @@ ZERO: dict[str, dict | None] = {
     "imbalanced": {"alpha": 0.0, "beta": 0.0},
 }
 # what each refusal says (the mitigation's own error), for the cells the matrix marks refused
-REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style"}
+REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style",
+           "agla": "attention matcher is not supported"}
 
 
 def _spec(config: str, fields: dict) -> dict:

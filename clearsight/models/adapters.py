@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import (
+    InstructBlipForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -83,6 +84,7 @@ class Adapter:
     plain_1d_positions: ClassVar[bool] = True
     single_grid_per_image: ClassVar[bool] = True
     center_crop_preprocess: ClassVar[bool] = False
+    image_grid_2d: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model
@@ -195,6 +197,19 @@ class Adapter:
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prefill inputs beyond ids / mask / positions (pixel values and family extras)."""
         return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+    def forward(self, **inputs: Any) -> Any:
+        """One forward (a prefill with ``forward_inputs``, or a decode step); the output has ``logits`` and ``cache``.
+
+        The model itself for every family whose wrapper also runs text-only and decode steps; a family whose
+        wrapper needs images on every call (InstructBLIP) runs its language model here instead.
+        """
+        return self.model(**inputs)
+
+    @property
+    def decode_model(self) -> torch.nn.Module:
+        """The module a compiled decode step calls (ids, mask, positions, cache: no image inputs)."""
+        return self.model
 
     # ------------------------------------------------------------------ image spans
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
@@ -617,6 +632,107 @@ class SmolVLMAdapter(Adapter):
         return out
 
 
+class InstructBlipAdapter(Adapter):
+    """InstructBLIP with a decoder-only language model: the image is the Q-Former's learned query tokens.
+
+    The processor puts ``num_query_tokens`` image tokens before the text (before BOS); the Q-Former reads the
+    instruction too (``qformer_input_ids``, its own tokenizer). The query tokens are not patches: there is no
+    2-D grid (``grids`` reports (1, queries), a row of tokens, with ``image_grid_2d`` False), so methods that map
+    attention over image tokens onto the image, or that need a concentric grid, refuse. BLIP's ViT has a CLS
+    token, but no image token of the language model stands for a patch.
+
+    The stock wrapper's forward needs pixel values on every call; text-only rows and decode steps therefore run
+    its language model directly (``forward``), prefills with images embed the queries as the wrapper does.
+    """
+
+    family = "instructblip"
+    model_classes = (InstructBlipForConditionalGeneration,)
+    has_cls_vision_attention = True
+    single_grid_per_image = False
+    image_grid_2d = False
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.language_model.model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.vision_model
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.model.config.num_query_tokens)
+
+    def chat_prompt(self, prompt: str, has_image: bool | int, add_generation_prompt: bool = True) -> str:
+        """The prompt as InstructBLIP takes it (no chat template: the processor puts the image first), or the
+        processor's chat template when it has one."""
+        if int(has_image) > 1:
+            raise InputError("instructblip takes one image per prompt (its query tokens come before the text): "
+                             "send one image per request")
+        if getattr(self.processor, "chat_template", None):
+            return super().chat_prompt(prompt, has_image, add_generation_prompt)
+        return prompt
+
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """Each row alone through the processor (it would put the queries in front of every row of a batch,
+        and padding between them and the text), then left-padded; the Q-Former's ids are right-padded (its
+        text positions start at 0), one row per image."""
+        rows = []
+        for text, image in zip(texts, images):
+            if isinstance(image, list):
+                if len(image) > 1:
+                    raise InputError("instructblip takes one image per prompt (its query tokens come before the "
+                                     "text): send one image per request")
+                image = image[0] if image else None
+            rows.append(self.processor(text=[text], images=[image] if image is not None else None,
+                                       return_tensors="pt"))
+        width = max(int(r["input_ids"].shape[1]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = int(r["input_ids"].shape[1])
+            ids[b, width - n:], mask[b, width - n:] = r["input_ids"][0], r["attention_mask"][0]
+        batch = {"input_ids": ids, "attention_mask": mask}
+        with_image = [r for r in rows if "pixel_values" in r]
+        if with_image:
+            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in with_image])
+            qpad = self.processor.qformer_tokenizer.pad_token_id or 0
+            qwidth = max(int(r["qformer_input_ids"].shape[1]) for r in with_image)
+            qids = torch.full((len(with_image), qwidth), qpad, dtype=torch.long)
+            qmask = torch.zeros((len(with_image), qwidth), dtype=torch.long)
+            for i, r in enumerate(with_image):
+                n = int(r["qformer_input_ids"].shape[1])
+                qids[i, :n], qmask[i, :n] = r["qformer_input_ids"][0], r["qformer_attention_mask"][0]
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = qids, qmask
+        return batch
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        return [(1, self.num_queries)] * len(batch.get("pixel_values", ()))
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        return [self.num_queries] * len(batch.get("pixel_values", ()))
+
+    def forward(self, **inputs: Any) -> Any:
+        pixel_values = inputs.pop("pixel_values", None)
+        qformer_ids = inputs.pop("qformer_input_ids", None)
+        qformer_mask = inputs.pop("qformer_attention_mask", None)
+        lm = self.model.language_model
+        if pixel_values is None:
+            return lm(**inputs)
+        # as the wrapper's forward: the projected query outputs replace the image tokens' embeddings
+        ids = inputs.pop("input_ids")
+        queries = self.model.get_image_features(pixel_values, qformer_input_ids=qformer_ids,
+                                                qformer_attention_mask=qformer_mask, return_dict=True).pooler_output
+        embeds = self.model.get_input_embeddings()(ids)
+        where = self.model.get_placeholder_mask(ids, inputs_embeds=embeds)
+        return lm(inputs_embeds=embeds.masked_scatter(where, queries.to(embeds.dtype)), **inputs)
+
+    @property
+    def decode_model(self) -> torch.nn.Module:
+        return self.model.language_model
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -652,7 +768,7 @@ class TextOnlyAdapter(Adapter):
 
 # most specific first: adapter_for takes the first whose classes match
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter)
+                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter, InstructBlipAdapter)
 
 CAPABILITIES: dict[str, str] = {
     "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",
@@ -662,6 +778,8 @@ CAPABILITIES: dict[str, str] = {
     "single_grid_per_image": "each image is exactly one rows x cols block of tokens (no anyres tiles or newlines)",
     "center_crop_preprocess": "the processor resizes and center-crops (CLIP-style), so a box maps to the grid "
                               "through that crop",
+    "image_grid_2d": "each image's tokens are a rows x cols grid of patches (not learned queries such as "
+                     "InstructBLIP's Q-Former outputs), so attention over them maps onto the image",
 }
 
 

@@ -232,6 +232,34 @@ def tiny_smolvlm() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: SmolVLMForConditionalGeneration(cfg), 23), proc
 
 
+def tiny_instructblip() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """InstructBLIP: BLIP ViT (CLS + 4x4 patches), a 2-layer Q-Former with 8 learned queries reading the
+    instruction through its own tokenizer, a Llama language model; no chat template (the queries come first)."""
+    from tokenizers import processors
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = word_level_tokenizer(TINY_WORDS, LLAVA_SPECIALS, image_token=None, bos="<s>", eos="</s>")
+    # the language tokenizer puts BOS in front of the text (Vicuna's does); the queries go before it
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    qtok = word_level_tokenizer(TINY_WORDS, ("<pad>", "<unk>", "[CLS]", "[SEP]"), image_token=None, bos=None,
+                                eos="[SEP]")
+    qtok.padding_side = "right"  # the Q-Former's text positions start at 0
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=8)
+    cfg = InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=len(qtok), max_position_embeddings=128, pad_token_id=qtok.pad_token_id),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY_TEXT),
+        num_query_tokens=8, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    return _seeded(lambda: InstructBlipForConditionalGeneration(cfg), 24), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -255,6 +283,8 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
     "tiny-qwen3-vl": ("random-weight Qwen3-VL model (DeepStack, interleaved M-RoPE, QK-norm)", tiny_qwen3_vl),
     "tiny-smolvlm": ("random-weight SmolVLM model (tiles + global image, pixel shuffle, Llama 4 layers)",
                      tiny_smolvlm),
+    "tiny-instructblip": ("random-weight InstructBLIP model (8 Q-Former queries, no grid; Llama 4 layers)",
+                          tiny_instructblip),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

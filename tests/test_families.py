@@ -244,3 +244,18 @@ def test_smolvlm_spans_per_tile_global_first_and_real_tiles_only():
     assert torch.equal(ours, theirs)
     slices = adapter.image_pixel_slices(batch)
     assert torch.equal(batch["pixel_values"][slices[1]].squeeze(1), stock["pixel_values"][2, :3])
+
+
+def test_smolvlm_vision_level_counterfactual_batches_like_solo():
+    """CausalMM's vision-level branch hooks SmolVLM's last SigLIP-style layer; each image's tiles (2x2 + global,
+    1x2 + global) are its own rows of the tower's batch, so a batch equals solo runs, and the branch acts."""
+    lvlm = tiny("tiny-smolvlm")
+    requests = [{"prompt": PROMPTS[0], "image": make_image(1, (40, 50))},
+                {"prompt": PROMPTS[1], "image": make_image(2, (64, 30))}]
+    decode = DecodeSpec(max_new_tokens=4)
+    mit = [{"name": "causalmm", "level": "vision", "gamma": 3.0}]
+    plain = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    batched = [r.token_ids for r in generate(lvlm, requests, mitigations=mit, decode=decode)]
+    solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert batched != plain

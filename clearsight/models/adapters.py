@@ -562,6 +562,7 @@ class SmolVLMAdapter(Adapter):
     family = "smolvlm"
     model_classes = (SmolVLMForConditionalGeneration,)
     has_cls_vision_attention = False  # a SigLIP-style tower: no CLS token
+    vision_feature_hook = True
     single_grid_per_image = False
 
     @property
@@ -630,6 +631,25 @@ class SmolVLMAdapter(Adapter):
             out.append(slice(start, start + n))
             start += n
         return out
+
+    @property
+    def vision_feature_attention_index(self) -> int | None:
+        return -1  # the connector reads the last encoder layer (through the post-layernorm)
+
+    def hook_vision_feature_attention(self, fn: VisionAttentionHook) -> HookHandles:
+        """As the base class, at the last encoder layer's SigLIP-style self-attention; N = the real tiles (each
+        image's tiles then its global image), in ``pixel_values`` order."""
+        attn = self.vision_tower.encoder.layers[-1].self_attn
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            first = output[0] if isinstance(output, tuple) else output
+            new = fn(module, hidden, first)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return HookHandles([attn.register_forward_hook(hook, with_kwargs=True)])
 
 
 class InstructBlipAdapter(Adapter):

@@ -224,7 +224,7 @@ def tiny_smolvlm() -> tuple[PreTrainedModel, ProcessorMixin]:
                                      chat_template=DEFAULT_CHAT_TEMPLATE)
     cfg = SmolVLMConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=24, patch_size=4),
+                           image_size=24, patch_size=4, initializer_range=0.2),
         text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY_TEXT),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tok.pad_token_id,

@@ -671,6 +671,13 @@ class InstructBlipAdapter(Adapter):
     single_grid_per_image = False
     image_grid_2d = False
 
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        if not model.config.use_decoder_only_language_model:
+            raise InputError(f"InstructBLIP with an encoder-decoder language model "
+                             f"({model.config.text_config.model_type}) is not supported: clearsight's decoding runs "
+                             "decoder-only language models; use a Vicuna / OPT InstructBLIP checkpoint")
+        super().__init__(model, processor)
+
     @property
     def language_model(self) -> torch.nn.Module:
         return self.model.language_model.model

@@ -1,8 +1,8 @@
 """The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
 
 Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
-logits within LOGIT_TOL with our reference and torch backends (and triton under the interpreter:
-tests/kernels/test_triton_e2e.py, Qwen2.5-VL); a mixed batch (rows with and without an
+logits within LOGIT_TOL with our reference and torch backends, and with triton under the interpreter (one
+request, two tokens, the prefill's last-position logits); a mixed batch (rows with and without an
 image, different image sizes) equals each row run alone.
 """
 
@@ -19,7 +19,7 @@ from clearsight.kernels.plan import AttentionPlan
 
 NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm",
                 "tiny-instructblip")
-LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 1e-4}  # absolute, float32 (logits of magnitude ~10)
+LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 2e-5}  # absolute, float32 (logits of magnitude ~10)
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
 
@@ -53,28 +53,30 @@ def test_empty_plan_same_tokens_and_logits_as_stock(family):
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
-    """The triton backend (the interpreter on a CPU) on one request: stock greedy tokens and prefill logits."""
+    """The triton backend (the interpreter on a CPU) on one request: the stock greedy tokens, and the stock logits
+    of the prefill's last position (read at the output head during the engine's own prefill: the interpreter's
+    time grows with the tokens, so the prompt is not run twice)."""
     from clearsight.kernels import triton_attention
 
     if not triton_attention.INTERPRET and not torch.cuda.is_available():
         pytest.skip("triton kernels need TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py)")
     lvlm = tiny(family)
-    requests = _requests()[1:2]  # the smallest image of the three (the interpreter's time grows with the tokens)
-    expected, batch = _stock_generate(lvlm, requests, 3)
-    assert len(expected[0]) >= 2  # the comparison is not vacuous
+    requests = _requests()[1:2]  # the smallest image of the three
+    expected, batch = _stock_generate(lvlm, requests, 2)
+    assert len(expected[0]) == 2  # the comparison is not vacuous: a prefill and a decode step
     with torch.inference_mode():
-        stock = lvlm.model(**batch).logits
-    plan = AttentionPlan(num_layers=lvlm.adapter.num_layers, num_heads=lvlm.adapter.num_heads,
-                         segment=lvlm.adapter.segments(batch), layouts=lvlm.adapter.row_layouts(batch))
+        stock = lvlm.model(**batch).logits[:, -1]
+    heads = []
+    handle = lvlm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: heads.append(out[:, -1]))
     lvlm.set_backend("triton")
     try:
-        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=3))]
-        with torch.inference_mode(), use_plan(plan):
-            logits = lvlm.model(**batch).logits
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=2))]
     finally:
+        handle.remove()
         lvlm.set_backend("torch")
     assert ours == expected
-    assert (logits - stock).abs().max().item() < LOGIT_TOL["triton"]
+    assert len(heads) == 2  # the prefill's and the decode step's
+    assert (heads[0] - stock).abs().max().item() < LOGIT_TOL["triton"]
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -261,3 +261,21 @@ def test_smolvlm_vision_level_counterfactual_batches_like_solo():
     solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
     assert batched == solo
     assert batched != plain
+
+
+def test_instructblip_refuses_grid_maps_and_several_images_in_one_line():
+    """InstructBLIP's image tokens are Q-Former queries: CARVE (not in the matrix) refuses as AGLA's attention
+    matcher does, and two images in one row (a mitigation's re-query; its queries come first, one block) are
+    refused."""
+    from clearsight.errors import InputError
+
+    lvlm = tiny("tiny-instructblip")
+    assert lvlm.adapter.row_layouts(lvlm.adapter.encode([PROMPTS[0]], [make_image(1)]))[0].grids == ((1, 8),)
+    decode = DecodeSpec(max_new_tokens=2)
+    request = [{"prompt": PROMPTS[0], "image": make_image(1)}]
+    with pytest.raises(InputError, match="carve is not supported for instructblip"):
+        generate(lvlm, request, mitigations=["carve"], decode=decode)
+    with pytest.raises(InputError, match="one image per prompt"):
+        lvlm.adapter.encode([PROMPTS[0]], [[make_image(1), make_image(2)]])
+    with pytest.raises(InputError, match="one image per prompt"):
+        lvlm.adapter.chat_prompt(PROMPTS[0], 2)

@@ -50,6 +50,7 @@ def _requests(n: int = 2):
     ("tiny-llava", ["mma"]),  # a prompt-only mask: the decode plan is stock attention
     ("tiny-llava", [HalfHeads()]),  # a per-head scale at decode: the plan is traced into the graph
     ("tiny-qwen2-vl", []),  # 3-D M-RoPE positions
+    ("tiny-instructblip", []),  # the step runs the adapter's decode_model (InstructBLIP's language model)
 ])
 def test_compiled_step_gives_the_eager_tokens(family, mitigations):
     lvlm = tiny(family)

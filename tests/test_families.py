@@ -1,8 +1,8 @@
 """The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
 
 Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
-logits within LOGIT_TOL with our reference and torch backends (and triton under the interpreter:
-tests/kernels/test_triton_e2e.py, Qwen2.5-VL); a mixed batch (rows with and without an
+logits within LOGIT_TOL with our reference and torch backends, and with triton under the interpreter (one
+request, two tokens, the prefill's last-position logits); a mixed batch (rows with and without an
 image, different image sizes) equals each row run alone.
 """
 
@@ -17,8 +17,9 @@ from clearsight import DecodeSpec, generate
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import AttentionPlan
 
-NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl")
-LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5}  # absolute, float32 (logits of magnitude ~10)
+NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm",
+                "tiny-instructblip")
+LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 2e-5}  # absolute, float32 (logits of magnitude ~10)
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
 
@@ -51,6 +52,34 @@ def test_empty_plan_same_tokens_and_logits_as_stock(family):
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
+    """The triton backend (the interpreter on a CPU) on one request: the stock greedy tokens, and the stock logits
+    of the prefill's last position (read at the output head during the engine's own prefill: the interpreter's
+    time grows with the tokens, so the prompt is not run twice)."""
+    from clearsight.kernels import triton_attention
+
+    if not triton_attention.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("triton kernels need TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py)")
+    lvlm = tiny(family)
+    requests = _requests()[1:2]  # the smallest image of the three
+    expected, batch = _stock_generate(lvlm, requests, 2)
+    assert len(expected[0]) == 2  # the comparison is not vacuous: a prefill and a decode step
+    with torch.inference_mode():
+        stock = lvlm.model(**batch).logits[:, -1]
+    heads = []
+    handle = lvlm.model.get_output_embeddings().register_forward_hook(lambda m, a, out: heads.append(out[:, -1]))
+    lvlm.set_backend("triton")
+    try:
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=2))]
+    finally:
+        handle.remove()
+        lvlm.set_backend("torch")
+    assert ours == expected
+    assert len(heads) == 2  # the prefill's and the decode step's
+    assert (heads[0] - stock).abs().max().item() < LOGIT_TOL["triton"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_mixed_batch_equals_solo_runs(family):
     lvlm = tiny(family)
     requests = [*_requests()[:2], {"prompt": "describe the image please", "image": None}]
@@ -71,7 +100,8 @@ ZERO: dict[str, dict | None] = {
     "imbalanced": {"alpha": 0.0, "beta": 0.0},
 }
 # what each refusal says (the mitigation's own error), for the cells the matrix marks refused
-REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style"}
+REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style",
+           "agla": "attention matcher is not supported"}
 
 
 def _spec(config: str, fields: dict) -> dict:
@@ -153,3 +183,99 @@ def test_onevision_vision_level_counterfactual_batches_like_solo():
     solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
     assert batched == solo
     assert batched != plain  # the counterfactual acts
+
+
+def test_qwen3_vl_layer_input_hooks_see_deepstack_features():
+    """DeepStack adds vision features to the image tokens after each of the first decoder layers (inside the
+    model's forward): a layer-input hook (VAR reads its sinks there) sees the previous layer's output plus those
+    features, at the image tokens and nowhere else, as the next layer does."""
+    lvlm = tiny("tiny-qwen3-vl")
+    adapter = lvlm.adapter
+    batch = adapter.encode([adapter.chat_prompt(PROMPTS[0], True)], [make_image(3, (40, 50))])
+    image = batch["input_ids"][0] == adapter.image_token_id
+    outputs, inputs = {}, {}
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.clone()))
+               for i, layer in enumerate(adapter.decoder_layers)]
+    try:
+        with torch.inference_mode(), adapter.hook_layer_inputs(lambda i, h: inputs.__setitem__(i, h.clone())):
+            lvlm.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stacked = len(lvlm.model.config.vision_config.deepstack_visual_indexes)
+    assert 0 < stacked < adapter.num_layers
+    for i in range(1, adapter.num_layers):
+        added = (inputs[i] - outputs[i - 1])[0]
+        assert added[~image].abs().max().item() == 0.0, i
+        if i <= stacked:
+            assert added[image].ne(0).any(dim=-1).all(), i  # every image token got its feature
+        else:
+            assert added[image].abs().max().item() == 0.0, i
+
+
+def test_smolvlm_spans_per_tile_global_first_and_real_tiles_only():
+    """SmolVLM: one 3x3 span per tile and per global image, the global one first (it covers the whole image),
+    tiles after it in reading order; encode keeps only the real tiles, and the model's logits equal those of
+    the processor's own padded layout (the stock path)."""
+    lvlm = tiny("tiny-smolvlm")
+    adapter, tok = lvlm.adapter, lvlm.adapter.tokenizer
+    images = [make_image(1, (40, 50)), None, make_image(2, (64, 30))]  # 2x2 tiles, no image, 1x2 tiles
+    texts = [adapter.chat_prompt(PROMPTS[i], im is not None) for i, im in enumerate(images)]
+    batch = adapter.encode(texts, images)
+    layouts = adapter.row_layouts(batch)
+    assert [len(lay.image_spans) for lay in layouts] == [5, 0, 3]
+    assert adapter.vision_tiles_per_image(batch) == [5, 3]
+    assert batch["pixel_values"].shape[:2] == (8, 1)
+    for ids, lay in zip(batch["input_ids"], layouts):
+        markers = [tok.convert_ids_to_tokens(int(ids[s - 1])) for s, _ in lay.image_spans]
+        tiles = [m for m in markers[1:]]
+        assert markers[:1] == ["<global-img>"] * bool(markers)
+        assert tiles == sorted(tiles) and all(m.startswith("<row_") for m in tiles)
+        assert all(e - s == 9 and g == (3, 3) for (s, e), g in zip(lay.image_spans, lay.grids))
+        assert all((ids[s:e] == adapter.image_token_id).all() for s, e in lay.image_spans)
+    tok.padding_side = "left"
+    stock = lvlm.processor(text=texts, images=[[im] if im else [] for im in images], return_tensors="pt",
+                           padding=True)
+    assert stock["pixel_values"].shape[:2] == (3, 5)  # padded with all-zero tiles
+    assert torch.equal(stock["input_ids"], batch["input_ids"])
+    lvlm.set_backend("sdpa")
+    with torch.inference_mode():
+        ours = lvlm.model(**batch).logits
+        theirs = lvlm.model(**{k: v for k, v in stock.items() if isinstance(v, torch.Tensor)}).logits
+    lvlm.set_backend("torch")
+    assert torch.equal(ours, theirs)
+    slices = adapter.image_pixel_slices(batch)
+    assert torch.equal(batch["pixel_values"][slices[1]].squeeze(1), stock["pixel_values"][2, :3])
+
+
+def test_smolvlm_vision_level_counterfactual_batches_like_solo():
+    """CausalMM's vision-level branch hooks SmolVLM's last SigLIP-style layer; each image's tiles (2x2 + global,
+    1x2 + global) are its own rows of the tower's batch, so a batch equals solo runs, and the branch acts."""
+    lvlm = tiny("tiny-smolvlm")
+    requests = [{"prompt": PROMPTS[0], "image": make_image(1, (40, 50))},
+                {"prompt": PROMPTS[1], "image": make_image(2, (64, 30))}]
+    decode = DecodeSpec(max_new_tokens=4)
+    mit = [{"name": "causalmm", "level": "vision", "gamma": 3.0}]
+    plain = [r.token_ids for r in generate(lvlm, requests, decode=decode)]
+    batched = [r.token_ids for r in generate(lvlm, requests, mitigations=mit, decode=decode)]
+    solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
+    assert batched == solo
+    assert batched != plain
+
+
+def test_instructblip_refuses_grid_maps_and_several_images_in_one_line():
+    """InstructBLIP's image tokens are Q-Former queries: CARVE (not in the matrix) refuses as AGLA's attention
+    matcher does, and two images in one row (a mitigation's re-query; its queries come first, one block) are
+    refused."""
+    from clearsight.errors import InputError
+
+    lvlm = tiny("tiny-instructblip")
+    assert lvlm.adapter.row_layouts(lvlm.adapter.encode([PROMPTS[0]], [make_image(1)]))[0].grids == ((1, 8),)
+    decode = DecodeSpec(max_new_tokens=2)
+    request = [{"prompt": PROMPTS[0], "image": make_image(1)}]
+    with pytest.raises(InputError, match="carve is not supported for instructblip"):
+        generate(lvlm, request, mitigations=["carve"], decode=decode)
+    with pytest.raises(InputError, match="one image per prompt"):
+        lvlm.adapter.encode([PROMPTS[0]], [[make_image(1), make_image(2)]])
+    with pytest.raises(InputError, match="one image per prompt"):
+        lvlm.adapter.chat_prompt(PROMPTS[0], 2)

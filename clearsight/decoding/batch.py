@@ -365,8 +365,9 @@ class Batch:
             e.ctx.step = e.step  # type: ignore[union-attr]
         try:
             with use_plan(self.plan), use_backend(self.backend):
-                out = self.lvlm.model(input_ids=input_ids, attention_mask=self.mask, position_ids=position_ids,
-                                      cache=self.cache, use_cache=True, logits_to_keep=1, **extra)
+                out = self.lvlm.adapter.forward(input_ids=input_ids, attention_mask=self.mask,
+                                                position_ids=position_ids, cache=self.cache, use_cache=True,
+                                                logits_to_keep=1, **extra)
         finally:
             for e in self.entries:
                 e.ctx.step = NOT_RUNNING  # type: ignore[union-attr]

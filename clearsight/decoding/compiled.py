@@ -126,7 +126,7 @@ class StaticDecode:
         self.mask[:, :L] = batch.mask[:, :L]
         self.plan = decode_plan(batch.plan, capacity)
         self.full_plan, self.backend = batch.plan, batch.backend
-        self.fn = step_function(batch.lvlm.model)
+        self.fn = step_function(batch.lvlm.adapter.decode_model)
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One decode step: writes key column ``length``, returns the float logits [B, V]."""

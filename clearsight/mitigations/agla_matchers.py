@@ -127,6 +127,10 @@ class AttentionMatcher(Matcher):
         from clearsight.config import DecodeSpec
         from clearsight.kernels.plan import StatsRequest
 
+        if not lvlm.adapter.image_grid_2d:
+            raise InputError(f"agla's attention matcher is not supported for {lvlm.adapter.family}: it reads attention "
+                             "over a 2-D grid of image tokens, and this family's are learned queries; give clip_path "
+                             "(the clip matcher)")
         L = lvlm.adapter.num_layers
         layers = (boost_layers(self.layers, L) if self.layers is not None
                   else list(range(L // 4, max(3 * L // 4, L // 4 + 1))))

@@ -162,6 +162,9 @@ class CARVE(Mitigation):
         from clearsight.kernels.plan import StatsRequest
 
         assert ctx.image is not None
+        if not ctx.lvlm.adapter.image_grid_2d:
+            raise InputError(f"carve is not supported for {ctx.lvlm.adapter.family}: its maps are attention over a "
+                             "2-D grid of image tokens, and this family's image tokens are learned queries")
         layers = self._layers(ctx.lvlm.adapter.num_layers)
         suffix = " " + self.suffix if self.suffix else ""
         probes = [{"prompt": ctx.request.prompt + suffix, "image": ctx.image},

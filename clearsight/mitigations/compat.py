@@ -22,7 +22,7 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "vcd": (),
     "m3id": (),
     "pai": (),
-    "agla": (),
+    "agla": (("image_grid_2d", "its attention matcher needs a 2-D grid of image tokens (give clip_path)"),),
     "vhr": (),
     "var": (),
     "mma": (),
@@ -30,10 +30,12 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "causalmm:level=vision": (
         ("vision_feature_hook", "needs a CLIP/SigLIP-style vision feature layer to hook (use level=llm)"),),
     "cca": (
+        ("image_grid_2d", "needs a 2-D grid of image tokens (this family's are learned queries)"),
         ("single_grid_per_image", "needs one plain token grid per image (this family has anyres tiles)"),
         ("plain_1d_positions", "needs 1-D position ids (this family uses 3-D M-RoPE positions)"),
     ),
-    "imbalanced": (("has_cls_vision_attention", "needs the vision tower's CLS->patch attention (no CLS token)"),),
+    "imbalanced": (("image_grid_2d", "needs a 2-D grid of patch tokens to select (this family's are learned queries)"),
+                   ("has_cls_vision_attention", "needs the vision tower's CLS->patch attention (no CLS token)")),
 }
 
 

@@ -127,6 +127,10 @@ class Imbalanced(Mitigation):
         layout = ctx.layouts[row]
         if not layout.image_spans:
             return
+        if not adapter.image_grid_2d:
+            raise InputError(f"imbalanced: not supported for {adapter.family}: its token selection maps the vision "
+                             "tower's CLS->patch attention onto a 2-D grid of image tokens, and this family's image "
+                             "tokens are learned queries")
         if not adapter.has_cls_vision_attention:
             raise InputError(f"imbalanced: not supported for {adapter.family}: its token selection needs the vision "
                              "tower's CLS->patch attention, and this tower has no CLS token")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import (
+    InstructBlipForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -20,6 +21,8 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+    SmolVLMForConditionalGeneration,
 )
 
 from clearsight.errors import InputError
@@ -81,6 +84,7 @@ class Adapter:
     plain_1d_positions: ClassVar[bool] = True
     single_grid_per_image: ClassVar[bool] = True
     center_crop_preprocess: ClassVar[bool] = False
+    image_grid_2d: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model
@@ -193,6 +197,19 @@ class Adapter:
     def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The prefill inputs beyond ids / mask / positions (pixel values and family extras)."""
         return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+
+    def forward(self, **inputs: Any) -> Any:
+        """One forward (a prefill with ``forward_inputs``, or a decode step); the output has ``logits`` and ``cache``.
+
+        The model itself for every family whose wrapper also runs text-only and decode steps; a family whose
+        wrapper needs images on every call (InstructBLIP) runs its language model here instead.
+        """
+        return self.model(**inputs)
+
+    @property
+    def decode_model(self) -> torch.nn.Module:
+        """The module a compiled decode step calls (ids, mask, positions, cache: no image inputs)."""
+        return self.model
 
     # ------------------------------------------------------------------ image spans
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
@@ -508,6 +525,241 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     sink_dimensions = {}
 
 
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's layout (merged 2x2 patches, 3-D M-RoPE from the model's ``get_rope_index``) with DeepStack.
+
+    DeepStack adds features of early vision layers to the image tokens' hidden states after each of the first
+    ``len(deepstack_visual_indexes)`` decoder layers, inside the model's own forward (prefill only: the image
+    tokens are all there). Layer-input hooks therefore see the hidden states with those features added, as the
+    next layer does, and attention edits act on the keys the layers really attend to. Interleaved M-RoPE and
+    the QK-norm are applied before the attention backend is called, so the backends see ordinary q / k.
+    The processor's timestamp tokens belong to videos only; images are ``<|vision_start|>``, the grid,
+    ``<|vision_end|>``, as in Qwen2-VL.
+    """
+
+    family = "qwen3_vl"
+    model_classes = (Qwen3VLForConditionalGeneration,)
+    sink_dimensions = {}
+
+
+class SmolVLMAdapter(Adapter):
+    """SmolVLM: each image is split into tiles plus a downscaled global image; every one is a square grid.
+
+    Token layout of an image (the processor's): per tile ``<fake_token_around_image><row_i_col_j>`` then its
+    grid, a newline after each row of tiles, then ``<fake_token_around_image><global-img>``, the global grid,
+    ``<fake_token_around_image>``. The markers are text tokens. Each grid (a tile's or the global image's) is
+    one image span of ``side x side`` tokens (``side`` = tile patches per side / the pixel-shuffle factor,
+    row-major, as the connector's pixel shuffle orders them). Spans are reported per image with the global
+    image's span first: ``image_spans[0]`` and ``grids[0]`` cover the whole image (as LLaVA-NeXT's base grid
+    does), so maps over "the first grid" (AGLA's attention matcher, CARVE, the dashboard) read the global
+    view; the tiles follow in reading order.
+
+    Pixels: the processor pads each row's tiles to the batch's largest count with all-zero tiles, which the
+    model drops; ``encode`` keeps only the real tiles, one per row of ``pixel_values`` ([tiles, 1, C, H, W]),
+    so that a branch's pixel transform (VCD's noise) touches its own image's tiles and never a padding tile.
+    """
+
+    family = "smolvlm"
+    model_classes = (SmolVLMForConditionalGeneration,)
+    has_cls_vision_attention = False  # a SigLIP-style tower: no CLS token
+    vision_feature_hook = True
+    single_grid_per_image = False
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.text_model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_model
+
+    @property
+    def grid_side(self) -> int:
+        """Tokens per side of each tile's grid (and of the global image's)."""
+        vc = self.model.config.vision_config
+        return int(vc.image_size // vc.patch_size // self.model.config.scale_factor)
+
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """As the base class, with images nested per row (the processor's layout) and only the real tiles kept."""
+        nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
+        self.tokenizer.padding_side = "left"
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if any(nested):
+            kwargs["images"] = nested
+        batch = {k: v for k, v in dict(self.processor(**kwargs)).items() if isinstance(v, torch.Tensor)}
+        if "pixel_values" in batch:
+            # row b's tiles are its first (runs of image tokens) entries; the rest are the processor's padding
+            counts = [len(_runs(ids == self.image_token_id)) for ids in batch["input_ids"]]
+            for key in ("pixel_values", "pixel_attention_mask"):
+                if key in batch:
+                    v = batch[key]
+                    batch[key] = torch.cat([v[b, :n] for b, n in enumerate(counts)]).unsqueeze(1)
+        return batch
+
+    def _image_runs(self, ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """The runs of image tokens of one row, grouped per image (its tiles, then its global image)."""
+        global_id = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "global_image_token", "<global-img>"))
+        images, current = [], []
+        for s, e in _runs(ids == self.image_token_id):
+            current.append((s, e))
+            if s > 0 and int(ids[s - 1]) == global_id:  # the global image closes an image's block
+                images.append(current)
+                current = []
+        if current:  # a block without a global image (not the processor's layout): its runs as they are
+            images.append(current)
+        return images
+
+    def row_layouts(self, batch: dict[str, torch.Tensor]) -> list[RowLayout]:
+        side = self.grid_side
+        layouts = []
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            spans = [span for runs in self._image_runs(ids) for span in (runs[-1:] + runs[:-1])]  # global first
+            layouts.append(RowLayout(pad=int((mask == 0).sum()), image_spans=tuple(spans),
+                                     grids=tuple((side, side) for _ in spans)))
+        return layouts
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        return [g for lay in self.row_layouts(batch) for g in lay.grids]
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        return [len(runs) for ids in batch["input_ids"] for runs in self._image_runs(ids)]
+
+    def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
+        out, start = [], 0
+        for n in self.vision_tiles_per_image(batch):
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+    @property
+    def vision_feature_attention_index(self) -> int | None:
+        return -1  # the connector reads the last encoder layer (through the post-layernorm)
+
+    def hook_vision_feature_attention(self, fn: VisionAttentionHook) -> HookHandles:
+        """As the base class, at the last encoder layer's SigLIP-style self-attention; N = the real tiles (each
+        image's tiles then its global image), in ``pixel_values`` order."""
+        attn = self.vision_tower.encoder.layers[-1].self_attn
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            first = output[0] if isinstance(output, tuple) else output
+            new = fn(module, hidden, first)
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return HookHandles([attn.register_forward_hook(hook, with_kwargs=True)])
+
+
+class InstructBlipAdapter(Adapter):
+    """InstructBLIP with a decoder-only language model: the image is the Q-Former's learned query tokens.
+
+    The processor puts ``num_query_tokens`` image tokens before the text (before BOS); the Q-Former reads the
+    instruction too (``qformer_input_ids``, its own tokenizer). The query tokens are not patches: there is no
+    2-D grid (``grids`` reports (1, queries), a row of tokens, with ``image_grid_2d`` False), so methods that map
+    attention over image tokens onto the image, or that need a concentric grid, refuse. BLIP's ViT has a CLS
+    token, but no image token of the language model stands for a patch.
+
+    The stock wrapper's forward needs pixel values on every call; text-only rows and decode steps therefore run
+    its language model directly (``forward``), prefills with images embed the queries as the wrapper does.
+    """
+
+    family = "instructblip"
+    model_classes = (InstructBlipForConditionalGeneration,)
+    has_cls_vision_attention = True
+    single_grid_per_image = False
+    image_grid_2d = False
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        if not model.config.use_decoder_only_language_model:
+            raise InputError(f"InstructBLIP with an encoder-decoder language model "
+                             f"({model.config.text_config.model_type}) is not supported: clearsight's decoding runs "
+                             "decoder-only language models; use a Vicuna / OPT InstructBLIP checkpoint")
+        super().__init__(model, processor)
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.language_model.model
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.vision_model
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.model.config.num_query_tokens)
+
+    def chat_prompt(self, prompt: str, has_image: bool | int, add_generation_prompt: bool = True) -> str:
+        """The prompt as InstructBLIP takes it (no chat template: the processor puts the image first), or the
+        processor's chat template when it has one."""
+        if int(has_image) > 1:
+            raise InputError("instructblip takes one image per prompt (its query tokens come before the text): "
+                             "send one image per request")
+        if getattr(self.processor, "chat_template", None):
+            return super().chat_prompt(prompt, has_image, add_generation_prompt)
+        return prompt
+
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """Each row alone through the processor (it would put the queries in front of every row of a batch,
+        and padding between them and the text), then left-padded; the Q-Former's ids are right-padded (its
+        text positions start at 0), one row per image."""
+        rows = []
+        for text, image in zip(texts, images):
+            if isinstance(image, list):
+                if len(image) > 1:
+                    raise InputError("instructblip takes one image per prompt (its query tokens come before the "
+                                     "text): send one image per request")
+                image = image[0] if image else None
+            rows.append(self.processor(text=[text], images=[image] if image is not None else None,
+                                       return_tensors="pt"))
+        width = max(int(r["input_ids"].shape[1]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = int(r["input_ids"].shape[1])
+            ids[b, width - n:], mask[b, width - n:] = r["input_ids"][0], r["attention_mask"][0]
+        batch = {"input_ids": ids, "attention_mask": mask}
+        with_image = [r for r in rows if "pixel_values" in r]
+        if with_image:
+            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in with_image])
+            qpad = self.processor.qformer_tokenizer.pad_token_id or 0
+            qwidth = max(int(r["qformer_input_ids"].shape[1]) for r in with_image)
+            qids = torch.full((len(with_image), qwidth), qpad, dtype=torch.long)
+            qmask = torch.zeros((len(with_image), qwidth), dtype=torch.long)
+            for i, r in enumerate(with_image):
+                n = int(r["qformer_input_ids"].shape[1])
+                qids[i, :n], qmask[i, :n] = r["qformer_input_ids"][0], r["qformer_attention_mask"][0]
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = qids, qmask
+        return batch
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        return [(1, self.num_queries)] * len(batch.get("pixel_values", ()))
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        return [self.num_queries] * len(batch.get("pixel_values", ()))
+
+    def forward(self, **inputs: Any) -> Any:
+        pixel_values = inputs.pop("pixel_values", None)
+        qformer_ids = inputs.pop("qformer_input_ids", None)
+        qformer_mask = inputs.pop("qformer_attention_mask", None)
+        lm = self.model.language_model
+        if pixel_values is None:
+            return lm(**inputs)
+        # as the wrapper's forward: the projected query outputs replace the image tokens' embeddings
+        ids = inputs.pop("input_ids")
+        queries = self.model.get_image_features(pixel_values, qformer_input_ids=qformer_ids,
+                                                qformer_attention_mask=qformer_mask, return_dict=True).pooler_output
+        embeds = self.model.get_input_embeddings()(ids)
+        where = self.model.get_placeholder_mask(ids, inputs_embeds=embeds)
+        return lm(inputs_embeds=embeds.masked_scatter(where, queries.to(embeds.dtype)), **inputs)
+
+    @property
+    def decode_model(self) -> torch.nn.Module:
+        return self.model.language_model
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -543,7 +795,7 @@ class TextOnlyAdapter(Adapter):
 
 # most specific first: adapter_for takes the first whose classes match
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                       Qwen2_5_VLAdapter)
+                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter, InstructBlipAdapter)
 
 CAPABILITIES: dict[str, str] = {
     "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",
@@ -553,6 +805,8 @@ CAPABILITIES: dict[str, str] = {
     "single_grid_per_image": "each image is exactly one rows x cols block of tokens (no anyres tiles or newlines)",
     "center_crop_preprocess": "the processor resizes and center-crops (CLIP-style), so a box maps to the grid "
                               "through that crop",
+    "image_grid_2d": "each image's tokens are a rows x cols grid of patches (not learned queries such as "
+                     "InstructBLIP's Q-Former outputs), so attention over them maps onto the image",
 }
 
 

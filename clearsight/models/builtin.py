@@ -175,6 +175,91 @@ def tiny_qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(cfg), 6), proc
 
 
+def tiny_qwen3_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen3-VL: 16 px patches, DeepStack (two vision layers' features added into the first two LLM layers),
+    interleaved M-RoPE, QK-norm; the image-only Qwen3-VL processor (no video)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from clearsight.models.processors import ImageOnlyQwen3VLProcessor
+
+    tok = word_level_tokenizer(TINY_WORDS, QWEN_SPECIALS, image_token="<|image_pad|>", bos=None, eos="<|im_end|>")
+    ip = Qwen2VLImageProcessorPil(min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16, patch_size=16, merge_size=2,
+                                  temporal_patch_size=2)
+    proc = ImageOnlyQwen3VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+    cfg = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        text_config=dict(TINY_TEXT, vocab_size=len(tok), head_dim=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    return _seeded(lambda: Qwen3VLForConditionalGeneration(cfg), 21), proc
+
+
+SMOLVLM_SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                    "<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)))
+
+
+def tiny_smolvlm() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """SmolVLM: a SigLIP-style tower on 24 px tiles (6x6 patches, pixel shuffle to 3x3 tokens); images resized to
+    48 px and split into 24 px tiles plus a global image, tiles marked by <fake_token_around_image><row_i_col_j>."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    from clearsight.models.processors import ImageOnlySmolVLMProcessor
+
+    tok = word_level_tokenizer(TINY_WORDS, SMOLVLM_SPECIALS, image_token="<image>", bos=None,
+                               eos="<end_of_utterance>")
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 24},
+                                  do_image_splitting=True)
+    proc = ImageOnlySmolVLMProcessor(image_processor=ip, tokenizer=tok, image_seq_len=9,
+                                     chat_template=DEFAULT_CHAT_TEMPLATE)
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=24, patch_size=4, initializer_range=0.2),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None, **TINY_TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, pad_token_id=tok.pad_token_id,
+    )
+    return _seeded(lambda: SmolVLMForConditionalGeneration(cfg), 23), proc
+
+
+def tiny_instructblip() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """InstructBLIP: BLIP ViT (CLS + 4x4 patches), a 2-layer Q-Former with 8 learned queries reading the
+    instruction through its own tokenizer, a Llama language model; no chat template (the queries come first)."""
+    from tokenizers import processors
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = word_level_tokenizer(TINY_WORDS, LLAVA_SPECIALS, image_token=None, bos="<s>", eos="</s>")
+    # the language tokenizer puts BOS in front of the text (Vicuna's does); the queries go before it
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    qtok = word_level_tokenizer(TINY_WORDS, ("<pad>", "<unk>", "[CLS]", "[SEP]"), image_token=None, bos=None,
+                                eos="[SEP]")
+    qtok.padding_side = "right"  # the Q-Former's text positions start at 0
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=8)
+    cfg = InstructBlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=len(qtok), max_position_embeddings=128, pad_token_id=qtok.pad_token_id),
+        text_config=dict(model_type="llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **TINY_TEXT),
+        num_query_tokens=8, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    return _seeded(lambda: InstructBlipForConditionalGeneration(cfg), 24), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -195,6 +280,11 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
     "tiny-llava-onevision": ("random-weight LLaVA-OneVision model (SigLIP, anyres tiles, Qwen2 4 layers)",
                              tiny_llava_onevision),
     "tiny-qwen2.5-vl": ("random-weight Qwen2.5-VL model (M-RoPE, windowed vision attention)", tiny_qwen2_5_vl),
+    "tiny-qwen3-vl": ("random-weight Qwen3-VL model (DeepStack, interleaved M-RoPE, QK-norm)", tiny_qwen3_vl),
+    "tiny-smolvlm": ("random-weight SmolVLM model (tiles + global image, pixel shuffle, Llama 4 layers)",
+                     tiny_smolvlm),
+    "tiny-instructblip": ("random-weight InstructBLIP model (8 Q-Former queries, no grid; Llama 4 layers)",
+                          tiny_instructblip),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

@@ -195,6 +195,26 @@ def _load_processor(location: str) -> ProcessorMixin:
             num_image_tokens=saved.get("num_image_tokens") or side * side,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             vision_aspect_ratio=saved.get("vision_aspect_ratio", cfg.vision_aspect_ratio))
+    if cfg.model_type == "qwen3_vl":  # its stock processor needs a video processor too
+        from clearsight.models.processors import ImageOnlyQwen3VLProcessor
+
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        ip = Qwen2VLImageProcessorPil.from_pretrained(location, local_files_only=True)
+        return ImageOnlyQwen3VLProcessor(image_processor=ip, tokenizer=tok,
+                                         chat_template=_processor_config(location).get("chat_template",
+                                                                                       tok.chat_template))
+    if cfg.model_type == "smolvlm":  # its stock processor needs a video processor and num2words (videos only)
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        from clearsight.models.processors import ImageOnlySmolVLMProcessor
+
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        ip = SmolVLMImageProcessorPil.from_pretrained(location, local_files_only=True)
+        saved = _processor_config(location)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        return ImageOnlySmolVLMProcessor(image_processor=ip, tokenizer=tok,
+                                         image_seq_len=saved.get("image_seq_len") or side * side,
+                                         chat_template=saved.get("chat_template", tok.chat_template))
     if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         if failure is not None:
             raise failure

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor
+from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor, Qwen3VLProcessor, SmolVLMProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -56,3 +56,48 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without the video processor (torchvision-free, as for Qwen2-VL above).
+
+    Images tokenise as in the stock class (``<|vision_start|>``, the merged patches, ``<|vision_end|>``);
+    the frame timestamps (``<t seconds>``) it writes exist only for videos, which need the video processor.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+    """SmolVLM's processor without the video processor and without ``num2words`` (both serve videos only).
+
+    Images are laid out as in the stock class: per tile ``<fake_token_around_image><row_i_col_j>`` and the
+    tile's image tokens, a newline after each row of tiles, then the global image between two
+    ``<fake_token_around_image>`` with ``<global-img>`` in front.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None,
+                 **kwargs):
+        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+        self.image_token = getattr(tokenizer, "image_token", "<image>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+        self.image_seq_len = image_seq_len
+        self.video_token = None  # no videos: nothing in the text is a video slot
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def apply_chat_template(self, conversation, chat_template=None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs):
+        # the stock method reads the video processor's frame settings first; images need none of them
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+                                                  **kwargs)

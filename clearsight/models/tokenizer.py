@@ -14,7 +14,7 @@ PUNCTUATION = (".", ",", "?", "!", ":", ";", "'", "\n")
 
 
 def word_level_tokenizer(
-    words: Iterable[str], specials: tuple[str, ...], *, image_token: str, bos: str | None, eos: str
+    words: Iterable[str], specials: tuple[str, ...], *, image_token: str | None, bos: str | None, eos: str
 ) -> PreTrainedTokenizerFast:
     """A whitespace + punctuation word tokenizer over a fixed vocabulary; unknown words map to <unk>.
 
@@ -34,7 +34,8 @@ def word_level_tokenizer(
         pad_token="<pad>",
         eos_token=eos,
         padding_side="left",
-        extra_special_tokens={"image_token": image_token},
+        # no image_token attribute when None: InstructBLIP's processor registers its own (and breaks on a string)
+        extra_special_tokens={"image_token": image_token} if image_token else {},
         **kwargs,
     )
     hf.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in ("<pad>", "<unk>")]})

@@ -25,13 +25,14 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "agla": (),
     "vhr": (),
     "var": (),
-    "mma": (),
+    "mma": (("causal_image_tokens", "sets the prompt mask (this family's image tokens attend bidirectionally)"),),
     "causalmm": (),
     "causalmm:level=vision": (
         ("vision_feature_hook", "needs a CLIP/SigLIP-style vision feature layer to hook (use level=llm)"),),
     "cca": (
         ("single_grid_per_image", "needs one plain token grid per image (this family has anyres tiles)"),
         ("plain_1d_positions", "needs 1-D position ids (this family uses 3-D M-RoPE positions)"),
+        ("causal_image_tokens", "sets the prompt mask (this family's image tokens attend bidirectionally)"),
     ),
     "imbalanced": (("has_cls_vision_attention", "needs the vision tower's CLS->patch attention (no CLS token)"),),
 }

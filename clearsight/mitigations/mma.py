@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from clearsight.errors import InputError
 from clearsight.mitigations.base import Mitigation, RequestContext
 from clearsight.mitigations.cca import warn_untrained
 from clearsight.mitigations.pai import image_rows
@@ -83,6 +84,9 @@ class MMA(Mitigation):
     trained: bool = Field(False, description="assert the checkpoint was trained with MMA (silences the warning)")
 
     def apply(self, ctx: RequestContext) -> None:
+        if not ctx.lvlm.adapter.causal_image_tokens:
+            raise InputError(f"mma is not supported for {ctx.lvlm.adapter.family}: its image tokens attend to their "
+                             "whole image at prefill, a prompt mask that the modality-mutual mask would replace")
         warn_untrained(ctx, "mma", "modality-mutual attention", "Sony/AKI-4B-phi-3.5-mini", self.trained)
         rows = image_rows(ctx)  # rows without an image keep the causal mask
         if not rows:

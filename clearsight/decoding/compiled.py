@@ -91,6 +91,9 @@ def why_not(batch: Batch) -> str | None:
         return f"the {batch.backend} backend is not captured (compiled: {', '.join(CAPTURABLE_BACKENDS)})"
     if batch.stats is not None:
         return "attention statistics were requested"
+    if "sliding_attention" in (getattr(batch.lvlm.model.config.get_text_config(), "layer_types", None) or ()):
+        # transformers' StaticCache keeps only the window in those layers, the plan indexes every key
+        return "the model has sliding-window layers, which the static cache does not keep whole"
     for e in batch.entries:
         if e.installed:
             names = ", ".join(m.name for m in e.mitigations)
@@ -142,7 +145,7 @@ class StaticDecode:
 
     def to_dynamic(self, config) -> DynamicCache:
         """The keys written so far as a DynamicCache (for the batch's row operations and the eager step)."""
-        dyn = DynamicCache(config=config)
+        dyn = DynamicCache()  # every layer keeps every key, as the batch's own cache (batch.full_cache)
         for i, layer in enumerate(self.cache.layers):
             dyn.update(layer.keys[:, :, :self.length].clone(), layer.values[:, :, :self.length].clone(), i)
         return dyn

@@ -14,7 +14,8 @@ Semantics, per layer l, row b, head h, query row i (key index q_i), key j (segme
 4. mask: key j allowed iff it is not padding and ``k_rank[b, j] <= q_limit[b, i]`` (causal by default),
    or ``q_lo2[b, i] <= k_rank[b, j] <= q_hi2[b, i]`` (a second interval of ranks per query, empty by
    default: lo2 = 0, hi2 = -1; AKI's modality-mutual mask, where image queries stay causal among the
-   image and also see the question after it)
+   image and also see the question after it); in a sliding-window layer (the model passes ``sliding_window``)
+   also ``j > q_i - window`` (``AttentionPlan.windowed``)
 5. ``a = softmax(s)``
 6. counterfactual (CausalMM branches): on image keys the distribution is replaced by a uniform,
    random, shuffled or reversed one, keeping the row's image mass (see ``counterfactual_weights``).
@@ -210,7 +211,7 @@ class ForwardCache:
 
     seg: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     mask: tuple[tuple[int, int], torch.Tensor] | None = None
-    float_mask: tuple[tuple[int, int, torch.dtype], torch.Tensor] | None = None
+    float_mask: tuple[tuple[int, int, torch.dtype, int | None], torch.Tensor] | None = None
     grid: dict[tuple, CounterfactualGrid] = field(default_factory=dict)
     q_index: tuple[tuple[int, int], torch.Tensor] | None = None
 
@@ -831,12 +832,13 @@ class AttentionPlan:
         return allowed
 
     def counterfactual_grid(self, layer: int, allowed: torch.Tensor, q_index: torch.Tensor, dtype: torch.dtype,
-                            random: bool) -> CounterfactualGrid:
+                            random: bool, window: int | None = None) -> CounterfactualGrid:
         """``counterfactual_grid`` for this layer's image keys and these query rows (``allowed`` [B, 1, Lq, Lk]
-        is ``self.allowed`` for them), cached for the forward: layers with the plan's segments share one."""
+        is ``self.allowed`` for them, with this layer's sliding ``window``), cached for the forward: layers with the
+        plan's segments and the same window share one."""
         Lq, Lk = allowed.shape[2], allowed.shape[3]
         seg_key = layer if (e := self.layers.get(layer)) is not None and e.segment is not None else -1
-        key = (seg_key, Lq, Lk, dtype, random)
+        key = (seg_key, Lq, Lk, dtype, random, window)
         hit = self.cache.grid.get(key)
         if hit is not None:
             return hit
@@ -865,6 +867,17 @@ class AttentionPlan:
         grid.draws.update(zip(layers, draws.unbind(0)))
         return grid.draws[layer]
 
+    def windowed(self, allowed: torch.Tensor, window: int | None) -> torch.Tensor:
+        """``allowed`` [B, 1, Lq, Lk] of the last Lq queries, narrowed to a sliding window: key j stays visible to
+        query i only if ``j > i - window`` (transformers' ``sliding_window_overlay``, on key indices: every layer
+        keeps every key, see ``decoding.batch``). None = no window (a global layer)."""
+        if window is None:
+            return allowed
+        Lq, Lk = allowed.shape[2], allowed.shape[3]
+        q_index = self.query_index(Lq, Lk)
+        kv = torch.arange(Lk, device=allowed.device)
+        return allowed & (kv.view(1, -1) > q_index.view(-1, 1) - window).view(1, 1, Lq, Lk)
+
     def query_index(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Key index of each query row, [Lq] int64 (cached with the mask: one per forward)."""
         key = (num_queries, num_keys)
@@ -872,12 +885,14 @@ class AttentionPlan:
             self.cache.q_index = (key, torch.arange(num_keys - num_queries, num_keys, device=self.device))
         return self.cache.q_index[1]
 
-    def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """``allowed`` as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every layer of a forward."""
-        key = (num_queries, num_keys, dtype)
+    def float_mask(self, num_queries: int, num_keys: int, dtype: torch.dtype, window: int | None = None
+                   ) -> torch.Tensor:
+        """``allowed`` (narrowed to ``window``) as an additive mask (0 / -inf), [B, 1, Lq, Lk]; shared by every
+        layer of a forward with the same window."""
+        key = (num_queries, num_keys, dtype, window)
         if self.cache.float_mask is not None and self.cache.float_mask[0] == key:
             return self.cache.float_mask[1]
-        allowed = self.allowed(num_queries, num_keys)
+        allowed = self.windowed(self.allowed(num_queries, num_keys), window)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
         self.cache.float_mask = (key, mask)
         return mask

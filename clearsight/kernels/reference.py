@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv  # grouped-query attention
 
+from clearsight.errors import InputError
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import (
     AttentionPlan,
@@ -36,8 +37,10 @@ def explicit_probabilities(
     scores: torch.Tensor,
     allowed: torch.Tensor,
     q_index: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Plan steps 2-7 on explicit scores [B, H, Lq, Lk] (float32) -> probabilities."""
+    """Plan steps 2-7 on explicit scores [B, H, Lq, Lk] (float32) -> probabilities (``allowed`` already narrowed
+    to the layer's sliding ``window``, which keys the per-forward caches)."""
     edit = plan.layer_edit(layer) if plan is not None else None
     s = scores
     if edit is not None:
@@ -61,7 +64,7 @@ def explicit_probabilities(
             extra = torch.arange(src.shape[1], seg.shape[1], device=src.device).repeat(src.shape[0], 1)
             src = torch.cat([src, extra], 1)
         random = Counterfactual.RANDOM in edit.counterfactual_kinds
-        grid = plan.counterfactual_grid(layer, allowed, q_index, a.dtype, random)
+        grid = plan.counterfactual_grid(layer, allowed, q_index, a.dtype, random, window)
         a = counterfactual_weights(a, grid.image_keys, cf.kind, cf.seed, src, q_index, plan.pad,
                                    edit.counterfactual_kinds, grid,
                                    plan.counterfactual_draws(layer, grid) if random else None)
@@ -90,6 +93,19 @@ def finish_output(plan: AttentionPlan | None, layer: int, out: torch.Tensor) -> 
     return out.transpose(1, 2).contiguous()
 
 
+def check_attention_kwargs(module: torch.nn.Module, kwargs: dict) -> int | None:
+    """The layer's sliding window (None: global), after refusing attention features no backend executes.
+
+    Sliding windows are executed (``AttentionPlan.windowed``); logit soft-capping is not, and no supported
+    family passes it (Gemma 3 keeps ``attn_logit_softcapping`` in its config but never hands it to attention),
+    so a model that does is refused rather than run without it."""
+    if kwargs.get("softcap") is not None:
+        raise InputError(f"{type(module).__name__} asks for attention logit soft-capping, which clearsight's "
+                         "backends do not execute: use backend sdpa or eager (stock attention, no attention edits)")
+    window = kwargs.get("sliding_window")
+    return int(window) if window else None
+
+
 def reference_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -100,6 +116,7 @@ def reference_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    window = check_attention_kwargs(module, kwargs)
     plan = current_plan()
     layer = module.layer_idx
     B, H, Lq, D = query.shape
@@ -111,10 +128,10 @@ def reference_attention(
     scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
     q_index = torch.arange(Lk - Lq, Lk, device=query.device)
     if plan is not None:
-        allowed = plan.allowed(Lq, Lk)
+        allowed = plan.windowed(plan.allowed(Lq, Lk), window)
     else:
-        allowed = hf_allowed(attention_mask, B, Lq, Lk, query.device)
-    a = explicit_probabilities(plan, layer, scores, allowed, q_index)
+        allowed = hf_allowed(attention_mask, B, Lq, Lk, query.device)  # transformers' mask has the window
+    a = explicit_probabilities(plan, layer, scores, allowed, q_index, window)
     if plan is not None:
         if plan.stats.wants(layer):
             record_stats(plan, layer, a)

@@ -26,7 +26,7 @@ from clearsight.kernels.plan import (
     redistribution_factors,
     segment_one_hot,
 )
-from clearsight.kernels.reference import explicit_probabilities, finish_output
+from clearsight.kernels.reference import check_attention_kwargs, explicit_probabilities, finish_output
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,7 @@ def torch_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    window = check_attention_kwargs(module, kwargs)
     plan = current_plan()
     layer = module.layer_idx
     edit = plan.layer_edit(layer) if plan is not None else None
@@ -112,14 +113,14 @@ def torch_attention(
     Lk = k.shape[2]
     scale = scaling if scaling is not None else D**-0.5
     q_index = plan.query_index(Lq, Lk)
-    allowed = plan.allowed(Lq, Lk)
+    allowed = plan.windowed(plan.allowed(Lq, Lk), window)
     q0 = _first_explicit_row(plan, edit, layer, Lq, Lk)
 
     outs, masses, probs = [], [], None
     if q0 > 0:
         out, m = _sdpa_rows(
-            plan, edit, layer, query[:, :, :q0], k, v, plan.float_mask(Lq, Lk, query.dtype)[:, :, :q0], q_index[:q0],
-            scale,
+            plan, edit, layer, query[:, :, :q0], k, v, plan.float_mask(Lq, Lk, query.dtype, window)[:, :, :q0],
+            q_index[:q0], scale,
             want_masses=stats and plan.stats.segment_mass,
         )
         outs.append(out.float())
@@ -129,7 +130,7 @@ def torch_attention(
         # at decode this path's cost is its op count (one query row): no no-op casts or slices
         scores = torch.matmul(_f32(query if q0 == 0 else query[:, :, q0:]), _f32(k).transpose(-1, -2)) * scale
         probs = explicit_probabilities(plan, layer, scores, allowed if q0 == 0 else allowed[:, :, q0:],
-                                       q_index if q0 == 0 else q_index[q0:])
+                                       q_index if q0 == 0 else q_index[q0:], window)
         outs.append(torch.matmul(probs, _f32(v)))
         if stats and plan.stats.segment_mass:
             seg = plan.segments(layer, Lk)

@@ -111,9 +111,9 @@ def _score_tile(
     q, offs_n, n_ok, offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0, scale,
     k_base, stride_kn, stride_kd, offs_d, d_ok,
     seg_base, bias_base, abs_base, rank_base,
-    mask_base, stride_mq, stride_mk,
+    mask_base, stride_mq, stride_mk, window,
     HAS_BIAS: tl.constexpr, HAS_ABS: tl.constexpr, HAS_RANK: tl.constexpr, DENSE_MASK: tl.constexpr,
-    NEED_SEG: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    NEED_SEG: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Plan steps 1-4 for the keys ``offs_n`` (a contiguous tile, or a gathered one for SHUFFLED).
 
@@ -153,6 +153,9 @@ def _score_tile(
         else:
             allowed = offs_n[None, :] <= lim[:, None]
         allowed = allowed & (offs_n >= pad)[None, :] & n_ok[None, :]
+        if HAS_WINDOW:
+            # sliding-window layer (Gemma 3): key j visible only if j > i - window (AttentionPlan.windowed)
+            allowed = allowed & (offs_n[None, :] > qi[:, None] - window)
         # padding query rows attend to themselves only (plan.allowed), so no softmax row is empty
         allowed = tl.where(is_padq[:, None], offs_n[None, :] == qi[:, None], allowed)
     allowed = allowed & m_ok[:, None]  # rows past Lq: all -inf, so their dead lanes stay finite
@@ -180,13 +183,13 @@ def _attn_kernel(
     CfKind, CfSeed, CfSource, stride_srcb,
     RedP, RedRho, RedMin, RedFrom,
     Mask, stride_mb, stride_mq, stride_mk,
-    H, N_REP, Lq, Lk, L0, D, scale,
+    H, N_REP, Lq, Lk, L0, D, scale, Window,
     MODE: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_PER_ROW: tl.constexpr, HAS_PAD: tl.constexpr, HAS_RANK: tl.constexpr, DENSE_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ABS: tl.constexpr, HAS_HS: tl.constexpr, HAS_CF: tl.constexpr,
     HAS_RED: tl.constexpr, STATS_SEG: tl.constexpr, STATS_LAST: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -251,6 +254,8 @@ def _attn_kernel(
         lo = 0
     else:
         lo = (tl.minimum(pad, q_first) // BLOCK_N) * BLOCK_N  # keys before the padding never count
+        if HAS_WINDOW:  # nor keys before the tile's sliding window
+            lo = tl.maximum(lo, (tl.maximum(q_first - Window + 1, 0) // BLOCK_N) * BLOCK_N)
     n_blocks = (hi - lo + BLOCK_N - 1) // BLOCK_N
     per_split = (n_blocks + SPLITS - 1) // SPLITS
     start = lo + pid_s * per_split * BLOCK_N
@@ -404,8 +409,8 @@ def _attn_kernel(
             s, seg, allowed = _score_tile(
                 q, offs_n, n_ok, offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0, scale,
                 k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base, rank_base,
-                mask_base, stride_mq, stride_mk,
-                HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
+                mask_base, stride_mq, stride_mk, Window,
+                HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC, HAS_WINDOW,
             )
             if MODE == 0:
                 m_new = tl.maximum(m_i, _rmax(s, axis=1))
@@ -436,8 +441,8 @@ def _attn_kernel(
                             q, src, n_ok & (src < kvl), offs_m, m_ok, qi, lim, lo2, hi2, is_padq, abs_rows, pad, L0,
                             scale,
                             k_base, stride_kn, stride_kd, offs_d, d_ok, seg_base, bias_base, abs_base,
-                            rank_base, mask_base, stride_mq, stride_mk,
-                            HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC,
+                            rank_base, mask_base, stride_mq, stride_mk, Window,
+                            HAS_BIAS, HAS_ABS, HAS_RANK, DENSE_MASK, NEED_SEG, UPCAST, DOT_PREC, HAS_WINDOW,
                         )
                     if kind == 2:
                         u = _uniform_hash(seed, h, qi[:, None] - pad, offs_n[None, :] - pad)  # pad-relative positions
@@ -610,6 +615,7 @@ class KernelPlan:
     red_min: torch.Tensor | None = None
     red_from: torch.Tensor | None = None
     dense_mask: torch.Tensor | None = None  # [B|1, 1, Lq|1, >=Lk] bool (no plan bound: transformers' mask)
+    window: int | None = None  # sliding window of the layer (with a plan; a dense mask already has it)
     want_segment_mass: bool = False
     want_last_row: bool = False
 
@@ -741,6 +747,7 @@ def fused_attention(
         DENSE_MASK=mask is not None, HAS_BIAS=kp.bias is not None, HAS_ABS=kp.abs_bias is not None,
         HAS_HS=kp.head_scale is not None, HAS_CF=kp.cf_kind is not None, HAS_RED=kp.red_p is not None,
         STATS_SEG=kp.want_segment_mass, STATS_LAST=kp.want_last_row, UPCAST=upcast, DOT_PREC=dot_prec,
+        HAS_WINDOW=kp.window is not None and mask is None,
     )
     grid = (triton.cdiv(Lq, BLOCK_M), B * H, SPLITS)
     args = [
@@ -752,7 +759,7 @@ def fused_attention(
         _i(kp.cf_kind), _i(kp.cf_seed), src, src.stride(0) if kp.cf_source is not None else 0,
         _f(kp.red_p), _f(kp.red_rho), _f(kp.red_min), _i(kp.red_from),
         *mask_args,
-        H, H // Hkv, Lq, Lk, kp.prompt_len, D, float(scale),
+        H, H // Hkv, Lq, Lk, kp.prompt_len, D, float(scale), int(kp.window or 0),
     ]
     launch = dict(num_warps=num_warps, num_stages=2)
     if two_pass:
@@ -803,7 +810,7 @@ def compile_check(arch: int = 90, dtype: str = "bf16") -> list[str]:
     flags = dict(
         SPLITS=1, KV_PER_ROW=False, HAS_PAD=True, HAS_RANK=False, DENSE_MASK=False, HAS_BIAS=False,
         HAS_ABS=False, HAS_HS=False, HAS_CF=False, HAS_RED=False, STATS_SEG=False, STATS_LAST=False,
-        UPCAST=dtype == "fp32", DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=128,
+        HAS_WINDOW=False, UPCAST=dtype == "fp32", DOT_PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_D=128,
     )
     every = dict(HAS_BIAS=True, HAS_ABS=True, HAS_RANK=True, HAS_HS=True, HAS_CF=True, HAS_RED=True,
                  STATS_SEG=True, STATS_LAST=True)
@@ -811,6 +818,7 @@ def compile_check(arch: int = 90, dtype: str = "bf16") -> list[str]:
         "prefill/online": dict(MODE=0),
         "prefill/online+mask+bias+stats": dict(MODE=0, HAS_BIAS=True, HAS_ABS=True, HAS_RANK=True, STATS_SEG=True),
         "prefill/dense-mask": dict(MODE=0, DENSE_MASK=True, HAS_PAD=False, KV_PER_ROW=True),
+        "prefill/online+window+mask": dict(MODE=0, HAS_WINDOW=True, HAS_RANK=True),
         "prefill/stats-pass": dict(MODE=1, **every),
         "prefill/output-pass": dict(MODE=2, **every),
         "decode/online-split": dict(MODE=0, SPLITS=8, KV_PER_ROW=True, STATS_SEG=True, HAS_HS=True),

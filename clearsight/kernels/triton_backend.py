@@ -23,6 +23,7 @@ import torch
 
 from clearsight.kernels.context import current_plan
 from clearsight.kernels.plan import AttentionPlan
+from clearsight.kernels.reference import check_attention_kwargs
 from clearsight.kernels.triton_attention import INTERPRET, KernelPlan, fused_attention
 
 # (weak reference to the mask, kv_valid) of the last call: transformers builds one mask per forward
@@ -50,12 +51,14 @@ def valid_key_length(attention_mask: torch.Tensor, batch: int, num_keys: int) ->
     return kv
 
 
-def kernel_plan(plan: AttentionPlan | None, layer: int, attention_mask: torch.Tensor | None) -> KernelPlan:
-    """The vectors of one layer's edits, as the kernel reads them (no copies of plan tensors)."""
+def kernel_plan(plan: AttentionPlan | None, layer: int, attention_mask: torch.Tensor | None,
+                window: int | None = None) -> KernelPlan:
+    """The vectors of one layer's edits, as the kernel reads them (no copies of plan tensors); ``window``: the
+    layer's sliding window (transformers' mask already holds it when no plan is bound)."""
     if plan is None:
         return KernelPlan(dense_mask=attention_mask)
     edit = plan.layer_edit(layer)
-    kp = KernelPlan(pad=plan.pad, prompt_len=plan.prompt_len)
+    kp = KernelPlan(pad=plan.pad, prompt_len=plan.prompt_len, window=window)
     if plan.k_rank is not None:
         kp.k_rank, kp.q_limit, kp.q_lo2, kp.q_hi2 = plan.k_rank, plan.q_limit, plan.q_lo2, plan.q_hi2
     seg = edit.segment if edit is not None and edit.segment is not None else plan.segment
@@ -99,6 +102,7 @@ def triton_attention(
             "interpreter: export TRITON_INTERPRET=1 before starting Python (it is read when the kernels are "
             "defined), or use the torch backend"
         )
+    window = check_attention_kwargs(module, kwargs)
     plan = current_plan()
     layer = module.layer_idx
     B, H, Lq, D = query.shape
@@ -108,7 +112,7 @@ def triton_attention(
         # SDPA slices them the same way
         key, value, Lk = key[:, :, :Lq], value[:, :, :Lq], Lq
     kv_valid = valid_key_length(attention_mask, B, Lk) if attention_mask is not None else None
-    kp = kernel_plan(plan, layer, attention_mask)
+    kp = kernel_plan(plan, layer, attention_mask, window)
     scale = scaling if scaling is not None else D**-0.5
     out, masses, last_row = fused_attention(query, key, value, kp, scale, kv_valid=kv_valid)
     if plan is not None:

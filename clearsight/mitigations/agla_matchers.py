@@ -143,8 +143,9 @@ class AttentionMatcher(Matcher):
         pad = layout.pad
         rows = torch.stack([res.stats["last_row"][layer][0] for layer in layers]).float()  # [layers, H, Lk]
         att = rows.mean((0, 1))  # [Lk] (padding removed)
-        start, (gr, gc) = layout.image_spans[0][0], layout.grids[0]
-        base = att[start - pad: start - pad + gr * gc]  # LLaVA-NeXT: the base grid comes first
+        (gr, gc) = layout.grids[0]
+        start = lvlm.adapter.grid_start(layout.image_spans[0], (gr, gc))  # LLaVA-NeXT: the base grid; InternVL: last
+        base = att[start - pad: start - pad + gr * gc]
         mass = sum(float(att[s - pad: e - pad].sum()) for s, e in layout.image_spans)
         box = center_crop_box(lvlm.processor.image_processor, image) if lvlm.adapter.center_crop_preprocess else None
         return Match(relevance=base.view(gr, gc), similarity=min(max(mass, 0.0), 1.0), box=box)

@@ -34,6 +34,7 @@ edits and branches do not handle: refused with a message naming both.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -62,15 +63,18 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
-def probe_maps(result, layers: list[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+def probe_maps(result, layers: list[int], grid_start: Callable[[tuple[int, int], tuple[int, int]], int] | None = None
+               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """[T, len(layers), rows * cols] head-mean attention of the last query row of each step over the first
-    image's grid tokens (LLaVA-NeXT: its base grid), and the grid (rows, cols), from a probe's statistics."""
+    image's grid tokens (LLaVA-NeXT: its base grid; where ``grid_start`` = ``Adapter.grid_start`` puts it, else
+    the span's first token), and the grid (rows, cols), from a probe's statistics."""
     stats = result.stats
     if not stats or not stats.get("last_row"):
         raise InputError("carve needs attention statistics of its probes, which this backend does not record: "
                          "use the torch or reference backend")
     layout = stats["layout"]
-    (start, _), (gr, gc) = layout.image_spans[0], layout.grids[0]
+    (gr, gc) = layout.grids[0]
+    start = grid_start(layout.image_spans[0], (gr, gc)) if grid_start else layout.image_spans[0][0]
     steps = len(stats["last_row"][layers[0]])
     out = torch.stack([
         torch.stack([stats["last_row"][layer][t].float().mean(0)[start - layout.pad: start - layout.pad + gr * gc]
@@ -172,7 +176,8 @@ class CARVE(Mitigation):
         tokens = self.probe_tokens if self.steps == "all" else 1
         task, general = ctx.run_probe(probes, decode=DecodeSpec(max_new_tokens=tokens),
                                       stats=StatsRequest(last_row=True, layers=frozenset(layers)))
-        (a_q, grid), (a_g, _) = probe_maps(task, layers), probe_maps(general, layers)
+        start = ctx.lvlm.adapter.grid_start
+        (a_q, grid), (a_g, _) = probe_maps(task, layers, start), probe_maps(general, layers, start)
         if self.steps == "first":
             a_q, a_g = a_q[:1], a_g[:1]
         box = ctx.lvlm.adapter.grid_box(ctx.image)

@@ -124,6 +124,9 @@ class CCA(Mitigation):
                 f"cca is not supported for {adapter.family}: it needs one plain token grid per image and 1-D position "
                 "ids (LLaVA-1.5); anyres tiles and M-RoPE's 3-D positions have no concentric layout"
             )
+        if not adapter.causal_image_tokens:
+            raise InputError(f"cca is not supported for {adapter.family}: its image tokens attend to their whole "
+                             "image at prefill, a prompt mask that CCA's ring-causal mask would replace")
         warn_untrained(ctx, "cca", "concentric causal attention", "xing0047/cca-llava-1.5-7b", self.trained)
         rows = image_rows(ctx)  # rows without an image (text-only request, no-image branches): nothing concentric
         if not rows:

@@ -25,7 +25,7 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     "agla": (("image_grid_2d", "its attention matcher needs a 2-D grid of image tokens (give clip_path)"),),
     "vhr": (),
     "var": (),
-    "mma": (),
+    "mma": (("causal_image_tokens", "sets the prompt mask (this family's image tokens attend bidirectionally)"),),
     "causalmm": (),
     "causalmm:level=vision": (
         ("vision_feature_hook", "needs a CLIP/SigLIP-style vision feature layer to hook (use level=llm)"),),
@@ -33,6 +33,7 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("image_grid_2d", "needs a 2-D grid of image tokens (this family's are learned queries)"),
         ("single_grid_per_image", "needs one plain token grid per image (this family has anyres tiles)"),
         ("plain_1d_positions", "needs 1-D position ids (this family uses 3-D M-RoPE positions)"),
+        ("causal_image_tokens", "sets the prompt mask (this family's image tokens attend bidirectionally)"),
     ),
     "imbalanced": (("image_grid_2d", "needs a 2-D grid of patch tokens to select (this family's are learned queries)"),
                    ("has_cls_vision_attention", "needs the vision tower's CLS->patch attention (no CLS token)")),

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from clearsight.errors import InputError
 from clearsight.mitigations.base import Mitigation, RequestContext
 from clearsight.mitigations.cca import untrained_reason, warn_untrained
 from clearsight.mitigations.pai import image_rows
@@ -87,6 +88,9 @@ class MMA(Mitigation):
         return untrained_reason("mma", self.trained, config)
 
     def apply(self, ctx: RequestContext) -> None:
+        if not ctx.lvlm.adapter.causal_image_tokens:
+            raise InputError(f"mma is not supported for {ctx.lvlm.adapter.family}: its image tokens attend to their "
+                             "whole image at prefill, a prompt mask that the modality-mutual mask would replace")
         warn_untrained(ctx, "mma", "modality-mutual attention", "Sony/AKI-4B-phi-3.5-mini", self.trained)
         rows = image_rows(ctx)  # rows without an image keep the causal mask
         if not rows:

@@ -13,7 +13,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from transformers import (
+    Gemma3ForConditionalGeneration,
     InstructBlipForConditionalGeneration,
+    InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -26,7 +28,7 @@ from transformers import (
 )
 
 from clearsight.errors import InputError
-from clearsight.kernels.plan import RowLayout, Segment, default_position_ids
+from clearsight.kernels.plan import AttentionPlan, RowLayout, Segment, default_position_ids
 
 LayerInputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
 HeadOutputHook = Callable[[int, torch.Tensor], torch.Tensor | None]
@@ -85,6 +87,7 @@ class Adapter:
     single_grid_per_image: ClassVar[bool] = True
     center_crop_preprocess: ClassVar[bool] = False
     image_grid_2d: ClassVar[bool] = True
+    causal_image_tokens: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model
@@ -232,6 +235,11 @@ class Adapter:
         of it (the processor resizes the whole image)."""
         return None
 
+    def grid_start(self, span: tuple[int, int], grid: tuple[int, int]) -> int:
+        """Where the rows x cols ``grid`` that covers ``grid_box`` starts in an image's token ``span``: its first
+        token (LLaVA-NeXT / OneVision: the base grid comes first; InternVL: its thumbnail, the last tile)."""
+        return span[0]
+
     def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
         """Image tokens of each image (in batch order) when the family fixes them (rows x cols of its grid), so
         that two images whose slots tokenise back to back are two spans; None = one span per run of image tokens."""
@@ -256,6 +264,10 @@ class Adapter:
         seg = torch.full(batch["input_ids"].shape, int(Segment.TEXT), dtype=torch.int8)
         seg[batch["input_ids"] == self.image_token_id] = int(Segment.IMAGE)
         return seg
+
+    def prepare_plan(self, plan: AttentionPlan) -> None:
+        """Write what the family's own attention mask does beyond padding and causality into a new plan (before
+        it runs), so the backends execute it; nothing for causal families (Gemma 3: its image blocks)."""
 
     # ------------------------------------------------------------------ positions
     def prefill_position_ids(self, batch: dict[str, torch.Tensor], layouts: list[RowLayout]) -> torch.Tensor:
@@ -760,6 +772,125 @@ class InstructBlipAdapter(Adapter):
         return self.model.language_model
 
 
+class InternVLAdapter(Adapter):
+    """InternVL3 (``InternVLForConditionalGeneration``): InternViT tiles, pixel-unshuffle, a Qwen2 language model.
+
+    The processor splits an image into up to ``max_patches`` tiles of the tower's size and, when there is more
+    than one, appends a thumbnail of the whole image; each tile becomes ``image_seq_length`` tokens (its patch
+    grid pixel-unshuffled by ``downsample_ratio``), all inside one ``<img> ... </img>`` span per image. The grid
+    reported per image is one tile's (rows x cols) token grid; the span holds ``tiles`` of them, so there is no
+    single grid per image; the whole image's grid is the thumbnail, the span's last tile (``grid_start``). The
+    tower has a CLS token, but its maps are per tile and unshuffled 2x2, so no CLS->token-grid map is exposed;
+    its attention module is not CLIP-style (``projection_layer``).
+    """
+
+    family = "internvl"
+    model_classes = (InternVLForConditionalGeneration,)
+    single_grid_per_image = False
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def tile_side(self) -> int:
+        """Tokens per side of one tile's grid: (image_size / patch_size) * downsample_ratio."""
+        vc = self.model.config.vision_config
+        size = vc.image_size[0] if isinstance(vc.image_size, list | tuple) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, list | tuple) else vc.patch_size
+        return int(size // patch * self.model.config.downsample_ratio)
+
+    def vision_tiles_per_image(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        # the processor drops its per-image tile counts; each image's span of context tokens is tiles x grid
+        per_tile = self.tile_side**2
+        return [(e - s) // per_tile for row in batch["input_ids"] for s, e in _runs(row == self.image_token_id)]
+
+    def image_pixel_slices(self, batch: dict[str, torch.Tensor]) -> list[slice]:
+        out, start = [], 0
+        for n in self.vision_tiles_per_image(batch):
+            out.append(slice(start, start + n))
+            start += n
+        return out
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        side = self.tile_side
+        return [(side, side)] * len(self.vision_tiles_per_image(batch))
+
+    def grid_start(self, span: tuple[int, int], grid: tuple[int, int]) -> int:
+        # several tiles: the thumbnail of the whole image is the last tile; one tile: the tile is the whole image
+        return span[1] - grid[0] * grid[1]
+
+    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise InputError("the imbalanced-attention token selection needs one CLS->patch map per image grid; "
+                         "InternVL's tiles are pixel-unshuffled, so it has none: use a LLaVA or LLaVA-NeXT model")
+
+
+class Gemma3Adapter(Adapter):
+    """Gemma 3 (``Gemma3ForConditionalGeneration``): SigLIP average-pooled to one square grid per image
+    (``mm_tokens_per_image`` tokens between ``<start_of_image>`` and ``<end_of_image>``), 1-D positions.
+
+    Its language model alternates sliding-window and global layers and scales queries by
+    ``query_pre_attn_scalar``: the backends receive both (``sliding_window``, ``scaling``) and execute them. At
+    prefill each image's tokens attend to the whole image (``token_type_ids``; transformers' blockwise mask);
+    ``prepare_plan`` writes that block into the plan's prompt mask, so a mitigation that sets its own prompt
+    mask (CCA, MMA) is refused (``causal_image_tokens``).
+    """
+
+    family = "gemma3"
+    model_classes = (Gemma3ForConditionalGeneration,)
+    causal_image_tokens = False
+    BLOCK_OWNER: ClassVar[str] = "gemma3 image block"
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        super().__init__(model, processor)
+        if getattr(self.text_config, "use_bidirectional_attention", False):
+            raise InputError("this Gemma 3 config has use_bidirectional_attention=True (an encoder, not a causal "
+                             "LM): clearsight generates only with causal Gemma 3 models")
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def grid_side(self) -> int:
+        return int(round(int(self.model.config.mm_tokens_per_image) ** 0.5))
+
+    def image_grid_shapes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        n = len(batch.get("pixel_values", ()))
+        return [(self.grid_side, self.grid_side)] * n
+
+    def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
+        return [r * c for r, c in self.image_grid_shapes(batch)]
+
+    def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+               ) -> dict[str, torch.Tensor]:
+        """As ``Adapter.encode``; Gemma 3's processor takes the images nested per row (a row without: [])."""
+        nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
+        self.tokenizer.padding_side = "left"
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if any(nested):
+            kwargs["images"] = nested
+        batch = dict(self.processor(**kwargs))
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def prepare_plan(self, plan: AttentionPlan) -> None:
+        """The prompt mask transformers builds from ``token_type_ids``: an image token also sees the later tokens
+        of its own image (causal OR same image; rank = key index, so query i's limit is its image's last key)."""
+        rows = [b for b, lay in enumerate(plan.layouts) if lay.image_spans]
+        if not rows:
+            return
+        rank = torch.arange(plan.prompt_len, device=plan.device).repeat(len(rows), 1)
+        limit = rank.clone()
+        for i, b in enumerate(rows):
+            for s, e in plan.layouts[b].image_spans:
+                limit[i, s:e] = e - 1
+        plan.set_mask(rows, rank, limit, owner=self.BLOCK_OWNER)
+
+    def vision_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise InputError("the imbalanced-attention token selection needs CLS->patch attention, which Gemma 3's "
+                         "SigLIP tower (no CLS token) does not have: use a LLaVA or LLaVA-NeXT model")
+
+
 class TextOnlyAdapter(Adapter):
     """A text-only causal LM (no vision tower): usable as a judge model; images are refused."""
 
@@ -795,7 +926,8 @@ class TextOnlyAdapter(Adapter):
 
 # most specific first: adapter_for takes the first whose classes match
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter,
-                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter, InstructBlipAdapter)
+                                       Qwen2_5_VLAdapter, Qwen3VLAdapter, SmolVLMAdapter, InstructBlipAdapter,
+                                       InternVLAdapter, Gemma3Adapter)
 
 CAPABILITIES: dict[str, str] = {
     "has_cls_vision_attention": "the vision tower prepends a CLS token whose attention to the patches can be read",
@@ -807,6 +939,8 @@ CAPABILITIES: dict[str, str] = {
                               "through that crop",
     "image_grid_2d": "each image's tokens are a rows x cols grid of patches (not learned queries such as "
                      "InstructBLIP's Q-Former outputs), so attention over them maps onto the image",
+    "causal_image_tokens": "image tokens attend causally at prefill like text, so a mitigation may set the prompt "
+                           "mask (Gemma 3's image tokens see their whole image: the plan's mask carries that block)",
 }
 
 

@@ -12,6 +12,11 @@ from typing import Any
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -28,11 +33,17 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from clearsight.models.processors import ImageOnlyLlavaOnevisionProcessor, ImageOnlyQwen2VLProcessor
+from clearsight.models.processors import (
+    ImageOnlyInternVLProcessor,
+    ImageOnlyLlavaOnevisionProcessor,
+    ImageOnlyQwen2VLProcessor,
+)
 from clearsight.models.tokenizer import LLAVA_SPECIALS, QWEN_SPECIALS, word_level_tokenizer
 
 TINY_WORDS = (
@@ -260,6 +271,76 @@ def tiny_instructblip() -> tuple[PreTrainedModel, ProcessorMixin]:
     return _seeded(lambda: InstructBlipForConditionalGeneration(cfg), 24), proc
 
 
+INTERNVL_SPECIALS = ("<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                     "<IMG_CONTEXT>", "<video>")
+INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_internvl3() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """InternVL3: InternViT tower (CLS token, 32 px tiles of 8x8 patches), pixel-unshuffle to 4x4 tokens per tile,
+    an image split into up to 4 tiles plus a thumbnail, a Qwen2 language model."""
+    tok = word_level_tokenizer(
+        TINY_WORDS, INTERNVL_SPECIALS, image_token="<IMG_CONTEXT>", bos=None, eos="<|im_end|>",
+        extra_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                      "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4)
+    proc = ImageOnlyInternVLProcessor(image_processor=ip, tokenizer=tok, image_seq_length=16,
+                                      chat_template=INTERNVL_TEMPLATE)
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=[32, 32], patch_size=[4, 4]),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), **TINY_TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=16, downsample_ratio=0.5,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    cfg.text_config.pad_token_id, cfg.text_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    cfg.text_config.bos_token_id = None
+    return _seeded(lambda: InternVLForConditionalGeneration(cfg), 7), proc
+
+
+GEMMA3_SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>")
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_gemma3() -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Gemma 3: SigLIP tower (32 px, 8x8 patches) average-pooled to a 4x4 token grid; a language model whose
+    sliding-window layers (window 6, shorter than the image block and the prompt) alternate with global ones,
+    query scaling 1/sqrt(query_pre_attn_scalar) != 1/sqrt(head_dim), and image tokens that attend to their
+    whole image at prefill (token_type_ids)."""
+    tok = word_level_tokenizer(
+        TINY_WORDS, GEMMA3_SPECIALS, image_token="<image_soft_token>", bos="<bos>", eos="<end_of_turn>",
+        extra_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"})
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16, chat_template=GEMMA3_TEMPLATE)
+    text = dict(TINY_TEXT, vocab_size=len(tok), head_dim=16, query_pre_attn_scalar=8, sliding_window=6,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                tie_word_embeddings=False)
+    cfg = Gemma3Config(
+        vision_config=dict(TINY_CLIP, model_type="siglip_vision_model", patch_size=8),
+        text_config=dict(text, model_type="gemma3_text"), mm_tokens_per_image=16,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=False,  # tied random embeddings (scaled by sqrt(hidden)) only echo the last token
+    )
+    return _seeded(lambda: Gemma3ForConditionalGeneration(cfg), 8), proc
+
+
 def tiny_llama() -> tuple[PreTrainedModel, ProcessorMixin]:
     """A text-only Llama (for judge roles and for the image-refused error path)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -285,6 +366,10 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
                      tiny_smolvlm),
     "tiny-instructblip": ("random-weight InstructBLIP model (8 Q-Former queries, no grid; Llama 4 layers)",
                           tiny_instructblip),
+    "tiny-internvl3": ("random-weight InternVL3 model (InternViT, up to 4 tiles + thumbnail, pixel-unshuffle, Qwen2)",
+                       tiny_internvl3),
+    "tiny-gemma3": ("random-weight Gemma 3 model (SigLIP, sliding-window + global layers, bidirectional image block)",
+                    tiny_gemma3),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
 }

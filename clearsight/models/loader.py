@@ -215,6 +215,17 @@ def _load_processor(location: str) -> ProcessorMixin:
         return ImageOnlySmolVLMProcessor(image_processor=ip, tokenizer=tok,
                                          image_seq_len=saved.get("image_seq_len") or side * side,
                                          chat_template=saved.get("chat_template", tok.chat_template))
+    if cfg.model_type == "internvl":  # its stock processor needs a video processor too
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        from clearsight.models.processors import ImageOnlyInternVLProcessor
+
+        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        saved = _processor_config(location)
+        return ImageOnlyInternVLProcessor(
+            image_processor=GotOcr2ImageProcessorPil.from_pretrained(location, local_files_only=True),
+            tokenizer=tok, image_seq_length=saved.get("image_seq_length") or cfg.image_seq_length,
+            chat_template=saved.get("chat_template", tok.chat_template))
     if cfg.model_type not in ("qwen2_vl", "qwen2_5_vl"):
         if failure is not None:
             raise failure

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from transformers import LlavaOnevisionProcessor, ProcessorMixin, Qwen2VLProcessor, Qwen3VLProcessor, SmolVLMProcessor
+import re
+
+from transformers import (
+    InternVLProcessor,
+    LlavaOnevisionProcessor,
+    ProcessorMixin,
+    Qwen2VLProcessor,
+    Qwen3VLProcessor,
+    SmolVLMProcessor,
+)
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -101,3 +110,19 @@ class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
         return ProcessorMixin.apply_chat_template(self, conversation, chat_template,
                                                   add_generation_prompt=add_generation_prompt, tokenize=tokenize,
                                                   **kwargs)
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without the video processor (torchvision-free, as for Qwen2-VL above)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.image_seq_length = image_seq_length
+        self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+        self.start_image_token_id = tokenizer.start_image_token_id
+        self.end_image_token_id = tokenizer.end_image_token_id
+        self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+        self.image_token_id = tokenizer.context_image_token_id
+        self.multimodal_pattern = re.compile(
+            f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")

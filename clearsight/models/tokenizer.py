@@ -14,12 +14,14 @@ PUNCTUATION = (".", ",", "?", "!", ":", ";", "'", "\n")
 
 
 def word_level_tokenizer(
-    words: Iterable[str], specials: tuple[str, ...], *, image_token: str | None, bos: str | None, eos: str
+    words: Iterable[str], specials: tuple[str, ...], *, image_token: str | None, bos: str | None, eos: str,
+    extra_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A whitespace + punctuation word tokenizer over a fixed vocabulary; unknown words map to <unk>.
 
     The image token is registered as a special token that is never lowercased or split, as the
-    processors require (reference/demo-model.md, pitfalls).
+    processors require (reference/demo-model.md, pitfalls). ``extra_tokens``: more named special tokens
+    (attribute name -> token, e.g. InternVL's ``start_image_token``), readable as ``tok.<name>`` / ``tok.<name>_id``.
     """
     vocab: dict[str, int] = {}
     for tok in (*specials, *PUNCTUATION, *words):
@@ -35,7 +37,7 @@ def word_level_tokenizer(
         eos_token=eos,
         padding_side="left",
         # no image_token attribute when None: InstructBLIP's processor registers its own (and breaks on a string)
-        extra_special_tokens={"image_token": image_token} if image_token else {},
+        extra_special_tokens={**({"image_token": image_token} if image_token else {}), **(extra_tokens or {})},
         **kwargs,
     )
     hf.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in ("<pad>", "<unk>")]})

@@ -12,7 +12,7 @@ from cf_oracle import shuffle_order, uniform
 from clearsight.kernels.plan import GENERATED_RANK_OFFSET, Counterfactual, Segment
 
 
-def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
+def oracle_attention(q, k, v, plan, layer: int, scale: float, window: int | None = None) -> torch.Tensor:
     """q [B,H,Lq,D], k/v [B,Hkv,Lk,D] -> out [B,Lq,H,D] (float64)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -49,7 +49,8 @@ def oracle_attention(q, k, v, plan, layer: int, scale: float) -> torch.Tensor:
                 if qi < pad:
                     keys = [qi]
                 else:
-                    keys = [j for j in range(Lk) if j >= pad and (rank(j) <= limit(qi) or second(qi, rank(j)))]
+                    keys = [j for j in range(Lk) if j >= pad and (rank(j) <= limit(qi) or second(qi, rank(j)))
+                            and (window is None or j > qi - window)]  # a sliding-window layer (Gemma 3)
                 t = {}
                 for j in keys:
                     s = scale * float(q[b, h, i] @ k[b, h // rep, j])

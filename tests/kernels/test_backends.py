@@ -164,6 +164,29 @@ def test_backend_matches_formula(backend, feature, phase, module):
     assert diff.max().item() < ATOL, f"{backend}/{feature}/{phase}: max diff {diff.max().item():.2e}"
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("feature", ["empty", "combined", "counterfactual_random"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_sliding_window_matches_formula(backend, feature, phase, module):
+    """A sliding-window layer (``sliding_window`` from the model, 4 keys here: shorter than the image block):
+    the plan's edits over the window's keys only, as the oracle's loop writes it."""
+    plan = make_plan()
+    FEATURES[feature](plan)
+    Lq, Lk = (L0, L0) if phase == "prefill" else (1, L0 + 3)
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=5)
+    hf_mask = plan.windowed(plan.allowed(Lq, Lk), 4)  # transformers' mask of a sliding layer has the window too
+    with use_plan(plan):
+        out, _ = BACKENDS[backend](module, q, k, v, hf_mask, scaling=D**-0.5, sliding_window=4)
+    expect = oracle_attention(q, k, v, plan, layer=1, scale=D**-0.5, window=4)
+    unwindowed = oracle_attention(q, k, v, plan, layer=1, scale=D**-0.5)
+    valid = torch.ones(len(PADS), Lq, dtype=torch.bool)
+    if phase == "prefill":
+        for b, p in enumerate(PADS):
+            valid[b, :p] = False
+    assert (out.double() - expect).abs()[valid].max().item() < ATOL
+    assert (unwindowed - expect).abs()[valid].max().item() > 1e-2  # the window matters in this case
+
+
 def test_edits_change_output(module):
     """Guard against an oracle and backends that both ignore the plan."""
     q, k, v = make_qkv(len(PADS), L0, L0)

@@ -354,3 +354,47 @@ def test_kernels_compile_for_sm90():
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "output-pass-split" in res.stdout
+
+
+WINDOW = 5  # a sliding-window layer (Gemma 3) whose window is shorter than the image block and the prompt
+
+
+def _window_hand_mask(Lq: int, Lk: int) -> torch.Tensor:
+    """[B, Lq, Lk] a causal sliding-window layer's mask by hand: key j >= pad, j <= i and j > i - WINDOW."""
+    i = torch.arange(Lk - Lq, Lk).view(1, -1, 1)
+    j = torch.arange(Lk).view(1, 1, -1)
+    pad = torch.tensor(PADS).view(-1, 1, 1)
+    return (j >= pad) & (j <= i) & (j > i - WINDOW)
+
+
+@pytest.mark.parametrize(("feature", "phase"), [("empty", "prefill"), ("empty", "decode"), ("combined", "prefill")])
+def test_sliding_window_matches_reference(feature, phase):
+    """The kernel's sliding window (plus its block skipping over keys before the window) equals the reference
+    backend's ``AttentionPlan.windowed``; with no edits both equal plain attention under the hand-built mask."""
+    length = 37 if phase == "prefill" else L
+    plan = make_plan(L=length)
+    FEATURES[feature](plan)
+    Lq, Lk = _shapes(phase, length)
+    q, k, v = make_qkv(len(PADS), Lq, Lk, seed=23)
+    outs = {}
+    for name, fn in (("triton", triton_attention), ("reference", reference_attention)):
+        with use_plan(plan):
+            outs[name], _ = fn(MODULE, q, k, v, plan.allowed(Lq, Lk), scaling=D**-0.5, sliding_window=WINDOW)
+    valid = _valid_rows(Lq, phase == "prefill")
+    assert (outs["triton"] - outs["reference"]).abs()[valid].max().item() < ATOL
+    unwindowed = _run(reference_attention, plan, q, k, v)
+    assert (unwindowed - outs["reference"]).abs()[valid].max().item() > 1e-2  # the window matters here
+    if feature == "empty":
+        hand = masked_softmax_attention(q, k, v, _window_hand_mask(Lq, Lk), D**-0.5).float()
+        assert (outs["reference"] - hand).abs()[valid].max().item() < ATOL
+
+
+def test_softcap_is_refused():
+    """No backend executes attention logit soft-capping: a model that asks for it gets a one-line refusal."""
+    from clearsight.errors import InputError
+
+    plan = make_plan(L=L)
+    q, k, v = make_qkv(len(PADS), L, L)
+    for fn in (triton_attention, reference_attention):
+        with use_plan(plan), pytest.raises(InputError, match="soft-capping"):
+            fn(MODULE, q, k, v, None, scaling=D**-0.5, softcap=50.0)

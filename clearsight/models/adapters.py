@@ -103,13 +103,19 @@ class ImageFeatureCache:
             self._bytes = 0
 
 
+def _foreign(hooks: dict[int, Callable]) -> bool:
+    # transformers installs its own output-capturing hooks on the tower's layers at the first forward; they
+    # only record outputs when asked, so they do not count
+    return any(getattr(h, "__module__", None) != "transformers.utils.output_capturing" for h in hooks.values())
+
+
 def _has_hooks(*modules: torch.nn.Module) -> bool:
     """Any forward (pre-)hook on these modules or their children, or a global one (it may change the output)."""
     from torch.nn.modules import module as nn_module
 
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+    if _foreign(nn_module._global_forward_hooks) or _foreign(nn_module._global_forward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for top in modules for m in top.modules())
+    return any(_foreign(m._forward_hooks) or _foreign(m._forward_pre_hooks) for top in modules for m in top.modules())
 
 
 def center_crop_box(image_processor: Any, image: Image.Image) -> tuple[int, int, int, int] | None:
@@ -149,6 +155,7 @@ class Adapter:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self._cls_rows = ImageFeatureCache(64 << 20)  # vision_cls_attentions, per image
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -374,6 +381,20 @@ class Adapter:
         return tuple(out.attentions)
 
 
+    def vision_cls_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The CLS query row of every vision-tower layer's attention, [N, heads, T] each: ``vision_attentions``
+        cut to what the imbalanced-attention fix reads, remembered per set of pixels (a job asks about each
+        image many times; the maps are a pure function of the pixels). Recomputed while a hook sits on the tower."""
+        if _has_hooks(self.vision_tower):
+            return tuple(a[:, :, 0] for a in self.vision_attentions(pixel_values))
+        cache = self._cls_rows
+        key = cache.key(pixel_values)
+        rows = cache.get(key)
+        if rows is None:
+            rows = torch.stack([a[:, :, 0] for a in self.vision_attentions(pixel_values)])  # [layers, N, heads, T]
+            cache.put(key, rows)
+        return tuple(rows)
+
     @property
     def vision_feature_attention_index(self) -> int | None:
         """Index into ``vision_attentions()`` of the layer whose output the projector reads
@@ -459,7 +480,7 @@ class LlavaAdapter(Adapter):
 
         Bit for bit the features the model computes itself: the same ``get_image_features`` on a subset of the
         images, and the tower treats every image of its batch on its own (checked on CPU:
-        ``tests/models/test_image_feature_cache.py``). Not used while any hook sits on the tower or projector
+        ``tests/test_image_feature_cache.py``). Not used while any hook sits on the tower or projector
         (CausalMM's vision-level counterfactual rewrites one row's tower output), with gradients, in training
         mode, or with extra image inputs."""
         inputs = super().forward_inputs(batch)

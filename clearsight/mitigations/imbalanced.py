@@ -2,7 +2,7 @@
 Hallucination of LVLM", arXiv 2501.12206; v3 "PAINT"; code hasanar1f/PAINT, a fork of PAI's code).
 
 1. Dual-stream token selection (paper Sec. 3.1), once per image, from the vision tower's own
-   attention (the adapter's ``vision_attentions``; CLS first):
+   attention (the adapter's ``vision_cls_attentions``, remembered per image; CLS first):
    - local tokens: the top ``local_ratio`` (25 %) of patches by CLS->patch attention at vision layer
      ``local_layer`` (0), summed over heads;
    - summary tokens: patches whose CLS->patch attention at vision layer ``summary_layer``, summed over
@@ -62,8 +62,9 @@ from clearsight.mitigations.registry import register
 
 
 def cls_attention(att: torch.Tensor) -> torch.Tensor:
-    """[heads, T, T] vision attention of one image -> CLS->patch attention summed over heads [T-1]."""
-    return att[:, 0, 1:].float().sum(0)
+    """[heads, T, T] vision attention of one image (or its CLS rows, [heads, T]) -> CLS->patch attention summed
+    over heads [T-1]."""
+    return (att[:, 0, 1:] if att.ndim == 3 else att[:, 1:]).float().sum(0)
 
 
 def select_tokens(local_scores: torch.Tensor, summary_scores: torch.Tensor, local_ratio: float,
@@ -141,7 +142,7 @@ class Imbalanced(Mitigation):
             pixels = pixels[:1]
         else:
             pixels = pixels.unsqueeze(0)
-        atts = adapter.vision_attentions(pixels)
+        atts = adapter.vision_cls_attentions(pixels)  # [1, heads, T] per layer, once per image
         summary_layer = self.summary_layer
         if summary_layer == "feature":
             summary_layer = adapter.vision_feature_attention_index

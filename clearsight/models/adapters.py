@@ -7,6 +7,9 @@ position ids, and hooks on decoder-layer inputs and per-head attention outputs.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -54,6 +57,72 @@ class HookHandles:
 
 
 
+class ImageFeatureCache:
+    """Encoded images by pixel content, least recently used dropped first, at most ``max_bytes`` held.
+
+    An eval asks about the same image many times (several questions per image, every system of a job); its
+    vision tower and projector are a pure function of the pixels, so their output is computed once. Callers
+    only use it where that holds (no hooks on the tower, no gradients; see ``LlavaAdapter.forward_inputs``).
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # engines on other models may share nothing, but probes and tests may
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixels: torch.Tensor) -> tuple:
+        """The content of one image's processed pixels (shape, dtype, bytes digest)."""
+        t = pixels.detach().contiguous().cpu()
+        digest = hashlib.blake2b(t.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        return tuple(t.shape), str(t.dtype), digest
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+def _foreign(hooks: dict[int, Callable]) -> bool:
+    # transformers installs its own output-capturing hooks on the tower's layers at the first forward; they
+    # only record outputs when asked, so they do not count
+    return any(getattr(h, "__module__", None) != "transformers.utils.output_capturing" for h in hooks.values())
+
+
+def _has_hooks(*modules: torch.nn.Module) -> bool:
+    """Any forward (pre-)hook on these modules or their children, or a global one (it may change the output)."""
+    from torch.nn.modules import module as nn_module
+
+    if _foreign(nn_module._global_forward_hooks) or _foreign(nn_module._global_forward_pre_hooks):
+        return True
+    return any(_foreign(m._forward_hooks) or _foreign(m._forward_pre_hooks) for top in modules for m in top.modules())
+
+
 def center_crop_box(image_processor: Any, image: Image.Image) -> tuple[int, int, int, int] | None:
     """The region a CLIP-style processor keeps (resize shortest edge, then center crop); None = all of it."""
     if not getattr(image_processor, "do_center_crop", False):
@@ -93,6 +162,7 @@ class Adapter:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self._cls_rows = ImageFeatureCache(64 << 20)  # vision_cls_attentions, per image
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -340,6 +410,20 @@ class Adapter:
         return tuple(out.attentions)
 
 
+    def vision_cls_attentions(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The CLS query row of every vision-tower layer's attention, [N, heads, T] each: ``vision_attentions``
+        cut to what the imbalanced-attention fix reads, remembered per set of pixels (a job asks about each
+        image many times; the maps are a pure function of the pixels). Recomputed while a hook sits on the tower."""
+        if _has_hooks(self.vision_tower):
+            return tuple(a[:, :, 0] for a in self.vision_attentions(pixel_values))
+        cache = self._cls_rows
+        key = cache.key(pixel_values)
+        rows = cache.get(key)
+        if rows is None:
+            rows = torch.stack([a[:, :, 0] for a in self.vision_attentions(pixel_values)])  # [layers, N, heads, T]
+            cache.put(key, rows)
+        return tuple(rows)
+
     @property
     def vision_feature_attention_index(self) -> int | None:
         """Index into ``vision_attentions()`` of the layer whose output the projector reads
@@ -414,6 +498,44 @@ class LlavaAdapter(Adapter):
     has_cls_vision_attention = True
     vision_feature_hook = True
     center_crop_preprocess = True
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        super().__init__(model, processor)
+        self.image_features = ImageFeatureCache()
+
+    def forward_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pixels' encoded features (``mm_encoder_outputs``) in place of the pixels: each distinct image goes
+        through the vision tower and projector once, later prefills reuse it (``ImageFeatureCache``).
+
+        Bit for bit the features the model computes itself: the same ``get_image_features`` on a subset of the
+        images, and the tower treats every image of its batch on its own (checked on CPU:
+        ``tests/test_image_feature_cache.py``). Not used while any hook sits on the tower or projector
+        (CausalMM's vision-level counterfactual rewrites one row's tower output), with gradients, in training
+        mode, or with extra image inputs."""
+        inputs = super().forward_inputs(batch)
+        pixels = inputs.get("pixel_values")
+        inner = self.model.model
+        if (pixels is None or set(inputs) != {"pixel_values"} or pixels.ndim != 4 or torch.is_grad_enabled()
+                or self.model.training or _has_hooks(inner.vision_tower, inner.multi_modal_projector)):
+            return inputs
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        cache = self.image_features
+        keys = [cache.key(p) for p in pixels]
+        features: list[torch.Tensor | None] = [cache.get(k) for k in keys]
+        missing: dict[tuple, list[int]] = {}
+        for i, (k, f) in enumerate(zip(keys, features)):
+            if f is None:
+                missing.setdefault(k, []).append(i)
+        if missing:
+            first = [rows[0] for rows in missing.values()]
+            out = inner.get_image_features(pixel_values=pixels[first], return_dict=True).pooler_output
+            for rows, f in zip(missing.values(), out):
+                f = f.clone()  # not a view of the whole batch's tensor, which the cache would keep alive
+                cache.put(keys[rows[0]], f)
+                for i in rows:
+                    features[i] = f
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
 
     def image_token_counts(self, batch: dict[str, torch.Tensor]) -> list[int] | None:
         return [r * c for r, c in self.image_grid_shapes(batch)]

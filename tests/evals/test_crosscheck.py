@@ -144,3 +144,27 @@ def test_embedding_scorer_embeds_each_text_once():
     again = scorer.score(["A red circle here."], "A blue star there. A red circle here.")
     assert first[0] == pytest.approx(0.0) and again == [pytest.approx(0.0)]
     assert sorted(seen) == ["A blue star there.", "A red circle here."]
+
+
+def test_correlation_edges_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: the smallest valid inputs, each malformed input, the messages,
+    ties at the end of the order, the silent constant case and the default names."""
+    import warnings
+
+    assert pearson([1, 2], [2, 1]) == pytest.approx(-1.0)  # two values are enough
+    for x, y in (([1, 2], [1, 2, 3]), ([[1, 2], [3, 4]], [[1, 2], [3, 4]]), ([1], [1])):
+        with pytest.raises(EvalInputError) as err:
+            pearson(x, y)
+        assert str(err.value).startswith("pearson: need two equal-length sequences of >= 2 values, got ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant side is NaN by rule, not by a 0 / 0 division
+        assert math.isnan(pearson([2, 2, 2], [1, 2, 3]))
+    assert list(rankdata([3, 1, 3])) == [2.5, 1, 2.5]  # a tie among the last two of the order
+    assert list(rankdata([5, 5, 1, 5])) == [3, 3, 1, 3]
+    c = correlate({"A": 1.0, "B": 2.0}, {"A": 1.0, "B": 3.0})  # two common systems are enough
+    assert (c.reference, c.systems, c.pearson) == ("reference", ["A", "B"], pytest.approx(1.0))
+    with pytest.raises(EvalInputError) as err:
+        correlate({"A": 1.0}, {"B": 1.0}, "CHAIR_i")
+    assert str(err.value) == "correlate: only 0 system(s) have both scores and CHAIR_i; need >= 2"
+    assert PromptJudgeScorer(lambda p: "Yes").name == "judge"
+    assert PromptJudgeScorer(lambda p: "Yes", name="gpt").name == "gpt"

@@ -46,6 +46,16 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                  "tests/evals/test_mme.py", "tests/evals/test_partner.py", "tests/evals/test_crosscheck.py"],
                 ["-k", "not ground_truth_from_instances and not outside_jsonl and not through_the_runner "
                        "and not shapes_world and not example_job"]),
+    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels)
+    "plan": (["clearsight/kernels/plan.py"],
+             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_backends.py",
+              "tests/kernels/test_draws_oracle.py"],
+             []),
+    # the generation loop's row bookkeeping: no test of it runs without a (tiny) model, so each mutant's run
+    # builds one; the cheapest tests that batch, join, select and compact rows
+    "batch": (["clearsight/decoding/batch.py"],
+              ["tests/test_stop_and_batching.py", "tests/test_mixed_batches.py::test_mixed_batch_equals_solo_runs"
+               "[tiny-llava]", "tests/test_engine.py::test_every_mitigation_kind_joins_exactly"], []),
 }
 # modules imported by the fork server before it forks a mutant's test run (appended to the copy's
 # tests/conftest.py): importing inflect takes ~4 s, which every mutant's run would otherwise pay again

@@ -90,3 +90,12 @@ def test_chair_partner_share_of_hallucinated_mentions():
     rep = compute_stats(list(ms.values()), ["none", "x"], "none", StatsSettings(resamples=200))
     assert rep.figure("none", "chair", "partner_share").estimate == pytest.approx(0.5)
     assert all(d.identical and not d.significant for d in rep.differences)
+
+
+def test_take_partner_questions_edges():
+    """Metrics mutation survivors (docs/testing.md): the questions themselves, a count reached exactly at a
+    scene's end, and scenes whose first questions are not partner questions."""
+    qs = build_partner_questions(SCENES, PAIRS, VOCAB, seed=0)
+    assert take_partner_questions(qs, 1) == qs[:4]  # a.png whole
+    assert take_partner_questions(qs, 2) == qs[:4]  # reached exactly at a.png's end: c.png is not taken
+    assert take_partner_questions(qs[2:], 1) == qs[2:]  # a.png's present + control count nothing

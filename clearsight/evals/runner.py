@@ -1,9 +1,9 @@
 """Run an EvalJob: generate (cached, resumable) -> score (pure, no model) -> report.
 
 The generation cache (``<output>/generations.jsonl``) is keyed by a stable hash of the system
-(model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt),
-flushed per record. A killed run loses at most the record being written and a rerun skips what is
-cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
+(model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt,
+the image's content digest), flushed per record. A killed run loses at most the record being written and
+a rerun skips what is cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
 
 The output folder (see ``run_job``): everything is validated and prepared before anything is written;
 the run holds the folder's lock (``clearsight.evals.outdir``) from its first write to its last;

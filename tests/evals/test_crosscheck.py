@@ -168,3 +168,32 @@ def test_correlation_edges_found_by_mutation_testing():
     assert str(err.value) == "correlate: only 0 system(s) have both scores and CHAIR_i; need >= 2"
     assert PromptJudgeScorer(lambda p: "Yes").name == "judge"
     assert PromptJudgeScorer(lambda p: "Yes", name="gpt").name == "gpt"
+
+
+def test_embedding_scorer_edges_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: zero and anti-parallel embeddings, a cosine that rounds above 1,
+    the evidence fallbacks, the default name and minimum sentence length, the messages."""
+    vec = {"zero": [0.0, 0.0, 0.0], "up": [1.0, 0.0, 0.0], "down": [-1.0, 0.0, 0.0],
+           "odd": [0.9034701816518086, 0.09401229776087457, -0.7434992493538084]}  # 1 - u.u = -2.2e-16
+
+    def embed(texts):
+        return np.array([vec[t.strip(".").split()[-1]] for t in texts])
+
+    s = EmbeddingScorer(embed)
+    assert s.name == "embedding" and EmbeddingScorer(embed, name="e5").name == "e5"
+    assert s.score(["A zero."], "An up.") == [1.0]  # a zero vector: similarity 0, no 0 / 0
+    assert s.score(["An up."], "A down.") == [1.0]  # cosine -1: clipped to 1
+    assert s.score(["An odd."], "An odd.") == [0.0]  # a cosine rounded above 1: clipped to 0
+    # every evidence sentence shorter than min_tokens: the whole evidence is the one sentence
+    assert EmbeddingScorer(embed, min_tokens=5).score(["An up."], "An up.") == [0.0]
+    ones = EmbeddingScorer(lambda texts: np.ones((len(texts), 2)))
+    assert ones.score(["Any text."], "   ") == [1.0]  # blank evidence supports nothing
+    # the default keeps one-word evidence sentences
+    words = EmbeddingScorer(lambda texts: np.array([[t.count("Up"), t.count("down")] for t in texts], float))
+    assert words.score(["Up."], "Up. Goes down.") == [0.0]
+    with pytest.raises(EvalInputError) as err:
+        EmbeddingScorer(lambda texts: np.zeros((1, 3)), name="e").score(["a b", "c d"], "x")
+    assert str(err.value) == "e: embed() returned 1 rows for 2 texts; it must return one row per text"
+    with pytest.raises(EvalInputError) as err:
+        EmbeddingScorer(lambda texts: np.zeros(3)).score(["a b"], "x")
+    assert str(err.value) == "embed() must return a 2-D array, got shape (3,)"

@@ -99,3 +99,9 @@ def test_take_partner_questions_edges():
     assert take_partner_questions(qs, 1) == qs[:4]  # a.png whole
     assert take_partner_questions(qs, 2) == qs[:4]  # reached exactly at a.png's end: c.png is not taken
     assert take_partner_questions(qs[2:], 1) == qs[2:]  # a.png's present + control count nothing
+
+
+def test_score_partner_names_the_answers_in_errors():
+    qs = build_partner_questions(SCENES, PAIRS, VOCAB, seed=0)
+    with pytest.raises(EvalInputError, match="answers for the partner questions"):
+        score_partner(qs, {})

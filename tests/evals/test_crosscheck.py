@@ -197,3 +197,27 @@ def test_embedding_scorer_edges_found_by_mutation_testing():
     with pytest.raises(EvalInputError) as err:
         EmbeddingScorer(lambda texts: np.zeros(3)).score(["a b"], "x")
     assert str(err.value) == "embed() must return a 2-D array, got shape (3,)"
+
+
+def test_explicit_messages_and_skipped_samples_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: the messages in full (the first id only one system has), a
+    sample without a long sentence before one with, and min_tokens reaching the sentence split."""
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "x", "2": "y"}, "B": {"1": "x", "3": "y"}, "C": {"1": "x"}},
+                            LastWordScorer())
+    assert str(err.value) == ("CrossCheck: systems 'A' and 'B' cover different samples (first differing id: 2); "
+                              "generate the same samples for all systems")
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {}, "B": {}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck: empty dataset; no samples in the outputs"
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "Ok."}, "B": {"1": "Fine."}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck: no sample has a sentence of >= 4 tokens; nothing to score"
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "x"}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck needs outputs of at least 2 systems on the same samples"
+    outs = {"A": {"0": "Ok.", "1": "There is a red cat."}, "B": {"0": "Fine.", "1": "There is a red dog."}}
+    res = crosscheck_explicit(outs, LastWordScorer())
+    assert res.scores == {"A": 1.0, "B": 1.0} and res.n_sentences == {"A": 1, "B": 1}
+    short = crosscheck_explicit({"A": {"1": "A cat."}, "B": {"1": "A dog."}}, LastWordScorer(), min_tokens=2)
+    assert short.n_sentences == {"A": 1, "B": 1}

@@ -38,9 +38,28 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                    "tests/mitigations/test_vcd.py::test_defaults_and_cli_parsing",
                    "tests/mitigations/test_m3id.py::test_weight_and_gate_by_hand",
                    "tests/mitigations/test_m3id.py::test_defaults"], []),
-    "metrics": (["clearsight/evals/metrics/chair.py"], ["tests/evals/test_chair.py"],
-                ["-k", "not ground_truth_from_instances"]),
+    # left out: the tests that run the runner or build the shapes world (seconds each), and the one that
+    # reads examples/ (not in the copy)
+    "metrics": ([f"clearsight/evals/metrics/{m}.py"
+                 for m in ("chair", "pope", "amber", "mme", "partner", "crosscheck")],
+                ["tests/evals/test_chair.py", "tests/evals/test_pope_parsers_metrics.py", "tests/evals/test_amber.py",
+                 "tests/evals/test_mme.py", "tests/evals/test_partner.py", "tests/evals/test_crosscheck.py"],
+                ["-k", "not ground_truth_from_instances and not outside_jsonl and not through_the_runner "
+                       "and not shapes_world and not example_job"]),
+    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels)
+    "plan": (["clearsight/kernels/plan.py"],
+             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_backends.py",
+              "tests/kernels/test_draws_oracle.py"],
+             []),
+    # the generation loop's row bookkeeping: no test of it runs without a (tiny) model, so each mutant's run
+    # builds one; the cheapest tests that batch, join, select and compact rows
+    "batch": (["clearsight/decoding/batch.py"],
+              ["tests/test_stop_and_batching.py", "tests/test_mixed_batches.py::test_mixed_batch_equals_solo_runs"
+               "[tiny-llava]", "tests/test_engine.py::test_every_mitigation_kind_joins_exactly"], []),
 }
+# modules imported by the fork server before it forks a mutant's test run (appended to the copy's
+# tests/conftest.py): importing inflect takes ~4 s, which every mutant's run would otherwise pay again
+PRELOAD: dict[str, list[str]] = {"metrics": ["inflect"]}
 
 
 def _pyproject(files: list[str], tests: list[str], extra: list[str]) -> str:
@@ -73,6 +92,10 @@ def run(module: str, children: int) -> dict[str, int]:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "clearsight", work / "clearsight", ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    if PRELOAD.get(module):
+        with open(work / "tests" / "conftest.py", "a", encoding="utf-8") as fh:
+            fh.write("".join(f"\nimport {name}  # noqa: E402,F401  (preloaded by scripts/mutation.py)\n"
+                             for name in PRELOAD[module]))
     (work / "pyproject.toml").write_text(_pyproject(files, tests, extra), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/ first itself
     mutmut = [sys.executable, "-m", "mutmut"]

@@ -23,13 +23,18 @@ from clearsight.evals._io import canonical_json, sha256_text
 from clearsight.evals.errors import EvalInputError
 
 
-def cache_key(system_config: Mapping[str, Any], sample_id: str | int) -> str:
-    """Stable key: sha256 of the canonical JSON of ``{"system": config, "sample_id": id}``.
+def cache_key(system_config: Mapping[str, Any], sample_id: str | int,
+              inputs: Mapping[str, Any] | None = None) -> str:
+    """Stable key: sha256 of the canonical JSON of ``{"system": config, "sample_id": id}``, plus
+    ``"inputs"`` when given (what the output depends on that the id does not name: the image's digest).
 
     Canonical JSON (sorted keys, no whitespace) makes the key independent of dict order, so the same
     system + sample always maps to the same key across runs and machines.
     """
-    return sha256_text(canonical_json({"system": dict(system_config), "sample_id": sample_id}))
+    body = {"system": dict(system_config), "sample_id": sample_id}
+    if inputs:
+        body["inputs"] = dict(inputs)
+    return sha256_text(canonical_json(body))
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,13 @@ class GenerationCache:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self._records.values())
 
-    def has(self, system_config: Mapping[str, Any], sample_id: str | int) -> bool:
-        return cache_key(system_config, sample_id) in self._records
+    def has(self, system_config: Mapping[str, Any], sample_id: str | int,
+            inputs: Mapping[str, Any] | None = None) -> bool:
+        return cache_key(system_config, sample_id, inputs) in self._records
 
-    def get(self, system_config: Mapping[str, Any], sample_id: str | int) -> dict[str, Any] | None:
-        return self._records.get(cache_key(system_config, sample_id))
+    def get(self, system_config: Mapping[str, Any], sample_id: str | int,
+            inputs: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        return self._records.get(cache_key(system_config, sample_id, inputs))
 
     def outputs(self, system_config: Mapping[str, Any]) -> dict[str | int, str]:
         """All cached outputs of one system as ``{sample_id: output}`` (the input the scorers take)."""
@@ -133,12 +140,14 @@ class GenerationCache:
 
     # ------------------------------------------------------------------ writing
     def put(self, system_config: Mapping[str, Any], sample_id: str | int, output: Any,
-            **meta: Any) -> bool:
+            inputs: Mapping[str, Any] | None = None, **meta: Any) -> bool:
         """Append one record, flushed + fsynced. Returns False (and writes nothing) if already cached."""
-        key = cache_key(system_config, sample_id)
+        key = cache_key(system_config, sample_id, inputs)
         if key in self._records:
             return False
         record = {"key": key, "system": dict(system_config), "sample_id": sample_id, "output": output, **meta}
+        if inputs:
+            record["inputs"] = dict(inputs)
         line = (canonical_json(record) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)

@@ -1,9 +1,9 @@
 """Run an EvalJob: generate (cached, resumable) -> score (pure, no model) -> report.
 
 The generation cache (``<output>/generations.jsonl``) is keyed by a stable hash of the system
-(model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt),
-flushed per record. A killed run loses at most the record being written and a rerun skips what is
-cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
+(model identity, mitigation parameters, decode spec) and the sample (benchmark, split, id, prompt,
+the image's content digest), flushed per record. A killed run loses at most the record being written and
+a rerun skips what is cached, so restarting a job finishes it with the same cache and metrics as an uninterrupted run.
 
 The output folder (see ``run_job``): everything is validated and prepared before anything is written;
 the run holds the folder's lock (``clearsight.evals.outdir``) from its first write to its last;
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,23 @@ def model_identity(system: SystemSpec) -> str:
     path = Path(src).expanduser()
     if (path / "config.json").is_file():
         return f"{path.resolve()}#{_folder_hash(path)}"
-    return src
+    snapshot = _hub_snapshot(src)
+    if snapshot is not None:  # the snapshot the loader reads: a new revision of the same id is another model
+        return f"{src}#{_folder_hash(snapshot)}"
+    return src  # not loadable here (nothing is downloaded): only imported outputs can be keyed by it
+
+
+def _hub_snapshot(src: str) -> Path | None:
+    """The local Hugging Face cache folder of ``src``'s current revision (refs/main, as the loader's
+    ``from_pretrained(local_files_only=True)`` reads it), or None when ``src`` is no cached hub id."""
+    from clearsight.models.loader import _looks_like_hub_id
+
+    if not _looks_like_hub_id(src):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(src, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _folder_hash(path: Path, contents: bool = False) -> str:
@@ -89,6 +106,26 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+
+
+def item_inputs(item: WorkItem) -> dict[str, str] | None:
+    """What an output depends on that the sample id does not name: the image's content digest (an image
+    file replaced under the same path must not reuse the old outputs). None without an image, or when the
+    file is absent (outputs imported without the images: there is nothing to read)."""
+    if item.image is None:
+        return None
+    try:
+        st = os.stat(item.image)
+    except OSError:
+        return None
+    return {"image": _image_digest(item.image, st.st_size, st.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=8192)
+def _image_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Keyed by size and modification time too: a file rewritten in place is read again; POPE asks about
+    each image six times per split, and a job looks each item up several times, but reads it once."""
+    return _file_digest(Path(path))
 
 
 def system_config(system: SystemSpec, max_new_tokens: int) -> dict[str, Any]:
@@ -143,7 +180,8 @@ def pending_work(job: EvalJob, prep: Prepared, cache: GenerationCache) -> dict[s
     items = prep.items
     for system in job.systems:
         configs = _configs(system, items)
-        out[system.label] = [it for it in items if not cache.has(configs[it.max_new_tokens], it.sample_id)]
+        out[system.label] = [it for it in items if not cache.has(configs[it.max_new_tokens], it.sample_id,
+                                                                     item_inputs(it))]
     return out
 
 
@@ -166,7 +204,7 @@ def cache_lookup(cache: GenerationCache, configs: _Configs | None = None
     configs = configs or _Configs()
 
     def lookup(system: SystemSpec, item: WorkItem) -> str | None:
-        rec = cache.get(configs(system, item.max_new_tokens), item.sample_id)
+        rec = cache.get(configs(system, item.max_new_tokens), item.sample_id, item_inputs(item))
         return None if rec is None else rec["output"]
 
     return lookup
@@ -236,7 +274,7 @@ def _generate(job: EvalJob, pairs: Sequence[tuple[SystemSpec, WorkItem]], cache:
         label = task.system.label
         output = record.pop("output")
         if cache.put(configs(task.system, task.item.max_new_tokens), task.item.sample_id, output,
-                     system_name=label, **record):
+                     item_inputs(task.item), system_name=label, **record):
             written += 1
         tracker.add(label)  # also when another system of the same config (e.g. another backend) wrote it first
         if bar is not None:
@@ -358,7 +396,7 @@ def _outputs(cache: GenerationCache, system: SystemSpec, items: Sequence[WorkIte
     missing = 0
     configs = _configs(system, items)
     for it in items:
-        rec = cache.get(configs[it.max_new_tokens], it.sample_id)
+        rec = cache.get(configs[it.max_new_tokens], it.sample_id, item_inputs(it))
         if rec is None:
             missing += 1
         else:
@@ -465,11 +503,12 @@ def score_outputs(job: EvalJob, outputs: Mapping[str, Mapping[str, str]], source
         configs = _Configs()
         for system, item, text in records:
             config = configs(system, item.max_new_tokens)
-            rec = cache.get(config, item.sample_id)
+            rec = cache.get(config, item.sample_id, item_inputs(item))
             if rec is not None and rec["output"] != text:
                 raise EvalInputError(f"{source}: {system.label!r} already has another output for "
                                      f"{item.sample_id!r} in {cache.path}: use another --output or --name")
-            cache.put(config, item.sample_id, text, system_name=system.label, imported_from=source)
+            cache.put(config, item.sample_id, text, item_inputs(item), system_name=system.label,
+                      imported_from=source)
         atomic_write_text(out / "job.json", job.model_dump_json(indent=2))
         results = score_job(job, prep, cache)
         write_report(results, out)

@@ -199,3 +199,97 @@ def test_planted_decode_bug_fails_the_key_check(monkeypatch):
     _no_seed_in_decode(monkeypatch)
     with pytest.raises(AssertionError):
         test_every_decode_field_and_the_dtype_change_the_key()
+
+
+# --------------------------------------------------------------------------------------- image and hub model
+def test_image_content_changes_the_key_and_is_read_once(tmp_path, monkeypatch):
+    """An image file replaced by other bytes under the same path (same size too) is another input; each file
+    is read once however many items ask about it (POPE asks six questions per image per split)."""
+    from clearsight.evals import runner
+    from clearsight.evals.executor import WorkItem
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"\x00" * 32)
+    reads = []
+    monkeypatch.setattr(runner, "_file_digest", lambda p: reads.append(p) or __import__("hashlib").sha256(
+        p.read_bytes()).hexdigest())
+    runner._image_digest.cache_clear()
+    items = [WorkItem(f"b/{i}/tag", f"question {i}", str(image), 8) for i in range(12)]
+    first = [runner.item_inputs(it) for it in items]
+    assert len(reads) == 1 and all(f == first[0] for f in first)
+    assert first[0] == {"image": __import__("hashlib").sha256(b"\x00" * 32).hexdigest()}
+    config = system_config(SystemSpec(model=TINY), 8)
+    before = cache_key(config, items[0].sample_id, first[0])
+    image.write_bytes(b"\x01" * 32)
+    os.utime(image, ns=(1, 10**18))  # a new modification time, whatever the clock
+    after = runner.item_inputs(items[0])
+    assert after != first[0] and cache_key(config, items[0].sample_id, after) != before
+    # no image, or an absent file (outputs imported without the images): the key of the id alone
+    assert runner.item_inputs(WorkItem("j/1", "judge", None, 8)) is None
+    assert runner.item_inputs(WorkItem("b/1", "q", str(tmp_path / "gone.jpg"), 8)) is None
+    assert cache_key(config, "b/1", None) == cache_key(config, "b/1")
+
+
+def test_replaced_image_is_generated_anew(tmp_path, monkeypatch):
+    """Through the runner: imported outputs are reused while the images are unchanged (no model is loaded);
+    after one image file is replaced under the same path, its samples are not served from the cache."""
+    from clearsight.evals.runner import score_outputs
+
+    root = tmp_path / "MME"
+    (root / "existence").mkdir(parents=True)
+    for stem in ("a", "b"):
+        (root / "existence" / f"{stem}.jpg").write_bytes(stem.encode() * 8)
+        (root / "existence" / f"{stem}.txt").write_text(
+            "Is there a dog in this image? Please answer yes or no.\tYes\n"
+            "Is there a cat in this image? Please answer yes or no.\tNo\n")
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded: the cache was not reused")
+
+    monkeypatch.setattr("clearsight.models.loader.load_model", no_model)
+    job = parse_job({"systems": [{"name": "theirs", "model": "external:theirs"}],
+                     "benchmarks": [{"kind": "mme", "data": None, "root": str(root), "subsets": ["existence"]}],
+                     "output": str(tmp_path / "out"), "stats": {"resamples": 100}})
+    ids = ["existence/a/0", "existence/a/1", "existence/b/0", "existence/b/1"]
+    score_outputs(job, {"theirs": dict(zip(ids, ["Yes", "No", "Yes", "No"]))})
+    run_job(job, progress=None)  # every output cached: nothing to generate
+    (root / "existence" / "b.jpg").write_bytes(b"c" * 8)  # same size, other bytes
+    os.utime(root / "existence" / "b.jpg", ns=(1, 10**18))
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        run_job(job, progress=None)
+
+
+def fake_hub_snapshot(hub, repo: str, commit: str, weights: bytes) -> None:
+    """The Hugging Face cache layout: refs/main names the commit, snapshot files link to blobs named by
+    their sha256 (what ``hf download`` leaves; nothing is downloaded here)."""
+    import hashlib
+
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "blobs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in (("config.json", b"{}"), ("model.safetensors", weights)):
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+
+
+def test_hub_id_is_keyed_by_its_cached_snapshot(tmp_path, monkeypatch):
+    """A hub id in the local cache is keyed by its current snapshot's weights, not its name: a new revision
+    with other weights (refs/main moved) is another model; a new commit with the same files keeps the key."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    assert model_identity(SystemSpec(model="org/tiny")) == "org/tiny"  # not cached: cannot be loaded here
+    fake_hub_snapshot(hub, "org/tiny", "1" * 40, b"\x00" * 64)
+    first = key(model="org/tiny")
+    assert model_identity(SystemSpec(model="org/tiny")).startswith("org/tiny#")
+    assert first != key(model="org/other") and first == key(model="org/tiny")
+    fake_hub_snapshot(hub, "org/tiny", "2" * 40, b"\x01" * 64)
+    second = key(model="org/tiny")
+    assert second != first
+    fake_hub_snapshot(hub, "org/tiny", "3" * 40, b"\x01" * 64)  # e.g. a README edit: same weights and config
+    assert key(model="org/tiny") == second

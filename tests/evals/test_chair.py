@@ -233,3 +233,33 @@ def test_outside_jsonl_gives_the_same_chair_as_the_cache(tmp_path, shapes_cache,
     assert main(["eval", "chair", "--outputs", str(path), "--output", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "record 1 needs an id" in err and len(err.strip().splitlines()) == 1
+
+
+def test_caption_files_and_sampling_edges(coco, tmp_path):
+    """Metrics mutation survivors (docs/testing.md): a JSON array (after leading blanks), the messages in
+    full, records counted from 1, a record lacking only one key, exactly n images, the default n and seed."""
+    ip, _ = coco
+    f = tmp_path / "caps.json"
+    f.write_text('\n  [{"image_id": 1, "caption": "A dog."}, {"image_id": 2, "caption": "x"}]')
+    assert load_captions_file(f) == [(1, "A dog."), (2, "x")]
+    f.write_text('[{"image_id": 1, "caption": "A dog."}, {"image_id": 2}]')
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(f)
+    assert str(err.value) == f"{f}: record 2 lacks 'image_id' or 'caption'"
+    f.write_text("\n\n")
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(f)
+    assert str(err.value) == f"{f}: empty caption file; generate captions first"
+    f.write_text('{"image_id": 1, "capt\n')
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(f)
+    assert str(err.value).startswith(f"{f}: malformed JSON on line 1 (") and str(err.value).endswith("fix that line")
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(tmp_path / "none.jsonl")
+    assert "caption file" in str(err.value) and "check the path" in str(err.value)
+    assert sorted(sample_image_ids(ip, n=len(INSTANCES))) == sorted(INSTANCES)  # exactly n: all of them
+    with pytest.raises(EvalInputError, match="only 8 images, cannot sample 500; lower n"):
+        sample_image_ids(ip)  # the default n is 500
+    assert sample_image_ids(ip, n=3) == sample_image_ids(ip, n=3, seed=0) != sample_image_ids(ip, n=3, seed=1)
+    with pytest.raises(EvalInputError, match="COCO annotation file"):
+        sample_image_ids(tmp_path / "none.json")

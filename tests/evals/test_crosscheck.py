@@ -144,3 +144,80 @@ def test_embedding_scorer_embeds_each_text_once():
     again = scorer.score(["A red circle here."], "A blue star there. A red circle here.")
     assert first[0] == pytest.approx(0.0) and again == [pytest.approx(0.0)]
     assert sorted(seen) == ["A blue star there.", "A red circle here."]
+
+
+def test_correlation_edges_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: the smallest valid inputs, each malformed input, the messages,
+    ties at the end of the order, the silent constant case and the default names."""
+    import warnings
+
+    assert pearson([1, 2], [2, 1]) == pytest.approx(-1.0)  # two values are enough
+    for x, y in (([1, 2], [1, 2, 3]), ([[1, 2], [3, 4]], [[1, 2], [3, 4]]), ([1], [1])):
+        with pytest.raises(EvalInputError) as err:
+            pearson(x, y)
+        assert str(err.value).startswith("pearson: need two equal-length sequences of >= 2 values, got ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant side is NaN by rule, not by a 0 / 0 division
+        assert math.isnan(pearson([2, 2, 2], [1, 2, 3]))
+    assert list(rankdata([3, 1, 3])) == [2.5, 1, 2.5]  # a tie among the last two of the order
+    assert list(rankdata([5, 5, 1, 5])) == [3, 3, 1, 3]
+    c = correlate({"A": 1.0, "B": 2.0}, {"A": 1.0, "B": 3.0})  # two common systems are enough
+    assert (c.reference, c.systems, c.pearson) == ("reference", ["A", "B"], pytest.approx(1.0))
+    with pytest.raises(EvalInputError) as err:
+        correlate({"A": 1.0}, {"B": 1.0}, "CHAIR_i")
+    assert str(err.value) == "correlate: only 0 system(s) have both scores and CHAIR_i; need >= 2"
+    assert PromptJudgeScorer(lambda p: "Yes").name == "judge"
+    assert PromptJudgeScorer(lambda p: "Yes", name="gpt").name == "gpt"
+
+
+def test_embedding_scorer_edges_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: zero and anti-parallel embeddings, a cosine that rounds above 1,
+    the evidence fallbacks, the default name and minimum sentence length, the messages."""
+    vec = {"zero": [0.0, 0.0, 0.0], "up": [1.0, 0.0, 0.0], "down": [-1.0, 0.0, 0.0],
+           "odd": [0.9034701816518086, 0.09401229776087457, -0.7434992493538084]}  # 1 - u.u = -2.2e-16
+
+    def embed(texts):
+        return np.array([vec[t.strip(".").split()[-1]] for t in texts])
+
+    s = EmbeddingScorer(embed)
+    assert s.name == "embedding" and EmbeddingScorer(embed, name="e5").name == "e5"
+    assert s.score(["A zero."], "An up.") == [1.0]  # a zero vector: similarity 0, no 0 / 0
+    assert s.score(["An up."], "A down.") == [1.0]  # cosine -1: clipped to 1
+    assert s.score(["An odd."], "An odd.") == [0.0]  # a cosine rounded above 1: clipped to 0
+    # every evidence sentence shorter than min_tokens: the whole evidence is the one sentence
+    assert EmbeddingScorer(embed, min_tokens=5).score(["An up."], "An up.") == [0.0]
+    ones = EmbeddingScorer(lambda texts: np.ones((len(texts), 2)))
+    assert ones.score(["Any text."], "   ") == [1.0]  # blank evidence supports nothing
+    # the default keeps one-word evidence sentences
+    words = EmbeddingScorer(lambda texts: np.array([[t.count("Up"), t.count("down")] for t in texts], float))
+    assert words.score(["Up."], "Up. Goes down.") == [0.0]
+    with pytest.raises(EvalInputError) as err:
+        EmbeddingScorer(lambda texts: np.zeros((1, 3)), name="e").score(["a b", "c d"], "x")
+    assert str(err.value) == "e: embed() returned 1 rows for 2 texts; it must return one row per text"
+    with pytest.raises(EvalInputError) as err:
+        EmbeddingScorer(lambda texts: np.zeros(3)).score(["a b"], "x")
+    assert str(err.value) == "embed() must return a 2-D array, got shape (3,)"
+
+
+def test_explicit_messages_and_skipped_samples_found_by_mutation_testing():
+    """docs/testing.md, metrics survivors: the messages in full (the first id only one system has), a
+    sample without a long sentence before one with, and min_tokens reaching the sentence split."""
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "x", "2": "y"}, "B": {"1": "x", "3": "y"}, "C": {"1": "x"}},
+                            LastWordScorer())
+    assert str(err.value) == ("CrossCheck: systems 'A' and 'B' cover different samples (first differing id: 2); "
+                              "generate the same samples for all systems")
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {}, "B": {}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck: empty dataset; no samples in the outputs"
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "Ok."}, "B": {"1": "Fine."}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck: no sample has a sentence of >= 4 tokens; nothing to score"
+    with pytest.raises(EvalInputError) as err:
+        crosscheck_explicit({"A": {"1": "x"}}, LastWordScorer())
+    assert str(err.value) == "CrossCheck needs outputs of at least 2 systems on the same samples"
+    outs = {"A": {"0": "Ok.", "1": "There is a red cat."}, "B": {"0": "Fine.", "1": "There is a red dog."}}
+    res = crosscheck_explicit(outs, LastWordScorer())
+    assert res.scores == {"A": 1.0, "B": 1.0} and res.n_sentences == {"A": 1, "B": 1}
+    short = crosscheck_explicit({"A": {"1": "A cat."}, "B": {"1": "A dog."}}, LastWordScorer(), min_tokens=2)
+    assert short.n_sentences == {"A": 1, "B": 1}

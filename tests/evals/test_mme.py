@@ -137,3 +137,14 @@ def test_example_job_with_mme_and_amber_is_valid():
 
     job = load_job(Path(__file__).resolve().parents[2] / "examples" / "shapes_mme_amber.toml")
     assert [b.kind for b in job.benchmarks] == ["mme", "amber"] and job.benchmarks[0].limit == 30
+
+
+def test_answer_rule_edges_and_messages():
+    """Metrics mutation survivors (docs/testing.md): only the first four characters count."""
+    assert parse_mme("Uh no") == "other" and parse_mme("A yes") == "other"
+    with pytest.raises(EvalInputError) as err:
+        score_mme_subset([], ["Yes"])
+    assert str(err.value) == "score_mme_subset: 0 questions but 1 answers"
+    with pytest.raises(EvalInputError) as err:
+        score_mme_subset([], [])
+    assert str(err.value) == "score_mme_subset: no questions"

@@ -90,3 +90,54 @@ def test_chair_partner_share_of_hallucinated_mentions():
     rep = compute_stats(list(ms.values()), ["none", "x"], "none", StatsSettings(resamples=200))
     assert rep.figure("none", "chair", "partner_share").estimate == pytest.approx(0.5)
     assert all(d.identical and not d.significant for d in rep.differences)
+
+
+def test_take_partner_questions_edges():
+    """Metrics mutation survivors (docs/testing.md): the questions themselves, a count reached exactly at a
+    scene's end, and scenes whose first questions are not partner questions."""
+    qs = build_partner_questions(SCENES, PAIRS, VOCAB, seed=0)
+    assert take_partner_questions(qs, 1) == qs[:4]  # a.png whole
+    assert take_partner_questions(qs, 2) == qs[:4]  # reached exactly at a.png's end: c.png is not taken
+    assert take_partner_questions(qs[2:], 1) == qs[2:]  # a.png's present + control count nothing
+
+
+def test_score_partner_names_the_answers_in_errors():
+    qs = build_partner_questions(SCENES, PAIRS, VOCAB, seed=0)
+    with pytest.raises(EvalInputError, match="answers for the partner questions"):
+        score_partner(qs, {})
+
+
+def test_partner_file_provenance_and_measure_fields(tmp_path):
+    """Metrics mutation survivors (docs/testing.md): what a loaded partner file records, blank lines and a
+    member-less record, a bad label, and every field of the partner measures."""
+    import hashlib
+    import json
+
+    from clearsight.evals.datasets.pope import PopeFile
+    from clearsight.evals.metrics.partner import PARTNER_LABELS
+
+    qs = build_partner_questions(SCENES, PAIRS, VOCAB, seed=0)
+    path = tmp_path / "partner.jsonl"
+    write_partner_file(path, qs)
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    del record["member"]
+    path.write_text("\n".join([json.dumps(record), "", *lines[1:]]) + "\n")  # a blank line is skipped
+    loaded, pfile = load_partner_file(path)
+    assert len(loaded) == 7 and loaded[0].member == "" and loaded[1:] == qs[1:]
+    assert pfile == PopeFile(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), 7, "jsonl", "partner")
+    record["label"] = "maybe"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(EvalInputError, match="line 1 is not a partner question"):
+        load_partner_file(path)
+    path.write_text("\n")
+    with pytest.raises(EvalInputError) as err:
+        load_partner_file(path)
+    assert str(err.value) == f"{path}: no partner questions; rebuild the shapes world"
+    kinds = [q.kind for q in qs]
+    preds = ["yes", "no", "no", "yes", "yes", "yes", "yes"]
+    for m in partner_measures(kinds, {"a": preds}):
+        kind = m.metric.removesuffix("_yes")
+        n = kinds.count(kind)
+        assert (m.benchmark, m.split, m.kind, m.label) == ("pope", "partner", "proportion", PARTNER_LABELS[kind])
+        assert m.num["a"].dtype == float and m.den["a"].tolist() == [1.0] * n

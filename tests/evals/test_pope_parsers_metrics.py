@@ -95,5 +95,30 @@ def test_score_pope_unknown_split_and_empty():
         score_pope([_set("easy", ["yes"])], {"easy": {1: "yes"}})
     with pytest.raises(EvalInputError, match="empty dataset"):
         pope_metrics([], [])
-    with pytest.raises(EvalInputError, match="no POPE splits"):
+    with pytest.raises(EvalInputError) as err:
         score_pope([], {})
+    assert str(err.value) == "score_pope: no POPE splits given; load at least one split"
+
+
+def test_metrics_asymmetric_counts_and_messages():
+    """Metrics mutation survivors (docs/testing.md): the hand case above has as many "yes" as other
+    predictions and one unparsed answer of each gold label, so these counts are made lopsided."""
+    m = pope_metrics(["yes", "yes", "yes", "no", "no"], [None, None, "yes", None, "no"])
+    assert (m.tp, m.fn, m.fp, m.tn, m.unparsed) == (1, 2, 0, 1, 3)  # the unparsed gold-yes are misses, gold-no not
+    assert m.yes_ratio == pytest.approx(1 / 5)
+    with pytest.raises(EvalInputError) as err:
+        pope_metrics(["yes"], [])
+    assert str(err.value) == "pope_metrics: 1 labels but 0 predictions"
+    with pytest.raises(EvalInputError) as err:
+        pope_metrics([], [])
+    assert str(err.value) == "pope_metrics: empty dataset; need at least one question"
+    with pytest.raises(EvalInputError) as err:
+        score_pope([_set("random", ["yes"])], {})
+    assert str(err.value) == "score_pope: no answers for split 'random'; generate them first"
+    unlabeled = PopeSet("random", [PopeQuestion(1, "im.png", "q", None, "random")], [])
+    with pytest.raises(EvalInputError) as err:
+        score_pope([unlabeled], {"random": {1: "yes"}})
+    assert str(err.value) == ("split 'random' has questions without labels; pass label_files to "
+                              "load_llava_pope")
+    with pytest.raises(EvalInputError, match="answers for split 'random'"):
+        score_pope([_set("random", ["yes"])], {"random": {2: "yes"}})

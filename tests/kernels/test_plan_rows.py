@@ -1,0 +1,101 @@
+"""The plan's row operations (select_rows, pad_left, trim_left, concatenate, extend_prompt) against the plan
+they came from: a row's attention output is the same after the operation (issue 22; these are what the
+generation loop does when requests leave, join and are compacted). Every plan feature of test_backends, torch
+backend, no model: fast enough for the mutation run of kernels/plan.py (scripts/mutation.py, module plan)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from plan_cases import L0, PADS, D, make_plan, make_qkv
+from test_backends import FEATURES
+
+from clearsight.kernels.context import use_plan
+from clearsight.kernels.plan import AttentionPlan
+from clearsight.kernels.torch_backend import torch_attention
+
+ATOL = 1e-5
+
+
+def _out(module, plan, q, k, v):
+    with use_plan(plan):
+        out, _ = torch_attention(module, q, k, v, plan.allowed(q.shape[2], k.shape[2]), scaling=D**-0.5)
+    return out  # [B, Lq, H, D]
+
+
+def _valid(pads, Lq):
+    """Query rows that are not padding (padding rows are never read)."""
+    ok = torch.ones(len(pads), Lq, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        ok[b, :p] = False
+    return ok
+
+
+def _edited(feature):
+    plan = make_plan()
+    FEATURES[feature](plan)
+    return plan
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_select_rows_keeps_each_rows_output(feature, module):
+    plan = _edited(feature)
+    q, k, v = make_qkv(len(PADS), L0, L0, seed=1)
+    full = _out(module, plan, q, k, v)
+    keep = [2, 0]
+    plan.select_rows(keep)
+    assert plan.batch == 2 and [lay.pad for lay in plan.layouts] == [PADS[i] for i in keep]
+    got = _out(module, plan, q[keep], k[keep], v[keep])
+    ok = _valid([PADS[i] for i in keep], L0)
+    assert (got - full[keep]).abs()[ok].max() < ATOL
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_pad_left_then_trim_left_keep_the_output(feature, module):
+    n = 2
+    plan = _edited(feature)
+    q, k, v = make_qkv(len(PADS), L0, L0, seed=2)
+    base = _out(module, plan, q, k, v)
+    noise = make_qkv(len(PADS), n, n, seed=3)  # what padding keys hold must not matter
+    qp, kp, vp = (torch.cat([a, b], 2) for a, b in zip(noise, (q, k, v)))
+    plan.pad_left(n)
+    assert plan.prompt_len == L0 + n and plan.pad.tolist() == [p + n for p in PADS]
+    padded = _out(module, plan, qp, kp, vp)
+    ok = _valid(PADS, L0)
+    assert (padded[:, n:] - base).abs()[ok].max() < ATOL
+    plan.trim_left(n)
+    assert plan.prompt_len == L0 and plan.pad.tolist() == list(PADS)
+    assert (_out(module, plan, q, k, v) - base).abs()[ok].max() < ATOL
+    with pytest.raises(ValueError, match="only leading padding"):
+        plan.trim_left(min(PADS) + 1)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_concatenate_keeps_both_sides_rows(feature, module):
+    """A plan with the feature joined with an unedited plan (and the other way round)."""
+    edited, plain = _edited(feature), make_plan()
+    qa, ka, va = make_qkv(len(PADS), L0, L0, seed=4)
+    qb, kb, vb = make_qkv(len(PADS), L0, L0, seed=5)
+    out_a, out_b = _out(module, edited, qa, ka, va), _out(module, plain, qb, kb, vb)
+    ok = _valid(PADS + PADS, L0)
+    for first, second, expect in ((edited, plain, (out_a, out_b)), (plain, edited, (out_b, out_a))):
+        joined = AttentionPlan.concatenate(first, second)
+        assert joined.batch == 2 * len(PADS)
+        q, k, v = ((torch.cat([a, b]) if first is edited else torch.cat([b, a])) for a, b in
+                   ((qa, qb), (ka, kb), (va, vb)))
+        got = _out(module, joined, q, k, v)
+        assert (got - torch.cat(expect)).abs()[ok].max() < ATOL
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_extend_prompt_changes_nothing_a_query_sees(feature, module):
+    """Generated keys turned into prompt columns: a decode step attends exactly as before."""
+    plan = _edited(feature)
+    Lk = L0 + 3
+    q, k, v = make_qkv(len(PADS), 1, Lk, seed=6)
+    before = _out(module, plan, q, k, v)
+    plan.extend_prompt(Lk)
+    assert plan.prompt_len == Lk
+    assert (_out(module, plan, q, k, v) - before).abs().max() < ATOL
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        plan.extend_prompt(L0)

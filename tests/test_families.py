@@ -158,16 +158,22 @@ def test_mixed_batch_equals_solo_runs(family):
 
 # each matrix row's configurations: its default (what the matrix cell is about) and its zero strength (None: the
 # method has no strength, e.g. a plan for a trained checkpoint); tiny models have no VAR sink table, so sink_dims
-DEFAULTS: dict[str, dict] = {"var": {"sink_dims": [3]}, "causalmm:level=vision": {"level": "vision"}}
+DEFAULTS: dict[str, dict] = {"var": {"sink_dims": [3]}, "causalmm:level=vision": {"level": "vision"},
+                             "carve": {"probe_tokens": 2},  # short probes: the cell is about whether it runs
+                             "carve:final=refined": {"probe_tokens": 2, "final": "refined"}}
 ZERO: dict[str, dict | None] = {
     "none": {}, "vcd": {"alpha": 0.0}, "m3id": {"lam": 0.0}, "pai": {"alpha": 0.0, "gamma": 1.0},
     "agla": {"alpha": 0.0}, "vhr": {"alpha": 1.0}, "var": {"p": 0.0, "sink_dims": [3]}, "mma": None,
     "causalmm": {"gamma": 0.0}, "causalmm:level=vision": {"gamma": 0.0, "level": "vision"}, "cca": None,
     "imbalanced": {"alpha": 0.0, "beta": 0.0},
+    "inter": {"k": None},  # never adds the interaction; the beta cut keeps the greedy token
+    "carve": None, "carve:final=refined": None,  # no strength: it re-asks with a refined view
 }
 # what each refusal says (the mitigation's own error), for the cells the matrix marks refused
 REFUSAL = {"cca": "cca is not supported", "mma": "mma is not supported", "imbalanced": "CLS",
-           "causalmm:level=vision": "CLIP-style", "agla": "attention matcher is not supported"}
+           "causalmm:level=vision": "CLIP-style", "agla": "attention matcher is not supported",
+           "carve": "carve is not supported|carve:final=both asks about two images",
+           "carve:final=refined": "carve is not supported"}
 
 
 def _spec(config: str, fields: dict) -> dict:
@@ -338,9 +344,9 @@ def test_smolvlm_vision_level_counterfactual_batches_like_solo():
 
 
 def test_instructblip_refuses_grid_maps_and_several_images_in_one_line():
-    """InstructBLIP's image tokens are Q-Former queries: CARVE (not in the matrix) refuses as AGLA's attention
-    matcher does, and two images in one row (a mitigation's re-query; its queries come first, one block) are
-    refused."""
+    """InstructBLIP's image tokens are Q-Former queries: CARVE refuses as AGLA's attention matcher does (the
+    matrix walk checks that too), INTER's template-only prompt removal refuses without a chat template, and two
+    images in one row (a mitigation's re-query; its queries come first, one block) are refused."""
     from clearsight.errors import InputError
 
     lvlm = tiny("tiny-instructblip")
@@ -349,6 +355,9 @@ def test_instructblip_refuses_grid_maps_and_several_images_in_one_line():
     request = [{"prompt": PROMPTS[0], "image": make_image(1)}]
     with pytest.raises(InputError, match="carve is not supported for instructblip"):
         generate(lvlm, request, mitigations=["carve"], decode=decode)
+    # no chat template: INTER's template-only prompt removal has no image slot to keep (its default works)
+    with pytest.raises(InputError, match="use prompt_removal=question"):
+        generate(lvlm, request, mitigations=[{"name": "inter", "prompt_removal": "template"}], decode=decode)
     with pytest.raises(InputError, match="one image per prompt"):
         lvlm.adapter.encode([PROMPTS[0]], [[make_image(1), make_image(2)]])
     with pytest.raises(InputError, match="one image per prompt"):

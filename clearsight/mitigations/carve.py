@@ -189,6 +189,10 @@ class CARVE(Mitigation):
     def input_images(self, ctx: RequestContext) -> list[Image.Image] | None:
         require_image(ctx, "carve", "it refines the request's image")
         assert ctx.image is not None
+        adapter = ctx.lvlm.adapter
+        if self.final == "both" and adapter.image_grid_2d and not adapter.several_images_per_prompt:
+            raise InputError(f"carve:final=both asks about two images in one prompt, which {adapter.family} cannot "
+                             "tell apart: use carve:final=refined")
         view, mask = self.refine(ctx)
         ctx.state["carve"] = {"view": view, "mask": mask}
         return [ctx.image, view] if self.final == "both" else [view]

@@ -37,6 +37,13 @@ REQUIREMENTS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "imbalanced": (("image_grid_2d", "needs a 2-D grid of patch tokens to select (this family's are learned queries)"),
                    ("has_cls_vision_attention", "needs the vision tower's CLS->patch attention (no CLS token)")),
+    "inter": (),
+    "carve": (("image_grid_2d", "its maps are attention over a 2-D grid of image tokens (this family's are learned "
+                                "queries)"),
+              ("several_images_per_prompt", "final=both asks about two images in one prompt, which this family "
+                                            "cannot tell apart (use final=refined)")),
+    "carve:final=refined": (("image_grid_2d", "its maps are attention over a 2-D grid of image tokens (this "
+                                              "family's are learned queries)"),),
 }
 
 

@@ -42,6 +42,7 @@ import torch
 from pydantic import Field
 
 from clearsight.config import Seed
+from clearsight.errors import InputError
 from clearsight.mitigations._branch_common import cut, plausible, require_image
 from clearsight.mitigations.base import MAIN, Branch, Mitigation, RequestContext
 from clearsight.mitigations.registry import register
@@ -72,7 +73,8 @@ def template_parts(adapter) -> tuple[str, str]:
     slot = with_image[head:len(with_image) - tail]
     suffix = with_image[with_image.rindex(_SENTINEL) + len(_SENTINEL):]
     if not slot or _SENTINEL in slot:
-        raise ValueError("cannot find the image slot of the chat template")
+        raise InputError(f"inter: prompt_removal needs the image slot of the chat template, and "
+                         f"{adapter.family}'s prompt has none that can be found: use prompt_removal=question")
     return slot, suffix
 
 

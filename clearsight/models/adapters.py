@@ -157,6 +157,7 @@ class Adapter:
     center_crop_preprocess: ClassVar[bool] = False
     image_grid_2d: ClassVar[bool] = True
     causal_image_tokens: ClassVar[bool] = True
+    several_images_per_prompt: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
         self.model = model
@@ -554,6 +555,7 @@ class LlavaNextAdapter(Adapter):
 
     family = "llava_next"
     model_classes = (LlavaNextForConditionalGeneration,)
+    several_images_per_prompt = False  # the images' anyres spans run together (one span per prompt)
     sink_dimensions = {4096: (2533, 1415), 5120: (2100, 4743)}
     has_cls_vision_attention = True
     vision_feature_hook = True
@@ -695,6 +697,7 @@ class SmolVLMAdapter(Adapter):
 
     family = "smolvlm"
     model_classes = (SmolVLMForConditionalGeneration,)
+    several_images_per_prompt = False  # tiles of several images are not told apart by the layout
     has_cls_vision_attention = False  # a SigLIP-style tower: no CLS token
     vision_feature_hook = True
     single_grid_per_image = False
@@ -801,6 +804,7 @@ class InstructBlipAdapter(Adapter):
 
     family = "instructblip"
     model_classes = (InstructBlipForConditionalGeneration,)
+    several_images_per_prompt = False  # one block of queries per prompt
     has_cls_vision_attention = True
     single_grid_per_image = False
     image_grid_2d = False
@@ -1061,6 +1065,8 @@ CAPABILITIES: dict[str, str] = {
                               "through that crop",
     "image_grid_2d": "each image's tokens are a rows x cols grid of patches (not learned queries such as "
                      "InstructBLIP's Q-Former outputs), so attention over them maps onto the image",
+    "several_images_per_prompt": "several images in one prompt get one image span (or grid set) each, so a "
+                                 "mitigation may ask about [original, refined] together",
     "causal_image_tokens": "image tokens attend causally at prefill like text, so a mitigation may set the prompt "
                            "mask (Gemma 3's image tokens see their whole image: the plan's mask carries that block)",
 }

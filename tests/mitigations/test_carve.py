@@ -150,6 +150,6 @@ def test_refusals():
     assert [m.name for m in parse_mitigations(["carve:final=refined", "vcd"])] == ["carve", "vcd"]
     with pytest.raises(InputError, match="carve needs an image"):
         generate(tiny("tiny-llava"), [{"prompt": PROMPT}], ["carve"], decode=DECODE)
-    with pytest.raises(InputError, match="2 images in one prompt gave 1 image-token spans on llava_next"):
+    with pytest.raises(InputError, match="carve:final=both asks about two images in one prompt, which llava_next"):
         generate(tiny("tiny-llava-next"), [{"prompt": PROMPT, "image": make_image(2)}], ["carve:steps=first"],
                  decode=DECODE)

@@ -123,6 +123,17 @@ def _has_hooks(*modules: torch.nn.Module) -> bool:
     return any(_foreign(m._forward_hooks) or _foreign(m._forward_pre_hooks) for top in modules for m in top.modules())
 
 
+def encode_nested(adapter: Adapter, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
+                  ) -> dict[str, torch.Tensor]:
+    """Left-padded processor tensors for processors that take each row's images as a list (a row without: [])."""
+    nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
+    adapter.tokenizer.padding_side = "left"
+    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+    if any(nested):
+        kwargs["images"] = nested
+    return {k: v for k, v in dict(adapter.processor(**kwargs)).items() if isinstance(v, torch.Tensor)}
+
+
 def center_crop_box(image_processor: Any, image: Image.Image) -> tuple[int, int, int, int] | None:
     """The region a CLIP-style processor keeps (resize shortest edge, then center crop); None = all of it."""
     if not getattr(image_processor, "do_center_crop", False):
@@ -719,12 +730,7 @@ class SmolVLMAdapter(Adapter):
     def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
                ) -> dict[str, torch.Tensor]:
         """As the base class, with images nested per row (the processor's layout) and only the real tiles kept."""
-        nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
-        self.tokenizer.padding_side = "left"
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if any(nested):
-            kwargs["images"] = nested
-        batch = {k: v for k, v in dict(self.processor(**kwargs)).items() if isinstance(v, torch.Tensor)}
+        batch = encode_nested(self, texts, images)
         if "pixel_values" in batch:
             # row b's tiles are its first (runs of image tokens) entries; the rest are the processor's padding
             counts = [len(_runs(ids == self.image_token_id)) for ids in batch["input_ids"]]
@@ -991,13 +997,7 @@ class Gemma3Adapter(Adapter):
     def encode(self, texts: list[str], images: list[Image.Image | list[Image.Image] | None]
                ) -> dict[str, torch.Tensor]:
         """As ``Adapter.encode``; Gemma 3's processor takes the images nested per row (a row without: [])."""
-        nested = [[] if row is None else (list(row) if isinstance(row, list) else [row]) for row in images]
-        self.tokenizer.padding_side = "left"
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
-        if any(nested):
-            kwargs["images"] = nested
-        batch = dict(self.processor(**kwargs))
-        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return encode_nested(self, texts, images)
 
     def prepare_plan(self, plan: AttentionPlan) -> None:
         """The prompt mask transformers builds from ``token_type_ids``: an image token also sees the later tokens

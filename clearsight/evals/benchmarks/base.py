@@ -41,6 +41,16 @@ if TYPE_CHECKING:
     from clearsight.evals.stats import Difference
 
 
+def known_choices(values: list[str], choices: Sequence[str], what: str) -> list[str]:
+    """A spec's list field of named choices (splits, subsets): each one known, at least one given."""
+    bad = [v for v in values if v not in choices]
+    if bad:
+        raise ValueError(f"unknown {what} {bad[0]!r}: choose from {', '.join(choices)}")
+    if not values:
+        raise ValueError(f"no {what}s: give at least one of " + ", ".join(choices))
+    return values
+
+
 def _decode_bound(name: str, default: int) -> int:
     """DecodeSpec's upper bound of a field, so that a job cannot ask for more than generation accepts."""
     info = DecodeSpec.model_fields.get(name)

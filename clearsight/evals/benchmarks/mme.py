@@ -18,6 +18,7 @@ from clearsight.evals.benchmarks.base import (
     DataFile,
     ScoreContext,
     forest_plots,
+    known_choices,
     register_benchmark,
     result_keys,
 )
@@ -47,12 +48,7 @@ class MmeBenchmark(BenchmarkSpec):
     @field_validator("subsets")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in SUBSETS]
-        if bad:
-            raise ValueError(f"unknown subset {bad[0]!r}: choose from {', '.join(SUBSETS)}")
-        if not v:
-            raise ValueError("no subsets: give at least one of " + ", ".join(SUBSETS))
-        return v
+        return known_choices(v, SUBSETS, "subset")
 
     @model_validator(mode="after")
     def _source(self) -> MmeBenchmark:

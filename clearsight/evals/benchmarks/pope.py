@@ -20,6 +20,7 @@ from clearsight.evals.benchmarks.base import (
     DataFile,
     ScoreContext,
     forest_plots,
+    known_choices,
     register_benchmark,
     result_keys,
 )
@@ -75,12 +76,7 @@ class PopeBenchmark(BenchmarkSpec):
     @field_validator("splits")
     @classmethod
     def _known_splits(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in SPLITS]
-        if bad:
-            raise ValueError(f"unknown split {bad[0]!r}: choose from {', '.join(SPLITS)}")
-        if not v:
-            raise ValueError("no splits: give at least one of " + ", ".join(SPLITS))
-        return v
+        return known_choices(v, SPLITS, "split")
 
     @model_validator(mode="after")
     def _source(self) -> PopeBenchmark:

@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicLayer
 from clearsight.config import STOCK_BACKENDS, DecodeSpec, GenerationRequest
 from clearsight.decoding.compiled import NotCapturable, StaticDecode, why_not
 from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image, make_probe
+from clearsight.decoding.probes import BatchingProbe
 from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError
 from clearsight.kernels.context import use_backend, use_plan
@@ -91,6 +92,9 @@ class Entry:
         self.layout: RowLayout | None = None  # the main row's layout without padding (statistics)
         self.stats_acc: dict[str, dict[int, list[torch.Tensor]]] = {"segment_mass": {}, "last_row": {}}
         self.warner: Callable[[str, type[Warning]], None] | None = None  # the scheduler's (RequestContext.warn)
+        self.probe: BatchingProbe | None = None  # the last preparation's probe (its noted calls, when recording)
+        self.probe_memo: dict[Any, list[Any]] = {}  # prefetched probe results (decoding.probes), kept for retries
+        self.prefetched = False  # the scheduler tried to prefetch this request's probes
 
     @property
     def key(self) -> tuple[str | None, tuple | None]:
@@ -105,20 +109,24 @@ class Entry:
         return not self.done and not self.cancelled and self.finish is None
 
     # ------------------------------------------------------------------ preparation
-    def prepare(self, lvlm: LVLM) -> None:
-        """Load the image and ask the mitigations for their branch rows (a fresh context each time)."""
+    def prepare(self, lvlm: LVLM, record: bool = False) -> None:
+        """Load the image, let the mitigations prepare and ask them for their branch rows (a fresh context
+        each time). ``record``: a batchable probe call that is not prefetched yet is noted in ``self.probe``
+        and raises ``decoding.probes.ProbeDeferred`` (the scheduler runs such calls batched)."""
         self.remove_hooks()
         req = self.request
         image = load_image(req.image, f"request {self.index}: image") if req.image is not None else None
+        self.probe = BatchingProbe(make_probe(lvlm, self.backend), self.probe_memo, recording=record)
         ctx = RequestContext(lvlm=lvlm, request=req, index=self.index, rows={}, layouts=[], plan=None,  # type: ignore[arg-type]
-                             decode=self.decode, image=image, probe=make_probe(lvlm, self.backend),
-                             warner=self.warner)
+                             decode=self.decode, image=image, probe=self.probe, warner=self.warner)
         main_image: Image.Image | list[Image.Image] | None = image
         for m in self.mitigations:  # a mitigation may replace the request's input image(s) (CARVE)
             new = m.input_images(ctx)
             if new is not None:
                 main_image = new[0] if len(new) == 1 else list(new)
                 ctx.image = new[-1]
+        for m in self.mitigations:
+            m.prepare(ctx)
         rows = [_Row(self, MAIN, req.prompt, main_image)]
         ctx.rows[MAIN] = 0
         for m in self.mitigations:
@@ -133,6 +141,7 @@ class Entry:
                 ctx.branch_specs[name] = br
                 prompt = br.prompt if br.prompt is not None else req.prompt
                 rows.append(_Row(self, name, prompt, br_image, br.pixel_transform, br.until_step, br.template))
+        self.probe.recording = False  # prepared: later calls (apply, install, steps) run at once
         self.ctx, self.rows, self.step = ctx, rows, 0
         # every (re)start, e.g. a retry after a failed group prefill, samples from the request's seed again
         self.generator = torch.Generator().manual_seed(req.seed if req.seed is not None else self.decode.seed)

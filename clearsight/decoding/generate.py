@@ -312,7 +312,8 @@ def make_probe(lvlm: LVLM, backend: str | None = None) -> Probe:
     """
 
     def probe(requests: Requests, mitigations: Any = (), decode: DecodeSpec | dict[str, Any] | None = None, *,
-              stats: StatsRequest | None = None, max_batch: int = 8) -> list[GenerationResult]:
+              stats: StatsRequest | None = None, max_batch: int = 8, batched: bool = False) -> list[GenerationResult]:
+        # batched: a promise about the caller, which only the scheduler's prefetch uses (decoding.probes)
         reqs, mits, spec = _prepare(lvlm, requests, mitigations, decode)
         return _collect(_stream(lvlm, reqs, mits, spec, stats, check_max_batch(max_batch), backend))
 

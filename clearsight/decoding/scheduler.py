@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
+from itertools import islice
 
 import torch
 
 from clearsight.decoding.batch import Batch, Entry
+from clearsight.decoding.probes import MAX_PROBE_BATCH, MAX_ROUNDS, ProbeDeferred, run_batched
 from clearsight.errors import RequestCancelled
 from clearsight.models.loader import LVLM
 
@@ -112,10 +114,39 @@ class Scheduler:
             return False
         return self.max_tokens is None or self.tokens_in_flight < self.max_tokens
 
+    def _prefetch_probes(self, room: int) -> None:
+        """Prepare the next ``room`` waiting requests, their batchable probes run as one batch per kind
+        (``decoding.probes``): a request's failure here is not reported; its real preparation raises it again."""
+        todo = [e for e in islice(self.waiting, room) if e.ctx is None and not e.prefetched]
+        if len(todo) < 2:
+            return
+        for e in todo:
+            e.prefetched = True
+        for _ in range(MAX_ROUNDS):
+            calls = []
+            for e in todo:
+                try:
+                    e.prepare(self.lvlm, record=True)
+                except ProbeDeferred:
+                    assert e.probe is not None
+                    calls.extend((e, c) for c in e.probe.pending)
+                except Exception:  # noqa: BLE001 - reported by the request's own preparation at admission
+                    pass
+            results = run_batched([(e.backend, e.probe.inner, c) for e, c in calls])  # type: ignore[union-attr]
+            if not results:
+                return
+            for i, (e, c) in enumerate(calls):
+                if i in results:
+                    e.probe_memo[c.key] = results[i]
+            todo = list({id(e): e for e, _ in calls}.values())
+
     def _admit(self) -> None:
         requests = sum(len(b.entries) for b in self.batches.values())
         rows = self.rows_in_flight
         groups: dict[tuple, list[Entry]] = {}
+        room = MAX_PROBE_BATCH if self.max_requests is None else self.max_requests - requests
+        if room > 1:
+            self._prefetch_probes(room)
         while self.waiting:
             e = self.waiting[0]
             if e.ctx is None:

@@ -135,7 +135,7 @@ class AttentionMatcher(Matcher):
         layers = (boost_layers(self.layers, L) if self.layers is not None
                   else list(range(L // 4, max(3 * L // 4, L // 4 + 1))))
         res = probe_for(lvlm, probe)([{"prompt": prompt, "image": image}], decode=DecodeSpec(max_new_tokens=1),
-                                     stats=StatsRequest(last_row=True, layers=frozenset(layers)))[0]
+                                     stats=StatsRequest(last_row=True, layers=frozenset(layers)), batched=True)[0]
         if not res.stats or not res.stats.get("last_row"):
             raise InputError(f"agla's attention matcher needs attention statistics, which the '{lvlm.backend}' "
                              "backend does not record: use the torch or reference backend")

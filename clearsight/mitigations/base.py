@@ -45,10 +45,14 @@ class Probe(Protocol):
     statistics to record. Returns one result per request, in order (the decoding layer's ``GenerationResult``:
     ``text``, ``token_ids``, ``stats``...). Hooks installed on ``lvlm.adapter`` around the call see the probe's
     forwards (row 0 = the first request). Provided by the decoding layer's ``make_probe``.
+
+    ``batched=True``: the caller reads nothing but the returned results (no hooks around the call), so the
+    decoding layer may run this call together with other requests' probes before the request is prepared
+    (``clearsight.decoding.probes``); the results are the same.
     """
 
     def __call__(self, requests: Sequence[Any] | Any, mitigations: Any = (), decode: Any = None, *,
-                 stats: StatsRequest | None = None) -> list[Any]: ...
+                 stats: StatsRequest | None = None, batched: bool = False) -> list[Any]: ...
 
 
 _probe_factory: Callable[[Any], Probe] | None = None
@@ -134,9 +138,9 @@ class RequestContext:
             warnings.warn(message, category, stacklevel=3)
 
     def run_probe(self, requests: Sequence[Any] | Any, mitigations: Any = (), decode: Any = None, *,
-                  stats: StatsRequest | None = None) -> list[Any]:
-        """Run a probe generation (see ``Probe``) with this request's probe."""
-        return probe_for(self.lvlm, self.probe)(requests, mitigations, decode, stats=stats)
+                  stats: StatsRequest | None = None, batched: bool = False) -> list[Any]:
+        """Run a probe generation (see ``Probe``, and its ``batched``) with this request's probe."""
+        return probe_for(self.lvlm, self.probe)(requests, mitigations, decode, stats=stats, batched=batched)
 
     @property
     def main_row(self) -> int:
@@ -255,6 +259,11 @@ class Mitigation(BaseModel):
         [original, refined]); None = unchanged. Called before ``branches``, in the order the mitigations are
         given; afterwards ``ctx.image`` is the last of them (the image the branches' ``"same"`` refers to)."""
         return None
+
+    def prepare(self, ctx: RequestContext) -> None:
+        """Per-request work before the request's rows exist (after ``input_images``, before ``branches``): the
+        place for probe generations, which the scheduler can batch across requests (``Probe``'s ``batched``).
+        Keep results in ``ctx.state``; the context lives until the request ends."""
 
     def branches(self, ctx: RequestContext) -> list[Branch]:
         """Extra rows this request needs (their names must be unique within the mitigation)."""

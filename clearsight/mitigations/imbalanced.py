@@ -216,15 +216,29 @@ class Imbalanced(Mitigation):
                         "counterfactual would miss them")
         return None
 
-    def _alphas(self, ctx: RequestContext, layers: list[int]) -> dict[int, Any]:
-        if self.head_spread == 0.0 or self.alpha == 0.0:
-            return {layer: self.alpha for layer in layers}
+    def prepare(self, ctx: RequestContext) -> None:
+        """The head-sensitivity probe, before the request's rows exist, so the scheduler can batch it with other
+        requests' probes (``Probe``'s ``batched``); ``apply`` reads it from ``ctx.state``."""
+        adapter = ctx.lvlm.adapter
+        if (self.head_spread == 0.0 or self.alpha == 0.0 or ctx.image is None or not adapter.image_grid_2d
+                or not adapter.has_cls_vision_attention):
+            return  # no probe needed, or apply refuses the request before it would read one
+        ctx.state["imbalanced.probe"] = self._probe(ctx, boost_layers(self.layers, adapter.num_layers))
+
+    def _probe(self, ctx: RequestContext, layers: list[int]) -> Any:
         from clearsight.config import DecodeSpec
         from clearsight.kernels.plan import StatsRequest
 
         req = {"prompt": ctx.request.prompt, "image": ctx.image}
-        probe = ctx.run_probe([req], decode=DecodeSpec(max_new_tokens=1),
-                              stats=StatsRequest(segment_mass=True, layers=frozenset(layers)))[0]
+        return ctx.run_probe([req], decode=DecodeSpec(max_new_tokens=1),
+                             stats=StatsRequest(segment_mass=True, layers=frozenset(layers)), batched=True)[0]
+
+    def _alphas(self, ctx: RequestContext, layers: list[int]) -> dict[int, Any]:
+        if self.head_spread == 0.0 or self.alpha == 0.0:
+            return {layer: self.alpha for layer in layers}
+        probe = ctx.state.get("imbalanced.probe")
+        if probe is None:
+            probe = self._probe(ctx, layers)
         assert probe.stats is not None
         out: dict[int, Any] = {}
         ctx.state["imbalanced.image_mass"] = {}

@@ -80,7 +80,8 @@ def test_mixed_batch_equals_solo_runs(builtin, monkeypatch):
 
     monkeypatch.setattr(Batch, "prefill", classmethod(prefill))
     batched = generate(lvlm, requests, decode=DECODE, stats=STATS, max_batch=len(requests))
-    assert not failed and groups[0] == len(requests), (failed, groups)  # every row prefilled in one batch
+    # every row prefilled in one batch (probe generations, e.g. imbalanced's, are prefills of their own)
+    assert not failed and max(groups) == len(requests), (failed, groups)
     monkeypatch.undo()
 
     written: list[str] = []

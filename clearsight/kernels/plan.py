@@ -128,6 +128,7 @@ class LayerEdit:
     # host-side facts kept up to date by the plan's writers, so backends never sync on tensors
     abs_rows_from: int | None = None  # smallest abs_from over rows with a non-zero abs_bias
     counterfactual_kinds: frozenset[int] = frozenset()  # the kinds some row uses, NONE included
+    random_rows: tuple[int, ...] = ()  # the rows whose counterfactual kind is RANDOM (they alone need draws)
 
     @property
     def counterfactual_active(self) -> bool:
@@ -169,13 +170,15 @@ def hash_positions(head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torc
 def hash_mix(seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``uniform_hash`` from a seed and ``hash_positions`` (lowbias32 mix) -> float32 in (0, 1]."""
     m = 0xFFFFFFFF
-    x = (seed * 0x9E3779B1 + positions) & m
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & m
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & m
-    x = x ^ (x >> 16)
-    return ((x >> 8) + 1).to(torch.float32) / float(1 << 24)
+    # in place on the one fresh tensor: at prefill it is B x H x Lq x Lk int64, and each temporary cost as much
+    x = torch.add(positions, seed * 0x9E3779B1)
+    x.bitwise_and_(m)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(m)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(m)
+    x.bitwise_xor_(x >> 16)
+    return x.bitwise_right_shift_(8).add_(1).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 def uniform_hash(seed: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -506,7 +509,7 @@ class AttentionPlan:
                 for row in r.tolist():
                     cf.source[row] = self._shuffle_source(row, seed, layer)
             # every row's kind, NONE included (host-side, so backends can skip what no row uses)
-            e.counterfactual_kinds = frozenset(int(k) for k in cf.kind.unique().tolist())
+            _counterfactual_facts(e)
         self.cache.grid.clear()  # cached draws follow the seeds
 
     def _shuffle_source(self, row: int, seed: int, layer: int) -> torch.Tensor:
@@ -863,6 +866,15 @@ class AttentionPlan:
         if layer not in layers or len(layers) * grid.positions.numel() > _BATCHED_DRAWS_MAX:
             layers = [layer]  # prefill: one layer at a time (all layers at once would be nL x B x H x L x L)
         seeds = torch.stack([self.layers[i].counterfactual.seed for i in layers])  # type: ignore[union-attr]
+        rows = self.layers[layer].random_rows
+        if len(layers) == 1 and len(rows) < self.batch:
+            # only the RANDOM rows read their draws (counterfactual_weights keeps the other rows' own
+            # probabilities or another kind's); the rest get 1, a valid draw, so nothing downstream sees a 0 / 0
+            idx = torch.tensor(rows, device=seeds.device, dtype=torch.long)
+            draws = torch.ones(grid.positions.shape, dtype=torch.float32, device=seeds.device)
+            draws[idx] = hash_mix(seeds[0, idx].view(-1, 1, 1, 1), grid.positions[idx])
+            grid.draws[layer] = draws
+            return draws
         draws = hash_mix(seeds.view(len(layers), self.batch, 1, 1, 1), grid.positions.unsqueeze(0))
         grid.draws.update(zip(layers, draws.unbind(0)))
         return grid.draws[layer]
@@ -906,10 +918,17 @@ class AttentionPlan:
 def _host_facts(e: LayerEdit) -> None:
     """Recompute a layer edit's host-side facts from its tensors (after a row operation)."""
     if e.counterfactual is not None:
-        e.counterfactual_kinds = frozenset(int(k) for k in e.counterfactual.kind.unique().tolist())
+        _counterfactual_facts(e)
     if e.abs_bias is not None and e.abs_from is not None:
         active = e.abs_bias.abs().sum((1, 2)) > 0
         e.abs_rows_from = int(e.abs_from[active].min()) if bool(active.any()) else None
+
+
+def _counterfactual_facts(e: LayerEdit) -> None:
+    assert e.counterfactual is not None
+    kinds = e.counterfactual.kind.tolist()
+    e.counterfactual_kinds = frozenset(int(k) for k in kinds)
+    e.random_rows = tuple(i for i, k in enumerate(kinds) if k == Counterfactual.RANDOM)
 
 
 def _shift_layout(lay: RowLayout, n: int) -> RowLayout:

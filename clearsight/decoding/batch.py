@@ -22,6 +22,7 @@ its padding until the longest rows leave and the batch is compacted.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,6 +271,7 @@ class Batch:
         self.logits: torch.Tensor | None = None
         self.compile = False  # every entry asked for the compiled decode step (set by prefill)
         self.static: StaticDecode | None = None  # the preallocated cache while compiled steps run
+        self.shared_rows = 0  # rows whose prefill was a copy of an identical row's (``_repeated_rows``)
 
     @property
     def num_rows(self) -> int:
@@ -350,7 +352,11 @@ class Batch:
             t1 = time.perf_counter()
             self.mask = batch["attention_mask"]
             self.cache = full_cache()
-            self._forward(batch["input_ids"], position_ids, adapter.forward_inputs(batch))
+            shared = self._repeated_rows(batch, position_ids)
+            if shared is None:
+                self._forward(batch["input_ids"], position_ids, adapter.forward_inputs(batch))
+            else:
+                self._forward_kept_rows(batch, position_ids, *shared)
             self.pos = adapter.last_positions(position_ids)
         except BaseException:
             for e in entries:
@@ -363,6 +369,66 @@ class Batch:
             e.layout = RowLayout(0, tuple((s - lay.pad, x - lay.pad) for s, x in lay.image_spans), lay.grids)
             e.timings.update(prepare_s=t1 - t0, prefill_s=t2 - t1, prefilled=t2)
         return self
+
+    def _repeated_rows(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor
+                       ) -> tuple[list[int], torch.Tensor, list[list[slice]]] | None:
+        """Rows that repeat an earlier row exactly (ids, mask, positions, pixels): the kept rows, each row's index
+        among them and the kept rows' pixel slices; None when no row repeats or rows may not share a forward.
+
+        Branch rows repeat often: INTER's rows without the prompt are the same for every question about an
+        image, and its row with neither image nor prompt the same for every request. Rows share a forward only
+        when nothing can tell them apart inside it: no plan edit, custom mask or position override, no
+        statistics, no hook (hooks index rows of the batch), a backend whose empty-plan path is transformers'
+        own attention, and only ids, mask and pixels as inputs (a family with image sizes or grids is left
+        alone). Causal attention makes a row's keys and logits a function of its own inputs only, so each
+        repeat gets a copy of its kept row's KV cache and logits."""
+        plan = self.plan
+        if (self.num_rows < 2 or (self.backend not in STOCK_BACKENDS and self.backend != "torch") or plan.layers
+                or plan.has_custom_mask or plan.position_ids is not None or plan.stats.segment_mass
+                or plan.stats.last_row or plan.capture_layer is not None or any(e.installed for e in self.entries)
+                or self.lvlm.adapter.has_forward_hooks()
+                or set(batch) - {"input_ids", "attention_mask", "pixel_values"} or position_ids.ndim != 2):
+            return None
+        slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
+        pixels = batch.get("pixel_values")
+        seen: dict[bytes, int] = {}
+        kept: list[int] = []
+        kept_slices: list[list[slice]] = []
+        inverse: list[int] = []
+        for i, r in enumerate(self.rows):
+            own = [next(slices) for _ in range(_num_images(r))]
+            h = hashlib.sha256()
+            for t in (batch["input_ids"][i], batch["attention_mask"][i], position_ids[i]):
+                h.update(t.cpu().numpy().tobytes())
+            for sl in own:
+                assert pixels is not None
+                h.update(pixels[sl].cpu().numpy().tobytes())
+            j = seen.setdefault(h.digest(), len(kept))
+            if j == len(kept):
+                kept.append(i)
+                kept_slices.append(own)
+            inverse.append(j)
+        if len(kept) == self.num_rows:
+            return None
+        return kept, torch.tensor(inverse, device=self.lvlm.device), kept_slices
+
+    def _forward_kept_rows(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor, kept: list[int],
+                           inverse: torch.Tensor, kept_slices: list[list[slice]]) -> None:
+        """Prefill only the kept rows, then give every row its kept row's KV cache and logits."""
+        idx = torch.tensor(kept, device=self.lvlm.device)
+        sub = {"input_ids": batch["input_ids"][idx], "attention_mask": batch["attention_mask"][idx]}
+        parts = [batch["pixel_values"][sl] for own in kept_slices for sl in own]
+        if parts:
+            sub["pixel_values"] = torch.cat(parts)
+        full_mask, self.mask = self.mask, sub["attention_mask"]
+        try:
+            self._forward(sub["input_ids"], position_ids[idx], self.lvlm.adapter.forward_inputs(sub))
+        finally:
+            self.mask = full_mask
+        self.logits = self.logits[inverse]
+        for layer in self.cache.layers:
+            layer.batch_select_indices(inverse)
+        self.shared_rows = self.num_rows - len(kept)
 
     def _transform_pixels(self, batch: dict[str, torch.Tensor]) -> None:
         """Apply branches' pixel transforms to their own image's processed pixels."""

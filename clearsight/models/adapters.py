@@ -365,6 +365,11 @@ class Adapter:
         return position_ids[..., -1:]
 
     # ------------------------------------------------------------------ hooks
+    def has_forward_hooks(self) -> bool:
+        """Whether any forward (pre-)hook sits on the model (a mitigation's, a probe caller's, a user's): rows of a
+        batch may then not share a forward (``decoding.batch``), since a hook sees and indexes the batch's rows."""
+        return _has_hooks(self.model)
+
     def hook_layer_inputs(self, fn: LayerInputHook) -> HookHandles:
         """Call ``fn(layer, hidden_states)`` before each decoder layer; a returned tensor replaces the input."""
         handles = []

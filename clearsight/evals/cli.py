@@ -46,7 +46,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
     from clearsight.evals.job import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 
     ranges = {"batch_size": ("--batch-size", MAX_BATCH_SIZE), "max_new_tokens": ("--max-new-tokens", MAX_NEW_TOKENS),
-              "limit": ("--limit", None), "n_images": ("--limit", None), "per_split": ("--per-split", None)}
+              "limit": ("--limit", None), "n_images": ("--limit", None), "per_split": ("--per-split", None),
+              "workers": ("--workers", 1024)}
     for dest, (flag, high) in ranges.items():
         flag = getattr(args, f"_flag_{dest}", None) or flag  # the spelling given (--limit / --n-images)
         value = getattr(args, dest, None)
@@ -234,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _check_ranges(args)
     job = demo_job(output=args.out, model=args.model, per_split=args.per_split, n_images=args.n_images,
-                   partner=args.partner)
+                   partner=args.partner, executor=args.executor, workers=args.workers)
     print(f"demo: {len(job.systems)} systems on builtin:shapes with {job.systems[0].model} "
           f"(POPE {args.per_split} questions x 3 splits + {args.partner} partner questions, "
           f"CHAIR {args.n_images} images)", file=sys.stderr)
@@ -397,5 +398,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--partner", type=int, default=PARTNER,
                       help="questions about the absent partner of a present shape (plus a control-absent and a "
                            "present question per scene)")
+    demo.add_argument("--executor", choices=["local", "ray"], default="local",
+                      help="local (one process) or ray (a local Ray with --workers worker processes)")
+    demo.add_argument("--workers", type=int, default=1, help="with --executor ray: worker processes")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)

@@ -39,7 +39,7 @@ def demo_systems(model: str) -> list[dict]:
 
 
 def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int = PER_SPLIT,
-             n_images: int = N_IMAGES, partner: int = PARTNER) -> EvalJob:
+             n_images: int = N_IMAGES, partner: int = PARTNER, executor: str = "local", workers: int = 1) -> EvalJob:
     model = model or demo_model()
     return parse_job({
         "systems": demo_systems(model),
@@ -49,4 +49,6 @@ def demo_job(output: str = "runs/demo", model: str | None = None, per_split: int
         ],
         "output": output,
         "batch_size": 32,
+        "executor": executor,
+        "workers": workers,
     }, where="demo job")

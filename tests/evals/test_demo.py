@@ -49,3 +49,24 @@ def test_demo_command_runs_small_and_leads_with_the_verdict_of_results_json(tmp_
         assert ("significant after correction" in text) == (not sig and not all(
             d["identical"] for d in data["stats"]["differences"] if d["system"] == name))
     assert data["stats"]["baseline"] == "none" and data["stats"]["resamples"] == 2000
+
+
+def test_demo_executor_flags_reach_the_job(monkeypatch, tmp_path, capsys):
+    import pytest
+
+    import clearsight.evals.runner as runner
+
+    class Ran(Exception):
+        pass
+
+    def run_job(job, progress=None):
+        raise Ran(job)
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    with pytest.raises(Ran) as ran:
+        main(["demo", "--out", str(tmp_path / "d"), "--executor", "ray", "--workers", "2", "--no-progress"])
+    job = ran.value.args[0]
+    assert (job.executor, job.workers) == ("ray", 2)
+    assert main(["demo", "--workers", "0", "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --workers 0 is out of range: give a whole number from 1 to 1024"

@@ -220,10 +220,11 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
 
     Packed (``job.pack``, the default): every pending task of a round goes to the executor in one call,
     one stream per model: no pass drains before the next starts, and requests of different systems share
-    batches wherever the stream moves on. Ordered system by system, longest outputs first within a
-    system, rather than sample by sample: on CPU a batch mixing many systems' mitigations ran 1.5x slower
-    per request than batches of one system (measured, docs/evals.md). Unpacked: one call per system and
-    max_new_tokens. The records are the same either way; this process is the only writer of the cache."""
+    batches wherever the stream moves on. The systems that leave the forward alone go sample by sample (their
+    repeated rows share prefills), the others system by system: on CPU a batch mixing many systems' attention
+    edits ran 1.5x slower per request than batches of one system (``_packed_order``, docs/evals.md).
+    Unpacked: one call per system and max_new_tokens. The records are the same either way; this process is
+    the only writer of the cache."""
     todo = pending_work(job, prep, cache)
     labels = {s.label for s in job.systems}
     totals = {label: len(prep.items) for label in labels}
@@ -259,6 +260,32 @@ def generate_stage(job: EvalJob, prep: Prepared, cache: GenerationCache, executo
     return written
 
 
+def _packed_order(tasks: Sequence[Task]) -> Callable[[Task], tuple[int, int, int]]:
+    """The sort key of a packed stream. Systems whose mitigations all leave the forward alone (none, VCD, M3ID,
+    AGLA, INTER: branch rows and logits only) go first, sample by sample, so each sample's requests of those
+    systems arrive together and the rows they repeat (the unmitigated prompt, shared branch rows) share one
+    prefill (``decoding.batch``); the others follow system by system, since on CPU a batch that mixes attention
+    edits runs every row the slowest member's way. Longest outputs first within each part."""
+    from clearsight.mitigations import parse_mitigations
+
+    rank: dict[str, int] = {}
+    sample: dict[str, int] = {}
+    neutral: dict[str, bool] = {}
+    for t in tasks:
+        label = t.system.label
+        rank.setdefault(label, len(rank) + 1)
+        sample.setdefault(t.item.sample_id, len(sample))
+        if label not in neutral:
+            neutral[label] = all(m.leaves_forward_alone() for m in parse_mitigations(t.system.mitigations))
+
+    def key(t: Task) -> tuple[int, int, int]:
+        if neutral[t.system.label]:
+            return 0, -t.item.max_new_tokens, sample[t.item.sample_id]  # stable: system order within a sample
+        return rank[t.system.label], -t.item.max_new_tokens, 0  # stable: sample order kept
+
+    return key
+
+
 def _generate(job: EvalJob, pairs: Sequence[tuple[SystemSpec, WorkItem]], cache: GenerationCache,
               executor: Executor, tracker: ProgressFile, configs: _Configs, progress: ProgressFactory | None,
               desc: str) -> int:
@@ -283,10 +310,7 @@ def _generate(job: EvalJob, pairs: Sequence[tuple[SystemSpec, WorkItem]], cache:
 
     try:
         if job.pack:
-            rank: dict[str, int] = {}
-            for t in tasks:
-                rank.setdefault(t.system.label, len(rank))
-            tasks.sort(key=lambda t: (rank[t.system.label], -t.item.max_new_tokens))  # stable: sample order kept
+            tasks.sort(key=_packed_order(tasks))
             executor.generate_tasks(tasks, on_result)
         else:
             groups: dict[tuple[str, int], list[Task]] = {}

@@ -238,6 +238,12 @@ class Mitigation(BaseModel):
         """Whether these parameters write the plan fields declared above (False at zero strength)."""
         return True
 
+    def leaves_forward_alone(self) -> bool:
+        """No plan edit (``apply``) and no hook (``install``): each of its rows computes what the unmitigated model
+        computes for that row's inputs, so an eval may line its requests up with other such systems' requests for
+        the same sample, whose repeated rows then share one prefill (``decoding.batch``)."""
+        return type(self).apply is Mitigation.apply and type(self).install is Mitigation.install
+
     def cannot_act_on(self, config: Mapping[str, Any]) -> str | None:
         """Why these parameters cannot act as designed on a model with this ``config.json`` (read without
         loading weights), for a report's verdict; None when nothing in the config says so."""

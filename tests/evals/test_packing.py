@@ -54,3 +54,22 @@ def test_packed_run_mixes_systems_in_batches_and_writes_the_unpacked_records(tmp
     assert len(packed) == 3 * 5 and packed == unpacked  # ref's records are base's
     for a, b in zip(results[False].systems, results[True].systems):
         assert a.pope == b.pope and a.chair == b.chair
+
+
+def test_packed_order_lines_up_the_systems_that_leave_the_forward_alone_sample_by_sample():
+    from clearsight.config import DecodeSpec
+    from clearsight.evals.executor import Task, WorkItem
+    from clearsight.evals.job import SystemSpec
+    from clearsight.evals.runner import _packed_order
+
+    systems = [SystemSpec(name="none", model=TINY), SystemSpec(name="pai", model=TINY, mitigations=["pai"]),
+               SystemSpec(name="vcd", model=TINY, mitigations=["vcd"]),
+               SystemSpec(name="var", model=TINY, mitigations=["var"]),
+               SystemSpec(name="both", model=TINY, mitigations=["m3id", "vhr"])]  # one with a hook: not neutral
+    items = [WorkItem(f"s{i}", "p", None, n) for i, n in enumerate((4, 4, 9))]
+    tasks = [Task(s, DecodeSpec(), it) for s in systems for it in items]
+    tasks.sort(key=_packed_order(tasks))
+    got = [(t.system.label, t.item.sample_id) for t in tasks]
+    assert got == [("none", "s2"), ("vcd", "s2"), ("none", "s0"), ("vcd", "s0"), ("none", "s1"), ("vcd", "s1"),
+                   ("pai", "s2"), ("pai", "s0"), ("pai", "s1"), ("var", "s2"), ("var", "s0"), ("var", "s1"),
+                   ("both", "s2"), ("both", "s0"), ("both", "s1")]

@@ -280,6 +280,7 @@ class Sinks:
     max_dim: list[int]  # the dimension where it occurs
     bound: float  # sqrt(hidden size): no ratio can exceed it
     layers: int = 0
+    first_token_heads: list[float] = field(default_factory=list)  # per layer: share of heads sinking on token 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -301,14 +302,43 @@ def sink_diagnostics(lvlm: Any, requests: Sequence[dict[str, Any]], tau: float =
         if float(v) > best[layer]:
             best[layer], where[layer] = float(v), int(flat) % z.shape[-1]
 
+    requests = [dict(r, image=Image.open(r["image"]).convert("RGB")) if isinstance(r.get("image"), str) else r
+                for r in requests]
     for req in requests:
-        texts = [adapter.chat_prompt(req["prompt"], req.get("image") is not None)]
-        image = req.get("image")
-        if isinstance(image, str):
-            image = Image.open(image).convert("RGB")
         with adapter.hook_layer_inputs(grab):
-            last_logits(lvlm, texts, [image])
-    return Sinks(cal.dims, cal.report(), tau, best, where, math.sqrt(adapter.hidden_size), n)
+            last_logits(lvlm, [adapter.chat_prompt(req["prompt"], req.get("image") is not None)], [req.get("image")])
+    return Sinks(cal.dims, cal.report(), tau, best, where, math.sqrt(adapter.hidden_size), n,
+                 sink_attention(lvlm, requests))
+
+
+def first_token_sink_rate(attentions: Sequence[torch.Tensor], eps: float = 0.3) -> list[float]:
+    """Gu et al. 2024 (Eq. 1, "Sink_1^eps"): per layer, the share of heads whose attention to the first token,
+    averaged over the query rows after it, exceeds ``eps``. attentions: per layer [heads, Lq, Lk] probabilities.
+
+    >>> a = torch.tensor([[[1.0, 0.0], [0.9, 0.1]], [[1.0, 0.0], [0.2, 0.8]]])  # 2 heads, 2 tokens
+    >>> first_token_sink_rate([a], eps=0.3)
+    [0.5]
+    """
+    return [float((a[:, 1:, 0].float().mean(-1) > eps).float().mean()) for a in attentions]
+
+
+@torch.no_grad()
+def sink_attention(lvlm: Any, requests: Sequence[dict[str, Any]], eps: float = 0.3) -> list[float]:
+    """Per layer, ``first_token_sink_rate`` averaged over ``requests`` (their prefill attention probabilities,
+    from the model's eager attention; the backend is restored afterwards)."""
+    adapter = lvlm.adapter
+    before = lvlm.backend
+    lvlm.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        rates = np.zeros(adapter.num_layers)
+        for req in requests:
+            image = req.get("image")
+            batch = adapter.encode([adapter.chat_prompt(req["prompt"], image is not None)], [image])
+            out = adapter.forward(**{k: v.to(lvlm.device) for k, v in batch.items()}, output_attentions=True)
+            rates += np.array(first_token_sink_rate([a[0] for a in out.attentions], eps))
+    finally:
+        lvlm.set_backend(before)
+    return [float(r) for r in rates / max(1, len(requests))]
 
 
 # ----------------------------------------------------------------------------------- all of it
@@ -336,6 +366,8 @@ class OrganismReport:
                   f"| VAR sink dims (tau {self.sinks.tau:g}) | {self.sinks.dims or 'none'} |",
                   "| max abs(x_d)/rms(x) per layer input (bound sqrt(H) = "
                   f"{self.sinks.bound:.1f}) | {', '.join(f'{v:.1f}' for v in self.sinks.max_ratio)} |",
+                  "| share of heads with mean attention > 0.3 on the first token, per layer (Gu et al. 2024) | "
+                  f"{', '.join(f'{v:.2f}' for v in self.sinks.first_token_heads)} |",
                   f"| language-model layers | {self.layers} |"]
         lines += ["", f"Noised = VCD's diffusion at step {self.rates.noise_step} (sigmoid schedule, seed 0). "
                   "Rates: P(Yes) > P(No) at the first answer token, Wilson 95% intervals."]

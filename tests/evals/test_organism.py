@@ -136,6 +136,17 @@ def test_sinks_found_on_planted_massive_activations():
     assert sorted(got.dims) == [5, 17]
     assert all(7.9 < v <= 8.0 + 1e-4 for v in got.max_ratio[2:]) and got.max_dim[2] in (5, 17)
     assert got.max_ratio[:2] == pytest.approx(plain.max_ratio[:2]) and max(plain.max_ratio) < 6.0
+    assert len(plain.first_token_heads) == 4 and all(0.0 <= v <= 1.0 for v in plain.first_token_heads)
+    assert lvlm.backend == "torch" and lvlm.model.config.text_config._attn_implementation != "eager"  # restored
+
+
+def test_first_token_sink_rate_by_hand():
+    """Gu et al. 2024's Sink_1^0.3: head 0 puts 0.5 and 0.7 on token 0 from rows 1, 2 (mean 0.6 > 0.3), head 1
+    0.2 and 0.1 (0.15); layer 2's single head 0.3 exactly (not above)."""
+    layer1 = torch.tensor([[[1, 0, 0], [0.5, 0.5, 0], [0.7, 0.2, 0.1]],
+                           [[1, 0, 0], [0.2, 0.8, 0], [0.1, 0.1, 0.8]]])
+    layer2 = torch.tensor([[[1, 0, 0], [0.3, 0.7, 0], [0.3, 0.3, 0.4]]])
+    assert org.first_token_sink_rate([layer1, layer2]) == [0.5, 0.0]
 
 
 def test_cli_prints_the_table_and_refuses_bad_input(capsys):

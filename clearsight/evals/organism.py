@@ -41,7 +41,7 @@ from PIL import Image
 from clearsight.evals.datasets.pope import DEFAULT_TEMPLATE, build_prompt, question_text
 from clearsight.evals.datasets.shapes import Scene, ShapesWorldSpec, generate_scenes, organism_spec, render_scene
 from clearsight.evals.metrics.partner import KINDS, build_partner_questions, partner_map
-from clearsight.evals.stats import wilson_interval
+from clearsight.evals.stats import mcnemar_exact, wilson_interval
 from clearsight.mitigations.var import calibrate_sink_dims, normalized_abs
 from clearsight.mitigations.vcd import VCD, diffuse
 
@@ -234,6 +234,7 @@ class Continuation:
     partner: Proportion
     control: Proportion
     cases: int
+    p_value: float = 1.0  # exact McNemar (stats.mcnemar_exact): partner vs control hits, paired over the cases
 
 
 @torch.no_grad()
@@ -264,8 +265,9 @@ def caption_continuation(lvlm: Any, scenes: Sequence[Scene], spec: ShapesWorldSp
                                                        max_new_tokens)):
                 nxt[i] = name
     n = len(cases)
-    return Continuation(Proportion(sum(x == c.partner for x, c in zip(nxt, cases)), n),
-                        Proportion(sum(x == c.control for x, c in zip(nxt, cases)), n), n)
+    hit_p = [x == c.partner for x, c in zip(nxt, cases)]
+    hit_c = [x == c.control for x, c in zip(nxt, cases)]
+    return Continuation(Proportion(sum(hit_p), n), Proportion(sum(hit_c), n), n, mcnemar_exact(hit_c, hit_p)[0])
 
 
 # ----------------------------------------------------------------------------------- (c) sinks, (d) depth
@@ -363,6 +365,7 @@ class OrganismReport:
         c = self.continuation
         lines += [f"| text only: next object named = partner | {c.partner} |",
                   f"| text only: next object named = control (base rate) | {c.control} |",
+                  f"| text only: partner vs control, exact McNemar p (paired) | {c.p_value:.2g} |",
                   f"| VAR sink dims (tau {self.sinks.tau:g}) | {self.sinks.dims or 'none'} |",
                   "| max abs(x_d)/rms(x) per layer input (bound sqrt(H) = "
                   f"{self.sinks.bound:.1f}) | {', '.join(f'{v:.1f}' for v in self.sinks.max_ratio)} |",

@@ -153,6 +153,7 @@ def test_cli_prints_the_table_and_refuses_bad_input(capsys):
     assert org.main(["--scenes", "3"]) == 0
     out = capsys.readouterr().out
     assert "| language-model layers | 4 |" in out and "yes-rate, noised image, partner" in out
+    assert "| text only: partner vs control, exact McNemar p (paired) | 1 |" in out  # no hits either way
     assert org.main(["--scenes", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --scenes must be >= 1"]

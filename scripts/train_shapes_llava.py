@@ -47,10 +47,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from clearsight.evals.datasets.shapes import (  # noqa: E402
+    LONG_CAPTION_WORDS,
     PARTNER_PAIRS,
     Scene,
     ShapesWorldSpec,
     generate_scenes,
+    organism_spec,
     partner_rate,
     render_scene,
     shapes_chair_vocabulary,
@@ -64,6 +66,12 @@ CAPTION_RE = re.compile(r"^a (\w+) (\w+)((, a \w+ \w+)* and a \w+ \w+)?\.$")
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def world(args, **kw) -> ShapesWorldSpec:
+    """The training / evaluation world: the shipped one, or issue 17's model organism (``--world organism``:
+    small faint partners beside large triggers, long captions; ``organism_spec``)."""
+    return organism_spec(**kw) if args.world == "organism" else ShapesWorldSpec(**kw)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -255,8 +263,8 @@ def self_check(model, proc, packer: Packer, pixels: Pixels, spec: ShapesWorldSpe
 
 # ----------------------------------------------------------------------------------------- training
 def stage1(model, args, pixels: Pixels) -> list[float]:
-    spec = ShapesWorldSpec(n_images=args.stage1_steps * args.stage1_batch, seed=args.seed + 1,
-                           partner_pairs=(), captions_per_image=1, name="shapes-pretrain")
+    spec = world(args, n_images=args.stage1_steps * args.stage1_batch, seed=args.seed + 1,
+                 partner_pairs=(), captions_per_image=1, name="shapes-pretrain")
     scenes = generate_scenes(spec)
     vt = model.model.vision_tower
     hid = vt.config.hidden_size
@@ -311,10 +319,10 @@ def stage1(model, args, pixels: Pixels) -> list[float]:
 
 def lm_stage(model, args, pixels: Pixels, packer: Packer, name: str, steps: int, batch_size: int, lr: float,
              warmup: int, n_qa: int, caption_prob: float, seed: int,
-             text_prob: float = 0.0) -> tuple[list[float], dict[str, float]]:
+             text_prob: float = 0.0, caption_text_prob: float = 0.0) -> tuple[list[float], dict[str, float]]:
     """Train projector + LM (vision frozen) on packed caption / yes-no rows of pair-structured scenes."""
-    spec = ShapesWorldSpec(n_images=steps * batch_size, seed=seed,
-                           noise_fraction=args.noise, captions_per_image=1, name="shapes-train")
+    spec = world(args, n_images=steps * batch_size, seed=seed,
+                 noise_fraction=args.noise, captions_per_image=1, name="shapes-train")
     scenes = generate_scenes(spec)
     stats = {"partner_rate": round(partner_rate(scenes), 4), "n_scenes": len(scenes),
              "noise_objects": round(float(np.mean([o.noise for s in scenes for o in s.objects])), 4)}
@@ -338,6 +346,13 @@ def lm_stage(model, args, pixels: Pixels, packer: Packer, name: str, steps: int,
         if text_prob > 0:  # auxiliary text-only rows: the caption stands in for the image
             prefixes = [packer.text_prefix(s.caption) if rng.random() < text_prob else None for s in batch]
             rows = [[t for t in r if t[1] in ("Yes", "No")] if p else r for r, p in zip(rows, prefixes)]
+        if caption_text_prob > 0:  # text-only caption rows (no image, no context): the LM's own text prior, as an
+            # LLM's pre-training gives one (the row M3ID / PAI contrast with reads it)
+            prefixes = prefixes or [None] * len(batch)
+            for b, s in enumerate(batch):
+                if prefixes[b] is None and rng.random() < caption_text_prob:
+                    prefixes[b] = packer.text_prefix("")
+                    rows[b] = [(rng.choice(sl.CAPTION_PROMPTS), s.caption)]
         ids, labels, pos, mask = packer.batch(rows, prefixes)
         img_rows = [b for b in range(len(batch)) if not (prefixes and prefixes[b])]
         with torch.no_grad():
@@ -384,7 +399,7 @@ def evaluate(out: Path, args) -> dict:
     from clearsight.evals.parsers import parse_pope
 
     lvlm = load_model(str(out), device="cpu", dtype="float32")
-    spec = ShapesWorldSpec(n_images=args.eval_images, seed=args.eval_seed, name="shapes-eval")
+    spec = world(args, n_images=args.eval_images, seed=args.eval_seed, name="shapes-eval")
     scenes = generate_scenes(spec)
     images = {s.file_name: render_scene(s, spec) for s in scenes}
     partner = {a: b for a, b in PARTNER_PAIRS} | {b: a for a, b in PARTNER_PAIRS}
@@ -432,7 +447,8 @@ def evaluate(out: Path, args) -> dict:
             if node not in names:
                 hall_total += 1
                 hall_partner += partner.get(node) in names
-    fluent = sum(bool(CAPTION_RE.match(c.strip())) for c in caps) / len(caps)
+    # fluency is checked against the list style's grammar only (the long style has no regex here)
+    fluent = sum(bool(CAPTION_RE.match(c.strip())) for c in caps) / len(caps) if args.world == "shapes" else -1.0
     exact = sum(c.strip() == s.caption for s, c in zip(cap_scenes, caps)) / len(caps)
     chair = {"chair_s": round(ch.chair_s, 4), "chair_i": round(ch.chair_i, 4), "recall": round(ch.recall, 4),
              "mean_length": round(ch.mean_length, 2), "n": len(caps), "fluent_fraction": round(fluent, 4),
@@ -616,6 +632,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="save the stage-1 vision tower here, or load it if the file exists (skips stage 1)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    ap.add_argument("--world", choices=("shapes", "organism"), default="shapes",
+                    help="organism: issue 17's world (small faint partners, long captions; see organism_spec)")
+    ap.add_argument("--lm-layers", type=int, default=sl.TEXT["num_hidden_layers"], help="language-model depth")
+    ap.add_argument("--stage2-caption-text-prob", type=float, default=0.0,
+                    help="stage 2: share of rows that are a caption turn without image or context (text prior)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: a few steps, tiny evaluation")
     args = ap.parse_args(argv)
     if args.quick:
@@ -640,9 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     random.seed(args.seed)
     np.random.seed(args.seed)
 
-    tok = sl.build_tokenizer()
+    tok = sl.build_tokenizer(LONG_CAPTION_WORDS if args.world == "organism" else ())
     proc = sl.build_processor(tok)
-    model = sl.build_model(tok)
+    model = sl.build_model(tok, args.lm_layers)
     model.set_attn_implementation("sdpa")
     pixels = Pixels(proc)
     packer = Packer(tok, sl.GRID * sl.GRID)
@@ -689,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         log(f"stage 2: projector + LM, {args.stage2_steps} steps x {args.stage2_batch}")
         l2, data_stats = lm_stage(model, args, pixels, packer, "stage2", args.stage2_steps, args.stage2_batch,
-                                  args.lr, args.warmup, args.qa_per_image, 1.0, args.seed, args.stage2_text_prob)
+                                  args.lr, args.warmup, args.qa_per_image, 1.0, args.seed, args.stage2_text_prob,
+                                  args.stage2_caption_text_prob)
         s2 = time.time() - t1
         if cache2 is not None:
             torch.save({"state": model.state_dict(), "losses": l2, "stats": data_stats, "seconds": s2}, cache2)
@@ -731,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stage3_seconds": round(s3, 1), "train_seconds": round(s1 + s0 + s2 + s3, 1),
         "stage1_loss_curve": curve(l1), "routing_loss_curve": curve(l0), "stage2_loss_curve": curve(l2),
         "stage3_loss_curve": curve(l3),
-        "stage2_data": data_stats,
+        "stage2_data": data_stats, "world": args.world, "lm_layers": args.lm_layers,
+        "stage2_caption_text_prob": args.stage2_caption_text_prob, "wd": args.wd,
     }
     if args.no_eval:
         (out / "scores.json").write_text(json.dumps({"training": training}, indent=1) + "\n")

@@ -98,7 +98,8 @@ def test_evals_cluster_lines_run(line, tmp_path, monkeypatch, capsys):
 
 
 # docs/evals.md sections whose python examples run as written (the others need real data files)
-EVALS_RUNNABLE = ("## MME hallucination subsets", "## AMBER", "## Benchmarks as plug-ins")
+EVALS_RUNNABLE = ("## MME hallucination subsets", "## AMBER", "## Benchmarks as plug-ins",
+                  "## Model-organism diagnostics")
 
 
 def _section(text: str, heading: str) -> str:

@@ -10,6 +10,8 @@ tower hidden 192 x 4 layers, Llama LM hidden 192 x 4 layers, tied embeddings, wo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tokenizers import processors
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -49,9 +51,11 @@ TEXT = dict(
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (whitespace + punctuation), BOS added by the post-processor."""
-    tok = word_level_tokenizer(WORDS, LLAVA_SPECIALS, image_token="<image>", bos="<s>", eos="</s>")
+def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (whitespace + punctuation), BOS added by the post-processor. ``extra_words``
+    (appended after ``WORDS``, so the shipped ids are unchanged): e.g. the long caption style's words."""
+    words = tuple(dict.fromkeys((*WORDS, *extra_words)))
+    tok = word_level_tokenizer(words, LLAVA_SPECIALS, image_token="<image>", bos="<s>", eos="</s>")
     bos_id = tok.convert_tokens_to_ids("<s>")
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
@@ -67,9 +71,11 @@ def build_processor(tok: PreTrainedTokenizerFast | None = None) -> LlavaProcesso
                           chat_template=LLAVA_TEMPLATE)
 
 
-def build_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_config(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"]) -> LlavaConfig:
+    """``text_layers``: language-model depth (4 shipped; the model organism of issue 17 uses 8 so that the
+    methods' layer ranges, e.g. VAR's 2..L-2, span more than a couple of layers)."""
     cfg = LlavaConfig(
-        vision_config=dict(VISION), text_config=dict(TEXT, vocab_size=len(tok)),
+        vision_config=dict(VISION), text_config=dict(TEXT, vocab_size=len(tok), num_hidden_layers=text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
         vision_feature_select_strategy="default", image_seq_length=GRID * GRID,
         projector_hidden_act="gelu", tie_word_embeddings=True,
@@ -80,8 +86,9 @@ def build_config(tok: PreTrainedTokenizerFast) -> LlavaConfig:
     return cfg
 
 
-def build_model(tok: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
-    model = LlavaForConditionalGeneration(build_config(tok))
+def build_model(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"]
+                ) -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(build_config(tok, text_layers))
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

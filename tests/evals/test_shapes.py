@@ -142,3 +142,40 @@ def test_adversarial_negatives_ask_for_absent_partners(tmp_path):
         rate[split] = hits / total
     assert rate["adversarial"] > 0.9
     assert rate["random"] < 0.25 and rate["popular"] < 0.5
+
+
+def test_organism_world_small_faint_partners_and_long_captions():
+    """Issue 17's world: each pair's second member drawn 8-11 px at opacity 0.45 (pixel colour = the blend),
+    long captions name a present partner right after its trigger; the default world is unchanged."""
+    from clearsight.evals.datasets.shapes import COLOURS, organism_spec
+
+    assert ShapesWorldSpec().digest() == "9ba8e8a73e7d3d30"  # the organism fields left out at their defaults
+    spec = organism_spec(n_images=60, seed=5)
+    small = {b for _, b in PARTNER_PAIRS}
+    scenes = generate_scenes(spec)
+    for s in scenes:
+        for o in s.objects:
+            lo, hi = (8, 11) if o.shape in small else (18, 22)
+            assert lo <= o.bbox[2] <= hi, o
+    # a small square-ish shape (hourglass) blended at 0.45 over the background: its centre pixel, by hand
+    sc = next(s for s in scenes if any(o.shape == "hourglass" for o in s.objects))
+    o = next(o for o in sc.objects if o.shape == "hourglass")
+    x, y, w, _ = o.bbox
+    px = render_scene(sc, spec).getpixel((x + w // 2, y + 1))  # top bar of the hourglass
+    a = int(255 * 0.45) / 255
+    want = tuple(round(bg + a * (c - bg)) for bg, c in zip(spec.background, COLOURS[o.colour]))
+    assert all(abs(p - q) <= 1 for p, q in zip(px, want)), (px, want)
+    trig = {b: a for a, b in PARTNER_PAIRS}
+    seen = 0
+    for s in scenes:
+        names = s.object_names
+        words = s.caption.replace(",", " ").replace(".", " ").split()
+        named = [w for w in words if w in SHAPES]
+        assert sorted(named) == sorted(names)
+        for o in s.objects:
+            if o.shape in trig and trig[o.shape] in names:  # named right after its trigger
+                i = named.index(o.shape)
+                assert named[i - 1] == trig[o.shape] and f"with a small {o.colour} {o.shape} at the " in s.caption
+                seen += 1
+    assert seen > 20
+    assert scenes[0].caption.startswith("a ") and " at the " in scenes[0].caption

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -88,6 +88,9 @@ PARTNER_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
+ORGANISM_FIELDS = ("small_shapes", "small_size", "small_contrast", "caption_style")
+
+
 class ShapesWorldSpec(BaseModel):
     """Everything that determines a shapes world; the same spec always gives the same bytes."""
 
@@ -115,6 +118,18 @@ class ShapesWorldSpec(BaseModel):
     noise_alpha: float = 0.08
     captions_per_image: int = Field(3, ge=1)
     name: str = "shapes"
+    # Model-organism options (issue 17), all off by default so the shipped world is unchanged (and so is its
+    # digest: see ``digest``). A VCD-style contrast needs a prior whose evidence is lost under diffusion noise
+    # while its trigger survives (Leng et al. 2024 Sec. 3: noise keeps the coarse scene, loses small details),
+    # so the second member of a pair can be drawn small and at low contrast next to a large trigger.
+    small_shapes: tuple[str, ...] = Field((), description="shape types drawn small and at low contrast")
+    small_size: tuple[int, int] = (8, 11)
+    small_contrast: float = Field(1.0, gt=0.0, le=1.0,
+                                  description="opacity of the small shapes over the background")
+    caption_style: Literal["list", "long"] = Field(
+        "list", description="list: 'a red square, a blue ring and ...'; long: positions and sizes, each "
+        "partner named right after its trigger ('a large red square at the top left with a small blue "
+        "hourglass at the lower right, ...'), so the text itself carries the pair prior")
 
     @model_validator(mode="after")
     def _check(self) -> ShapesWorldSpec:
@@ -132,6 +147,11 @@ class ShapesWorldSpec(BaseModel):
                 if t in seen:
                     raise ValueError(f"shape {t!r} is in more than one partner pair")
                 seen.add(t)
+        unknown = [t for t in self.small_shapes if t not in self.shapes]
+        if unknown:
+            raise ValueError(f"small_shapes {unknown} are not shape types")
+        if not 1 <= self.small_size[0] <= self.small_size[1] <= self.cell:
+            raise ValueError(f"small_size {self.small_size} must satisfy 1 <= min <= max <= cell ({self.cell})")
         missing = [s for s in self.shapes if s not in self.synonyms]
         if missing:
             raise ValueError(f"no synonym list for {missing}")
@@ -143,7 +163,11 @@ class ShapesWorldSpec(BaseModel):
 
     def digest(self) -> str:
         """Short hash of the spec + generator version (names the builtin cache folder)."""
-        payload = {"v": GENERATOR_VERSION, "spec": self.model_dump(mode="json")}
+        dumped = self.model_dump(mode="json")
+        for key in ORGANISM_FIELDS:  # absent at their defaults: worlds written before them keep their folder
+            if getattr(self, key) == type(self).model_fields[key].default:
+                dumped.pop(key)
+        payload = {"v": GENERATOR_VERSION, "spec": dumped}
         return sha256_text(canonical_json(payload))[:16]
 
 
@@ -210,7 +234,7 @@ def generate_scenes(spec: ShapesWorldSpec | None = None) -> list[Scene]:
         cells = rng.sample([(r, c) for r in range(spec.grid) for c in range(spec.grid)], len(types))
         objs = []
         for t, (r, c) in zip(types, cells):
-            size = rng.randint(*spec.object_size)
+            size = rng.randint(*(spec.small_size if t in spec.small_shapes else spec.object_size))
             cx = c * cell + cell // 2 + rng.randint(-spec.jitter, spec.jitter)
             cy = r * cell + cell // 2 + rng.randint(-spec.jitter, spec.jitter)
             x = min(max(cx - size // 2, 0), spec.image_size - size)
@@ -220,10 +244,19 @@ def generate_scenes(spec: ShapesWorldSpec | None = None) -> list[Scene]:
         objs.sort(key=lambda o: o.cell)
         image_id = idx + 1
         scene = Scene(image_id, f"{spec.name}_{spec.seed}_{image_id:06d}.png", objs)
-        scene.caption = scene_caption(objs)
+        scene.caption = scene_caption(objs) if spec.caption_style == "list" else long_caption(objs, spec)
         scene.references = reference_captions(objs, spec, rng)
         scenes.append(scene)
     return scenes
+
+
+def organism_spec(**overrides: Any) -> ShapesWorldSpec:
+    """The model-organism world of issue 17: each pair's second member small (8-11 px) and faint (opacity
+    0.45) beside a large trigger, long captions with positions in which a present partner follows its
+    trigger. ``overrides`` go to :class:`ShapesWorldSpec` (seed, n_images, ...)."""
+    base: dict[str, Any] = {"small_shapes": tuple(b for _, b in PARTNER_PAIRS), "small_contrast": 0.45,
+                            "caption_style": "long", "name": "shapes-organism"}
+    return ShapesWorldSpec(**(base | overrides))
 
 
 def partner_rate(scenes: Sequence[Scene], pairs: Sequence[tuple[str, str]] = PARTNER_PAIRS) -> float:
@@ -247,6 +280,35 @@ def _join(parts: Sequence[str]) -> str:
 def scene_caption(objects: Sequence[ShapeObject]) -> str:
     """The training caption style: "a yellow diamond, a blue ring and a yellow square." (listed order)."""
     return _join([f"a {o.colour} {o.shape}" for o in objects]) + "."
+
+
+ROW_WORDS = ("top", "upper", "lower", "bottom")
+COLUMN_WORDS = ("far left", "left", "right", "far right")
+LONG_CAPTION_WORDS = ("large", "small", "at", "the", "with", "far", *ROW_WORDS, *COLUMN_WORDS)
+
+
+def long_caption(objects: Sequence[ShapeObject], spec: ShapesWorldSpec) -> str:
+    """The ``long`` caption style: size, colour, shape and grid position of each object, in reading order,
+    except that a present partner is named right after its trigger ("a large red square at the top left with
+    a small blue hourglass at the bottom right"). Only for a 4 x 4 grid (the position words)."""
+    if spec.grid != len(ROW_WORDS):
+        raise EvalInputError(f"caption_style='long' needs a {len(ROW_WORDS)} x {len(ROW_WORDS)} grid, not {spec.grid}")
+    partner = {a: b for a, b in spec.partner_pairs}  # trigger -> partner (the first member triggers)
+    by_shape = {o.shape: o for o in objects}
+
+    def phrase(o: ShapeObject) -> str:
+        size = "small" if o.shape in spec.small_shapes else "large"
+        r, c = o.cell
+        return f"a {size} {o.colour} {o.shape} at the {ROW_WORDS[r]} {COLUMN_WORDS[c]}"
+
+    trigger_of = {b: a for a, b in partner.items()}
+    parts: list[str] = []
+    for o in objects:
+        if trigger_of.get(o.shape) in by_shape:
+            continue  # named with its trigger
+        mate = by_shape.get(partner.get(o.shape, ""))
+        parts.append(f"{phrase(o)} with {phrase(mate)}" if mate is not None else phrase(o))
+    return _join(parts) + "."
 
 
 def reference_captions(objects: Sequence[ShapeObject], spec: ShapesWorldSpec,
@@ -342,6 +404,8 @@ def render_scene(scene: Scene, spec: ShapesWorldSpec | None = None) -> Image.Ima
         mask = _shape_mask(o.shape, w)
         if o.noise:
             mask = mask.point(lambda v: int(v * spec.noise_alpha))
+        elif o.shape in spec.small_shapes and spec.small_contrast < 1.0:
+            mask = mask.point(lambda v: int(v * spec.small_contrast))
         img.paste(spec.colours[o.colour], (x, y, x + w, y + w), mask)
     return img
 

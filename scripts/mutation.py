@@ -9,15 +9,18 @@ diffs) to ``build/mutation/<module>/survivors.txt`` for review (docs/testing.md 
     python scripts/mutation.py sampling cache   # some
     MUTATION_CHILDREN=2 python scripts/mutation.py combiners
     MUTATION_SAMPLE=250 python scripts/mutation.py plan   # a seeded random sample of the module's mutants
+    MUTATION_ONLY="*Batchǁselect* *Batchǁjoin*" python scripts/mutation.py batch   # only these functions
 
 A module whose every mutant would take hours here (``plan``: ~2000 mutants, the covering tests take up to
 14 s per mutant) can be measured on a uniform random sample (``MUTATION_SAMPLE=N``, seeded by
 ``MUTATION_SEED``, default 0): the score printed is then that sample's, with its 95% Wilson interval for
 the whole module, and the sample's names are kept in ``build/mutation/<module>/sample.txt``.
+``MUTATION_ONLY`` (mutant-name globs, space-separated) restricts a run (and a sample) to some functions.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -91,7 +94,7 @@ def _pyproject(files: list[str], tests: list[str], extra: list[str]) -> str:
     )
 
 
-def run(module: str, children: int, sample: int = 0, seed: int = 0) -> dict[str, int]:
+def run(module: str, children: int, sample: int = 0, seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, int]:
     files, tests, extra = MODULES[module]
     work = ROOT / "build" / "mutation" / module
     if work.exists():
@@ -108,16 +111,21 @@ def run(module: str, children: int, sample: int = 0, seed: int = 0) -> dict[str,
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/ first itself
     mutmut = [sys.executable, "-m", "mutmut"]
     names: list[str] = []
-    if sample:
+    if sample or only:
         # a run filtered on a name no mutant has generates the mutants and collects the test stats (kept in
         # mutants/ for the next run), then stops on its "nothing matches" assertion: the names to sample from
         subprocess.run([*mutmut, "run", "--max-children", str(children), "no-such-mutant"], cwd=work, env=env,
                        capture_output=True)
         every = sorted(k for meta in (work / "mutants").rglob("*.py.meta")
                        for k in json.loads(meta.read_text())["exit_code_by_key"])
-        names = sorted(random.Random(seed).sample(every, min(sample, len(every))))
-        (work / "sample.txt").write_text(f"# {len(names)} of {len(every)} mutants, seed {seed}\n"
-                                         + "".join(f"{n}\n" for n in names), encoding="utf-8")
+        if only:  # mutant-name globs (``*`` spans the ``ǁ`` of method names)
+            every = [k for k in every if any(fnmatch.fnmatchcase(k, g) for g in only)]
+            if not every:
+                raise SystemExit(f"error: no mutant of {module} matches {' '.join(only)}")
+        names = sorted(random.Random(seed).sample(every, min(sample, len(every)))) if sample else every
+        (work / "sample.txt").write_text(
+            f"# {len(names)} of {len(every)} mutants, seed {seed}, globs {' '.join(only) or '-'}\n"
+            + "".join(f"{n}\n" for n in names), encoding="utf-8")
     subprocess.run([*mutmut, "run", "--max-children", str(children), *names], cwd=work, env=env, check=True)
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
@@ -159,15 +167,16 @@ def main(argv: list[str]) -> int:
         return 2
     children = int(os.environ.get("MUTATION_CHILDREN", "2"))
     sample, seed = int(os.environ.get("MUTATION_SAMPLE", "0")), int(os.environ.get("MUTATION_SEED", "0"))
+    only = tuple(os.environ.get("MUTATION_ONLY", "").split())
     for name in names:
-        s = run(name, children, sample, seed)
+        s = run(name, children, sample, seed, only)
         total = s["killed"] + s["survived"] + s.get("timeout", 0) + s.get("suspicious", 0) + s.get("no_tests", 0)
         total += s.get("other", 0)
         caught = s["killed"] + s.get("timeout", 0)
         line = f"{name}: {caught} / {total} killed ({100 * caught / max(total, 1):.0f}%)"
         if "sample_of" in s:
             low, high = wilson(caught, total)
-            line += f" in a random sample of {total} of {s['sample_of']} mutants (95% CI {low:.0%}-{high:.0%})"
+            line += f" of {total} mutants chosen from {s['sample_of']} (95% CI {low:.0%}-{high:.0%} if a random sample)"
         print(f"{line}, stats {json.dumps(s)}", flush=True)
     return 0
 

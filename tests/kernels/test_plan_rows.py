@@ -60,11 +60,15 @@ def test_pad_left_then_trim_left_keep_the_output(feature, module):
     qp, kp, vp = (torch.cat([a, b], 2) for a, b in zip(noise, (q, k, v)))
     plan.pad_left(n)
     assert plan.prompt_len == L0 + n and plan.pad.tolist() == [p + n for p in PADS]
+    # each row's layout moves with its keys (make_plan: the image at pad + 2 .. pad + 8)
+    assert [(lay.pad, lay.image_spans, lay.grids) for lay in plan.layouts] == [
+        (p + n, ((p + n + 2, p + n + 8),), ((2, 3),)) for p in PADS]
     padded = _out(module, plan, qp, kp, vp)
     ok = _valid(PADS, L0)
     assert (padded[:, n:] - base).abs()[ok].max() < ATOL
     plan.trim_left(n)
     assert plan.prompt_len == L0 and plan.pad.tolist() == list(PADS)
+    assert [(lay.pad, lay.image_spans) for lay in plan.layouts] == [(p, ((p + 2, p + 8),)) for p in PADS]
     assert (_out(module, plan, q, k, v) - base).abs()[ok].max() < ATOL
     with pytest.raises(ValueError, match="only leading padding"):
         plan.trim_left(min(PADS) + 1)

@@ -59,7 +59,7 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                        "and not shapes_world and not example_job"]),
     # the plan's masks, segments and row operations, through the backends with no model (tests/kernels)
     "plan": (["clearsight/kernels/plan.py"],
-             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_backends.py",
+             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_plan_writers.py", "tests/kernels/test_backends.py",
               "tests/kernels/test_draws_oracle.py"],
              []),
     # the generation loop's row bookkeeping: no test of it runs without a (tiny) model, so each mutant's run

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from plan_cases import make_plan
 
-from clearsight.kernels.plan import PlanConflictError, QueryRows
+from clearsight.kernels.plan import AttentionPlan, PlanConflictError, QueryRows, Segment, StatsRequest
 
 WRITERS = {
     "segments": lambda plan, layer, rows, owner: plan.set_segments(layer, rows, plan.segment[rows], owner),
@@ -29,3 +29,29 @@ def test_exclusive_fields_are_owned_per_layer_and_row(what):
     with pytest.raises(PlanConflictError, match=rf"^'b' and 'a' both set the attention {what} \(layer 1, row 1\); "
                        "they cannot be combined in one request: drop one of them$"):
         write(plan, 1, [1, 2], "b")
+
+
+def test_abs_bias_edits_share_a_row_only_with_the_same_query_rows():
+    """PAI + PAINT on one row add up when they select the same query rows; other rows are refused, however
+    small the earlier boost (here 0.1 on one segment of each of 4 heads)."""
+    plan = make_plan()
+    plan.add_abs_bias([1], [0], Segment.IMAGE, 0.1, QueryRows.LAST, owner="pai")
+    plan.add_abs_bias([1], [0], Segment.IMAGE, 0.1, QueryRows.LAST, owner="paint")
+    e = plan.edit(1)
+    assert e.abs_bias[0, :, Segment.IMAGE].tolist() == pytest.approx([0.2] * 4)
+    assert e.abs_from[0].item() == plan.prompt_len - 1 and e.abs_rows_from == plan.prompt_len - 1
+    with pytest.raises(PlanConflictError, match="^'paint' selects different query rows than an earlier abs-bias "
+                       "edit on layer 1$"):
+        plan.add_abs_bias([1], [0], Segment.IMAGE, 0.1, QueryRows.ALL, owner="paint")
+    plan.add_abs_bias([1], [1], Segment.IMAGE, 0.1, QueryRows.ALL, owner="paint")  # another row: its own rows
+    assert e.abs_from.tolist() == [plan.prompt_len - 1, 0, 0] and e.abs_rows_from == 0
+
+
+def test_concatenate_refuses_plans_that_do_not_align():
+    with pytest.raises(ValueError, match=r"^concatenate: plans differ in \(layers, heads, keys\): \(3, 4, 12\) vs "
+                       r"\(3, 4, 11\)$"):
+        AttentionPlan.concatenate(make_plan(), make_plan(L=11))
+    other = make_plan()
+    other.stats = StatsRequest(segment_mass=True)
+    with pytest.raises(ValueError, match="^concatenate: the plans record different statistics$"):
+        AttentionPlan.concatenate(make_plan(), other)

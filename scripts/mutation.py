@@ -57,10 +57,11 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                  "tests/evals/test_mme.py", "tests/evals/test_partner.py", "tests/evals/test_crosscheck.py"],
                 ["-k", "not ground_truth_from_instances and not outside_jsonl and not through_the_runner "
                        "and not shapes_world and not example_job"]),
-    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels)
+    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels); CausalMM's
+    # vision counterfactual: the one caller of counterfactual_weights without a precomputed grid
     "plan": (["clearsight/kernels/plan.py"],
              ["tests/kernels/test_plan_rows.py", "tests/kernels/test_plan_writers.py", "tests/kernels/test_backends.py",
-              "tests/kernels/test_draws_oracle.py"],
+              "tests/kernels/test_draws_oracle.py", "tests/mitigations/test_causalmm_oracle.py"],
              []),
     # the generation loop's row bookkeeping: no test of it runs without a (tiny) model, so each mutant's run
     # builds one; the cheapest tests that batch, join, select and compact rows

@@ -112,6 +112,13 @@ def _counterfactual(kind):
     return f
 
 
+def _counterfactual_mixed(plan):
+    """Joined CausalMM requests, each row its own kind on the same layer (uniform, shuffled, reversed): each
+    row's distribution is chosen among the others' (a single kind takes a shortcut)."""
+    for row, kind in enumerate(("uniform", "shuffled", "reversed")):
+        plan.set_counterfactual([1], [row], kind, seed=7 + row, owner="causalmm")
+
+
 def _combined(plan):
     _bias(plan)
     _abs_last(plan)
@@ -132,6 +139,7 @@ FEATURES = {
     "mask": _mask,
     "aki_mask": _aki,
     **{f"counterfactual_{k.name.lower()}": _counterfactual(k) for k in Counterfactual if k},
+    "counterfactual_mixed": _counterfactual_mixed,
     "combined": _combined,
 }
 

@@ -303,9 +303,9 @@ def test_counterfactual_draws_do_not_depend_on_padding(kind, module):
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 @pytest.mark.parametrize("batched_draws", [True, False])
 def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_draws, module, monkeypatch):
-    """Several layers, seeds and kinds in one forward: the per-forward grid and the random draws (batched
-    over layers, or one layer at a time as at a long prefill) give each layer exactly its own
-    counterfactual (oracle per layer)."""
+    """Several layers, seeds and kinds in one forward, one layer with its own segments: the per-forward grid
+    and the random draws (batched over layers, or one layer at a time as at a long prefill) give each layer
+    exactly its own counterfactual (oracle per layer)."""
     from types import SimpleNamespace
 
     from plan_cases import NUM_LAYERS
@@ -320,6 +320,9 @@ def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_d
     plan.set_counterfactual([1], [0], "random", seed=11, owner="causalmm")
     plan.set_counterfactual([1], [1], "uniform", seed=0, owner="causalmm")  # two kinds in one layer
     plan.set_counterfactual([2], [1, 2], "random", seed=11, owner="causalmm")
+    seg = plan.segment[0].clone()
+    seg[PADS[0] + 9] = Segment.IMAGE  # layer 1's own segments: one more image key in row 0 (its grid is its own)
+    plan.set_segments(1, [0], seg, owner="var")
     Lk = L0 if phase == "prefill" else L0 + 3
     Lq = L0 if phase == "prefill" else 1
     for layer in range(NUM_LAYERS):

@@ -4,6 +4,7 @@ mitigation on the same layer and row is refused with a message naming both, othe
 from __future__ import annotations
 
 import pytest
+import torch
 from plan_cases import make_plan
 
 from clearsight.kernels.plan import AttentionPlan, PlanConflictError, QueryRows, Segment, StatsRequest
@@ -55,3 +56,15 @@ def test_concatenate_refuses_plans_that_do_not_align():
     other.stats = StatsRequest(segment_mass=True)
     with pytest.raises(ValueError, match="^concatenate: the plans record different statistics$"):
         AttentionPlan.concatenate(make_plan(), other)
+
+
+def test_counterfactual_edit_holds_int64_codes_seeds_and_sources():
+    """The dtypes the plan documents (``CounterfactualEdit``): the Triton backend passes them to its kernel as
+    they are. Rows not written keep NONE, seed 0 and the identity source."""
+    plan = make_plan()
+    plan.set_counterfactual([1], [2], "shuffled", seed=5, owner="causalmm")
+    cf = plan.edit(1).counterfactual
+    assert (cf.kind.dtype, cf.seed.dtype, cf.source.dtype) == (torch.int64,) * 3
+    assert cf.kind.tolist() == [0, 0, 3] and cf.seed.tolist() == [0, 0, 5]
+    assert cf.source[:2].tolist() == [list(range(plan.prompt_len))] * 2
+    assert plan.edit(1).counterfactual_kinds == frozenset({0, 3})

@@ -337,11 +337,13 @@ def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_d
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("phase", ["prefill", "decode", "prompt_and_generated"])
 def test_aki_mask_equals_the_hand_built_mask(backend, phase, module):
+    """prompt_and_generated: one forward over the prompt and 3 generated tokens (the generated queries have
+    no second interval)."""
     plan = make_plan()
     _aki(plan)
-    Lq, Lk = (L0, L0) if phase == "prefill" else (1, L0 + 3)
+    Lq, Lk = {"prefill": (L0, L0), "decode": (1, L0 + 3), "prompt_and_generated": (L0 + 3, L0 + 3)}[phase]
     hand = aki_hand_mask(L0, Lq, Lk)
     assert torch.equal(plan.allowed(Lq, Lk)[:, 0], hand)
     if phase == "prefill":  # the second interval is there: an image query sees the question, not the next image key
@@ -351,7 +353,7 @@ def test_aki_mask_equals_the_hand_built_mask(backend, phase, module):
     out = _run(BACKENDS[backend], module, plan, q, k, v)
     want = masked_softmax_attention(q, k, v, hand, D**-0.5)
     valid = torch.ones(len(PADS), Lq, dtype=torch.bool)
-    if phase == "prefill":
+    if phase != "decode":
         for b, p in enumerate(PADS):
             valid[b, :p] = False
     assert (out.double() - want).abs()[valid].max().item() < ATOL

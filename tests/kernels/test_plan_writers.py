@@ -1,11 +1,12 @@
-"""The plan's writers, by hand (no model): who owns an exclusive field is recorded per (layer, row), a second
-mitigation on the same layer and row is refused with a message naming both, other layers and rows stay free."""
+"""The plan's writers and caches, by hand (no model): who owns an exclusive field is recorded per (layer,
+row), a second mitigation on the same layer and row is refused with a message naming both, other layers and
+rows stay free; the edits' dtypes, the writers' refusals, the per-shape mask cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from plan_cases import make_plan
+from plan_cases import L0, PADS, make_plan
 
 from clearsight.kernels.plan import AttentionPlan, PlanConflictError, QueryRows, Segment, StatsRequest
 
@@ -68,3 +69,19 @@ def test_counterfactual_edit_holds_int64_codes_seeds_and_sources():
     assert cf.kind.tolist() == [0, 0, 3] and cf.seed.tolist() == [0, 0, 5]
     assert cf.source[:2].tolist() == [list(range(plan.prompt_len))] * 2
     assert plan.edit(1).counterfactual_kinds == frozenset({0, 3})
+
+
+def test_per_head_values_of_a_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"^per-head values must be a scalar, \[H\] or \[rows, H\]; got \(1, 3\)$"):
+        make_plan().add_bias([1], [0], Segment.IMAGE, torch.ones(3))  # 4 heads
+
+
+def test_float_mask_follows_the_forward_shape():
+    """One plan, a prefill then decode steps (the backends' shared additive mask is cached per shape): each
+    call is the mask of its own shape, 0 where ``allowed`` and -inf elsewhere, with the sliding window."""
+    plan = make_plan()
+    for Lq, Lk, window in ((L0, L0, None), (1, L0 + 1, None), (1, L0 + 2, None), (1, L0 + 2, 4), (1, L0 + 2, None)):
+        allowed = plan.windowed(plan.allowed(Lq, Lk), window)
+        want = torch.where(allowed, 0.0, float("-inf"))
+        got = plan.float_mask(Lq, Lk, torch.float32, window)
+        assert got.shape == (len(PADS), 1, Lq, Lk) and torch.equal(got, want), (Lq, Lk, window)

@@ -80,7 +80,8 @@ def test_float_mask_follows_the_forward_shape():
     """One plan, a prefill then decode steps (the backends' shared additive mask is cached per shape): each
     call is the mask of its own shape, 0 where ``allowed`` and -inf elsewhere, with the sliding window."""
     plan = make_plan()
-    for Lq, Lk, window in ((L0, L0, None), (1, L0 + 1, None), (1, L0 + 2, None), (1, L0 + 2, 4), (1, L0 + 2, None)):
+    for Lq, Lk, window in ((L0, L0, None), (L0, L0, None), (1, L0 + 1, None), (1, L0 + 2, None), (1, L0 + 2, 4),
+                           (1, L0 + 2, 4), (1, L0 + 2, None)):
         allowed = plan.windowed(plan.allowed(Lq, Lk), window)
         want = torch.where(allowed, 0.0, float("-inf"))
         got = plan.float_mask(Lq, Lk, torch.float32, window)

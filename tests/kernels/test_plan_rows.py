@@ -124,7 +124,8 @@ def test_position_ids_default_after_padding_and_owned_per_row():
     plan = _positions_plan()
     assert plan.position_ids.tolist() == [DEFAULT0, CUSTOM]
     assert plan.owner("position ids", -1, 1) == "cca" and plan.owner("position ids", -1, 0) is None
-    with pytest.raises(PlanConflictError, match="'other' and 'cca' both set the attention position ids"):
+    with pytest.raises(PlanConflictError, match=r"^'other' and 'cca' both set the attention position ids \(row 1\); "
+                       "they cannot be combined in one request: drop one of them$"):
         plan.set_position_ids([1], torch.tensor([DEFAULT1]), owner="other")
     plan.set_position_ids([0], torch.tensor([DEFAULT0[::-1]]), owner="other")  # another row: allowed
     assert plan.position_ids.tolist() == [DEFAULT0[::-1], CUSTOM]

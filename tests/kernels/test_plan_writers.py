@@ -86,3 +86,5 @@ def test_float_mask_follows_the_forward_shape():
         want = torch.where(allowed, 0.0, float("-inf"))
         got = plan.float_mask(Lq, Lk, torch.float32, window)
         assert got.shape == (len(PADS), 1, Lq, Lk) and torch.equal(got, want), (Lq, Lk, window)
+    half = plan.float_mask(1, L0 + 2, torch.bfloat16)  # the model's dtype, as sdpa wants it
+    assert half.dtype == torch.bfloat16 and torch.equal(half.float(), plan.float_mask(1, L0 + 2, torch.float32))

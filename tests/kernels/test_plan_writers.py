@@ -88,3 +88,19 @@ def test_float_mask_follows_the_forward_shape():
         assert got.shape == (len(PADS), 1, Lq, Lk) and torch.equal(got, want), (Lq, Lk, window)
     half = plan.float_mask(1, L0 + 2, torch.bfloat16)  # the model's dtype, as sdpa wants it
     assert half.dtype == torch.bfloat16 and torch.equal(half.float(), plan.float_mask(1, L0 + 2, torch.float32))
+
+
+def test_several_generated_queries_see_every_key_up_to_their_own():
+    """Two generated tokens in one forward (queries L0 and L0 + 1): causal over the non-padding keys, whatever
+    the prompt mask."""
+    plan = make_plan()
+    Lk = L0 + 2
+    hand = torch.tensor([[[p <= j <= q for j in range(Lk)] for q in (L0, L0 + 1)] for p in PADS])
+    assert torch.equal(plan.allowed(2, Lk)[:, 0], hand)
+
+
+def test_stats_requests_by_hand():
+    assert not StatsRequest().wants(0) and not StatsRequest(layers=frozenset({0})).wants(0)
+    some = StatsRequest(segment_mass=True, layers=frozenset({1}))
+    assert (some.wants(0), some.wants(1)) == (False, True)
+    assert StatsRequest(last_row=True).wants(5)

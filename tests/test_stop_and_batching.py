@@ -94,3 +94,30 @@ def test_statistics_of_a_padded_batch_with_branches_equal_the_solo_run():
     # the statistics are the main row's: a probability mass per segment, summing to one per query
     mass = batched[0].stats["segment_mass"][1]
     torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-4, rtol=0)
+
+
+def test_joining_into_a_batch_whose_rows_all_left_takes_the_other_whole():
+    """``Batch.join`` into a batch with no rows left (the scheduler replaces such a batch instead, but the
+    method allows it): the result is the other batch, which then decodes as its request alone."""
+    from clearsight.config import GenerationRequest
+    from clearsight.decoding.batch import Batch, Entry
+
+    lvlm, decode = tiny("tiny-llava"), DecodeSpec(max_new_tokens=3, ignore_eos=True)
+
+    def prefilled(i: int) -> tuple[Batch, Entry]:
+        e = Entry(GenerationRequest(prompt=PROMPTS[i], image=make_image(i, SIZES[i])), [], decode)
+        e.prepare(lvlm)
+        b = Batch.prefill(lvlm, [e])
+        b.choose()
+        return b, e
+
+    empty, _ = prefilled(0)
+    empty.select([])
+    other, entry = prefilled(1)
+    rows, plan = other.rows, other.plan
+    empty.join(other)
+    assert empty.rows is rows and empty.entries == [entry] and empty.plan is plan
+    while entry.active:
+        empty.decode()
+        empty.choose()
+    assert entry.tokens == generate(lvlm, [_reqs(2)[1]], decode=decode)[0].token_ids

@@ -98,7 +98,8 @@ def test_statistics_of_a_padded_batch_with_branches_equal_the_solo_run():
 
 def test_joining_into_a_batch_whose_rows_all_left_takes_the_other_whole():
     """``Batch.join`` into a batch with no rows left (the scheduler replaces such a batch instead, but the
-    method allows it): the result is the other batch, which then decodes as its request alone."""
+    method allows it): the result is the other batch, which then decodes as its request alone. A batch of
+    another key is refused."""
     from clearsight.config import GenerationRequest
     from clearsight.decoding.batch import Batch, Entry
 
@@ -112,6 +113,8 @@ def test_joining_into_a_batch_whose_rows_all_left_takes_the_other_whole():
         return b, e
 
     empty, _ = prefilled(0)
+    with pytest.raises(ValueError, match="^join: batches of different backends or statistics$"):
+        empty.join(Batch(lvlm, ("reference", None)))  # the scheduler only joins batches of one key
     empty.select([])
     other, entry = prefilled(1)
     rows, plan = other.rows, other.plan

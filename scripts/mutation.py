@@ -8,12 +8,23 @@ diffs) to ``build/mutation/<module>/survivors.txt`` for review (docs/testing.md 
     python scripts/mutation.py                  # every module
     python scripts/mutation.py sampling cache   # some
     MUTATION_CHILDREN=2 python scripts/mutation.py combiners
+    MUTATION_SAMPLE=250 python scripts/mutation.py plan   # a seeded random sample of the module's mutants
+    MUTATION_ONLY="*Batchǁselect* *Batchǁjoin*" python scripts/mutation.py batch   # only these functions
+
+A module whose every mutant would take hours here (``plan``: ~2000 mutants, the covering tests take up to
+14 s per mutant) can be measured on a uniform random sample (``MUTATION_SAMPLE=N``, seeded by
+``MUTATION_SEED``, default 0): the score printed is then that sample's, with its 95% Wilson interval for
+the whole module, and the sample's names are kept in ``build/mutation/<module>/sample.txt``.
+``MUTATION_ONLY`` (mutant-name globs, space-separated) restricts a run (and a sample) to some functions.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -46,10 +57,11 @@ MODULES: dict[str, tuple[list[str], list[str], list[str]]] = {
                  "tests/evals/test_mme.py", "tests/evals/test_partner.py", "tests/evals/test_crosscheck.py"],
                 ["-k", "not ground_truth_from_instances and not outside_jsonl and not through_the_runner "
                        "and not shapes_world and not example_job"]),
-    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels)
+    # the plan's masks, segments and row operations, through the backends with no model (tests/kernels); CausalMM's
+    # vision counterfactual: the one caller of counterfactual_weights without a precomputed grid
     "plan": (["clearsight/kernels/plan.py"],
-             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_backends.py",
-              "tests/kernels/test_draws_oracle.py"],
+             ["tests/kernels/test_plan_rows.py", "tests/kernels/test_plan_writers.py", "tests/kernels/test_backends.py",
+              "tests/kernels/test_draws_oracle.py", "tests/mitigations/test_causalmm_oracle.py"],
              []),
     # the generation loop's row bookkeeping: no test of it runs without a (tiny) model, so each mutant's run
     # builds one; the cheapest tests that batch, join, select and compact rows
@@ -83,7 +95,7 @@ def _pyproject(files: list[str], tests: list[str], extra: list[str]) -> str:
     )
 
 
-def run(module: str, children: int) -> dict[str, int]:
+def run(module: str, children: int, sample: int = 0, seed: int = 0, only: tuple[str, ...] = ()) -> dict[str, int]:
     files, tests, extra = MODULES[module]
     work = ROOT / "build" / "mutation" / module
     if work.exists():
@@ -99,17 +111,53 @@ def run(module: str, children: int) -> dict[str, int]:
     (work / "pyproject.toml").write_text(_pyproject(files, tests, extra), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut puts mutants/ first itself
     mutmut = [sys.executable, "-m", "mutmut"]
-    subprocess.run([*mutmut, "run", "--max-children", str(children)], cwd=work, env=env, check=True)
+    names: list[str] = []
+    if sample or only:
+        # a run filtered on a name no mutant has generates the mutants and collects the test stats (kept in
+        # mutants/ for the next run), then stops on its "nothing matches" assertion: the names to sample from
+        subprocess.run([*mutmut, "run", "--max-children", str(children), "no-such-mutant"], cwd=work, env=env,
+                       capture_output=True)
+        every = sorted(k for meta in (work / "mutants").rglob("*.py.meta")
+                       for k in json.loads(meta.read_text())["exit_code_by_key"])
+        if only:  # mutant-name globs (``*`` spans the ``ǁ`` of method names)
+            every = [k for k in every if any(fnmatch.fnmatchcase(k, g) for g in only)]
+            if not every:
+                raise SystemExit(f"error: no mutant of {module} matches {' '.join(only)}")
+        names = sorted(random.Random(seed).sample(every, min(sample, len(every)))) if sample else every
+        (work / "sample.txt").write_text(
+            f"# {len(names)} of {len(every)} mutants, seed {seed}, globs {' '.join(only) or '-'}\n"
+            + "".join(f"{n}\n" for n in names), encoding="utf-8")
+    subprocess.run([*mutmut, "run", "--max-children", str(children), *names], cwd=work, env=env, check=True)
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    listing = subprocess.run([*mutmut, "results"], cwd=work, env=env, check=True, capture_output=True, text=True)
-    survivors = [line.split(":")[0].strip() for line in listing.stdout.splitlines()
-                 if line.strip().endswith("survived")]
+    listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env, check=True,
+                             capture_output=True, text=True)
+    status = {line.split(":")[0].strip(): line.rsplit(":", 1)[1].strip() for line in listing.stdout.splitlines()
+              if ":" in line}
+    if names:  # the sample's own counts (the other mutants are "not checked")
+        counts: dict[str, int] = {}
+        for n in names:
+            key = {"no tests": "no_tests"}.get(status.get(n, "?"), status.get(n, "?"))
+            counts[key] = counts.get(key, 0) + 1
+        known = ("killed", "survived", "timeout", "suspicious", "no_tests")
+        stats = {k: counts.get(k, 0) for k in known}
+        stats["other"] = sum(v for k, v in counts.items() if k not in known)  # e.g. "not checked": not killed
+        stats["sample_of"] = len(every)
+    survivors = [n for n, st in status.items() if st == "survived" and (not names or n in names)]
     with open(work / "survivors.txt", "w", encoding="utf-8") as fh:
         for name in survivors:
             shown = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True)
             fh.write(f"## {name}\n{shown.stdout}\n")
     return stats
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n (Wilson 1927): the module's score from a sample's."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def main(argv: list[str]) -> int:
@@ -119,12 +167,18 @@ def main(argv: list[str]) -> int:
         print(f"error: unknown module {unknown[0]!r}: choose from {', '.join(MODULES)}", file=sys.stderr)
         return 2
     children = int(os.environ.get("MUTATION_CHILDREN", "2"))
+    sample, seed = int(os.environ.get("MUTATION_SAMPLE", "0")), int(os.environ.get("MUTATION_SEED", "0"))
+    only = tuple(os.environ.get("MUTATION_ONLY", "").split())
     for name in names:
-        s = run(name, children)
+        s = run(name, children, sample, seed, only)
         total = s["killed"] + s["survived"] + s.get("timeout", 0) + s.get("suspicious", 0) + s.get("no_tests", 0)
+        total += s.get("other", 0)
         caught = s["killed"] + s.get("timeout", 0)
-        print(f"{name}: {caught} / {total} killed ({100 * caught / max(total, 1):.0f}%), stats {json.dumps(s)}",
-              flush=True)
+        line = f"{name}: {caught} / {total} killed ({100 * caught / max(total, 1):.0f}%)"
+        if "sample_of" in s:
+            low, high = wilson(caught, total)
+            line += f" of {total} mutants chosen from {s['sample_of']} (95% CI {low:.0%}-{high:.0%} if a random sample)"
+        print(f"{line}, stats {json.dumps(s)}", flush=True)
     return 0
 
 

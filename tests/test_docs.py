@@ -100,6 +100,13 @@ def test_evals_cluster_lines_run(line, tmp_path, monkeypatch, capsys):
 # docs/evals.md sections whose python examples run as written (the others need real data files)
 EVALS_RUNNABLE = ("## MME hallucination subsets", "## AMBER", "## Benchmarks as plug-ins",
                   "## Model-organism diagnostics")
+# what their examples print, worked by hand (and written in the examples' comments). MME: answers
+# Yes/No/Yes/Yes to yes/no/yes/no, accuracy 3/4; accuracy+ (both questions of an image right) 1/2 (only
+# a.jpg); score 100 * (0.75 + 0.5). AMBER: "puppy", "cat", "grass" name dog, cat, grass; two are not in the
+# truth (CHAIR 2/3), dog covered (Cover 1), cat covered among the hallu objects (Cog 1); the discriminative
+# "No" is right (F1 1); AMBER score ((1 - 2/3) + 1) / 2.
+EVALS_PRINTED = {"## MME hallucination subsets": [["yes", "no", "other"], [0.75, 0.5, 125.0]],
+                 "## AMBER": [[2 / 3, 1.0, 1.0], [1.0, 2 / 3]]}
 
 
 def _section(text: str, heading: str) -> str:
@@ -125,3 +132,11 @@ def test_evals_guide_examples_run(heading, monkeypatch, capsys, tmp_path):
         exec(compiled, {"__name__": "docs_example"})
     if heading.startswith("## Benchmarks"):
         assert "## Yes-rate" in (tmp_path / "yes-rate" / "report.md").read_text()
+    elif heading in EVALS_PRINTED:  # the organism example prints measured figures of the shipped model
+        printed = [line.replace("[", " ").replace("]", " ").replace(",", " ").replace("'", " ").split()
+                   for line in capsys.readouterr().out.splitlines()]
+        want = EVALS_PRINTED[heading]
+        assert len(printed) == len(want), printed
+        for got, line in zip(printed, want):
+            assert [v if isinstance(v, str) else pytest.approx(v, abs=1e-9) for v in line] == \
+                [w if isinstance(v, str) else float(w) for v, w in zip(line, got)] and len(got) == len(line), got

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 from tinyworld import tiny
@@ -101,7 +103,9 @@ def test_cli_generate_json_models_mitigations(capsys, image_file):
 
 def test_module_entry_point_and_version():
     out = subprocess.run([sys.executable, "-m", "clearsight", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.startswith("clearsight ")
+    # the version installed from pyproject.toml (the project's one record of it)
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert out.returncode == 0 and out.stdout == f"clearsight {project['version']}\n", out
 
 
 @pytest.mark.parametrize(

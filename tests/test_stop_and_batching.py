@@ -94,3 +94,49 @@ def test_statistics_of_a_padded_batch_with_branches_equal_the_solo_run():
     # the statistics are the main row's: a probability mass per segment, summing to one per query
     mass = batched[0].stats["segment_mass"][1]
     torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)), atol=1e-4, rtol=0)
+
+
+JOIN_DECODE = DecodeSpec(max_new_tokens=3, ignore_eos=True)
+
+
+def _prefilled(lvlm, i: int, compile: bool = False):
+    """A batch of request i alone, prefilled, its first token chosen (what the scheduler joins)."""
+    from clearsight.config import GenerationRequest
+    from clearsight.decoding.batch import Batch, Entry
+
+    e = Entry(GenerationRequest(prompt=PROMPTS[i], image=make_image(i, SIZES[i])), [], JOIN_DECODE,
+              compile=compile)
+    e.prepare(lvlm)
+    b = Batch.prefill(lvlm, [e])
+    b.choose()
+    return b, e
+
+
+def test_a_joined_batch_asks_for_the_compiled_step_only_if_both_did():
+    lvlm = tiny("tiny-llava")
+    for mine, theirs in ((True, True), (True, False), (False, True)):
+        a, _ = _prefilled(lvlm, 0, mine)
+        b, _ = _prefilled(lvlm, 1, theirs)
+        a.join(b)
+        assert a.compile is (mine and theirs) and a.num_rows == 2, (mine, theirs)
+
+
+def test_joining_into_a_batch_whose_rows_all_left_takes_the_other_whole():
+    """``Batch.join`` into a batch with no rows left (the scheduler replaces such a batch instead, but the
+    method allows it): the result is the other batch, which then decodes as its request alone. A batch of
+    another key is refused."""
+    from clearsight.decoding.batch import Batch
+
+    lvlm, decode = tiny("tiny-llava"), JOIN_DECODE
+    empty, _ = _prefilled(lvlm, 0)
+    with pytest.raises(ValueError, match="^join: batches of different backends or statistics$"):
+        empty.join(Batch(lvlm, ("reference", None)))  # the scheduler only joins batches of one key
+    empty.select([])
+    other, entry = _prefilled(lvlm, 1)
+    rows, plan = other.rows, other.plan
+    empty.join(other)
+    assert empty.rows is rows and empty.entries == [entry] and empty.plan is plan
+    while entry.active:
+        empty.decode()
+        empty.choose()
+    assert entry.tokens == generate(lvlm, [_reqs(2)[1]], decode=decode)[0].token_ids

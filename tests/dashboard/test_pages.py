@@ -130,6 +130,12 @@ def test_jobs_runs_a_local_job_to_the_end(finished_job):
     assert (folder / "results.json").is_file()
     progress = json.loads((folder / "progress.json").read_text())
     assert progress["state"] == "done"
+    # the job is the one the form described: its two systems, 2 POPE questions in each of the three splits
+    results = json.loads((folder / "results.json").read_text())
+    assert [s["name"] for s in results["systems"]] == ["none", "pai"]
+    for system in results["systems"]:
+        assert {k: m["n"] for k, m in system["pope"]["splits"].items()} == {
+            "random": 2, "popular": 2, "adversarial": 2}, system["pope"]
     assert any(b.label == "Open in Evals" for b in at.button)
 
 

@@ -112,6 +112,13 @@ def _counterfactual(kind):
     return f
 
 
+def _counterfactual_mixed(plan):
+    """Joined CausalMM requests, each row its own kind on the same layer (uniform, shuffled, reversed): each
+    row's distribution is chosen among the others' (a single kind takes a shortcut)."""
+    for row, kind in enumerate(("uniform", "shuffled", "reversed")):
+        plan.set_counterfactual([1], [row], kind, seed=7 + row, owner="causalmm")
+
+
 def _combined(plan):
     _bias(plan)
     _abs_last(plan)
@@ -132,6 +139,7 @@ FEATURES = {
     "mask": _mask,
     "aki_mask": _aki,
     **{f"counterfactual_{k.name.lower()}": _counterfactual(k) for k in Counterfactual if k},
+    "counterfactual_mixed": _counterfactual_mixed,
     "combined": _combined,
 }
 
@@ -295,9 +303,9 @@ def test_counterfactual_draws_do_not_depend_on_padding(kind, module):
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 @pytest.mark.parametrize("batched_draws", [True, False])
 def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_draws, module, monkeypatch):
-    """Several layers, seeds and kinds in one forward: the per-forward grid and the random draws (batched
-    over layers, or one layer at a time as at a long prefill) give each layer exactly its own
-    counterfactual (oracle per layer)."""
+    """Several layers, seeds and kinds in one forward, one layer with its own segments: the per-forward grid
+    and the random draws (batched over layers, or one layer at a time as at a long prefill) give each layer
+    exactly its own counterfactual (oracle per layer)."""
     from types import SimpleNamespace
 
     from plan_cases import NUM_LAYERS
@@ -312,6 +320,9 @@ def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_d
     plan.set_counterfactual([1], [0], "random", seed=11, owner="causalmm")
     plan.set_counterfactual([1], [1], "uniform", seed=0, owner="causalmm")  # two kinds in one layer
     plan.set_counterfactual([2], [1, 2], "random", seed=11, owner="causalmm")
+    seg = plan.segment[0].clone()
+    seg[PADS[0] + 9] = Segment.IMAGE  # layer 1's own segments: one more image key in row 0 (its grid is its own)
+    plan.set_segments(1, [0], seg, owner="var")
     Lk = L0 if phase == "prefill" else L0 + 3
     Lq = L0 if phase == "prefill" else 1
     for layer in range(NUM_LAYERS):
@@ -326,11 +337,13 @@ def test_counterfactuals_on_every_layer_of_one_forward(backend, phase, batched_d
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+@pytest.mark.parametrize("phase", ["prefill", "decode", "prompt_and_generated"])
 def test_aki_mask_equals_the_hand_built_mask(backend, phase, module):
+    """prompt_and_generated: one forward over the prompt and 3 generated tokens (the generated queries have
+    no second interval)."""
     plan = make_plan()
     _aki(plan)
-    Lq, Lk = (L0, L0) if phase == "prefill" else (1, L0 + 3)
+    Lq, Lk = {"prefill": (L0, L0), "decode": (1, L0 + 3), "prompt_and_generated": (L0 + 3, L0 + 3)}[phase]
     hand = aki_hand_mask(L0, Lq, Lk)
     assert torch.equal(plan.allowed(Lq, Lk)[:, 0], hand)
     if phase == "prefill":  # the second interval is there: an image query sees the question, not the next image key
@@ -340,7 +353,7 @@ def test_aki_mask_equals_the_hand_built_mask(backend, phase, module):
     out = _run(BACKENDS[backend], module, plan, q, k, v)
     want = masked_softmax_attention(q, k, v, hand, D**-0.5)
     valid = torch.ones(len(PADS), Lq, dtype=torch.bool)
-    if phase == "prefill":
+    if phase != "decode":
         for b, p in enumerate(PADS):
             valid[b, :p] = False
     assert (out.double() - want).abs()[valid].max().item() < ATOL

@@ -271,7 +271,6 @@ class Batch:
         self.logits: torch.Tensor | None = None
         self.compile = False  # every entry asked for the compiled decode step (set by prefill)
         self.static: StaticDecode | None = None  # the preallocated cache while compiled steps run
-        self.shared_rows = 0  # rows whose prefill was a copy of an identical row's (``_repeated_rows``)
 
     @property
     def num_rows(self) -> int:
@@ -428,7 +427,6 @@ class Batch:
         self.logits = self.logits[inverse]
         for layer in self.cache.layers:
             layer.batch_select_indices(inverse)
-        self.shared_rows = self.num_rows - len(kept)
 
     def _transform_pixels(self, batch: dict[str, torch.Tensor]) -> None:
         """Apply branches' pixel transforms to their own image's processed pixels."""

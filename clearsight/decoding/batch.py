@@ -37,6 +37,7 @@ from clearsight.config import STOCK_BACKENDS, DecodeSpec, GenerationRequest
 from clearsight.decoding.compiled import NotCapturable, StaticDecode, why_not
 from clearsight.decoding.generate import GenerationResult, TokenEvent, check_context, load_image, make_probe
 from clearsight.decoding.probes import BatchingProbe
+from clearsight.decoding.recent_rows import RecentRows
 from clearsight.decoding.sampling import find_stop, select_token
 from clearsight.errors import InputError
 from clearsight.kernels.context import use_backend, use_plan
@@ -287,8 +288,9 @@ class Batch:
 
     # ------------------------------------------------------------------ prefill of a newcomer group
     @classmethod
-    def prefill(cls, lvlm: LVLM, entries: list[Entry]) -> Batch:
-        """Encode, plan, hook and prefill ``entries`` (prepared, same key) as one batch; logits ready.
+    def prefill(cls, lvlm: LVLM, entries: list[Entry], recent: RecentRows | None = None) -> Batch:
+        """Encode, plan, hook and prefill ``entries`` (prepared, same key) as one batch; logits ready. Rows that
+        repeat another row of the group, or a row ``recent`` holds (an earlier group's), are not run again.
 
         On an error every hook installed here is removed again and the error propagates.
         """
@@ -351,11 +353,11 @@ class Batch:
             t1 = time.perf_counter()
             self.mask = batch["attention_mask"]
             self.cache = full_cache()
-            shared = self._repeated_rows(batch, position_ids)
-            if shared is None:
+            digests = self._row_digests(batch, position_ids)
+            if digests is None:
                 self._forward(batch["input_ids"], position_ids, adapter.forward_inputs(batch))
             else:
-                self._forward_kept_rows(batch, position_ids, *shared)
+                self._forward_shared(batch, position_ids, digests, recent)
             self.pos = adapter.last_positions(position_ids)
         except BaseException:
             for e in entries:
@@ -369,54 +371,101 @@ class Batch:
             e.timings.update(prepare_s=t1 - t0, prefill_s=t2 - t1, prefilled=t2)
         return self
 
-    def _repeated_rows(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor
-                       ) -> tuple[list[int], torch.Tensor, list[list[slice]]] | None:
-        """Rows that repeat an earlier row exactly (ids, mask, positions, pixels): the kept rows, each row's index
-        among them and the kept rows' pixel slices; None when no row repeats or rows may not share a forward.
+    def _row_digests(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor) -> list[bytes] | None:
+        """Each row's content (its tokens, their positions, its pixels, the backend), or None when rows may not
+        share a forward.
 
         Branch rows repeat often: INTER's rows without the prompt are the same for every question about an
-        image, and its row with neither image nor prompt the same for every request. Rows share a forward only
-        when nothing can tell them apart inside it: no plan edit, custom mask or position override, no
-        statistics, no hook (hooks index rows of the batch), a backend whose empty-plan path is transformers'
-        own attention, and only ids, mask and pixels as inputs (a family with image sizes or grids is left
-        alone). Causal attention makes a row's keys and logits a function of its own inputs only, so each
-        repeat gets a copy of its kept row's KV cache and logits."""
+        image, and its row with neither image nor prompt the same for every request; in a packed eval the
+        unmitigated prompt is every logits-level system's main row. Rows share a forward only when nothing can
+        tell them apart inside it: no plan edit, custom mask or position override, no statistics, no hook (hooks
+        index rows of the batch), a backend whose empty-plan path is transformers' own attention, left padding,
+        and only ids, mask and pixels as inputs (a family with image sizes or grids is left alone). Causal
+        attention makes a row's keys and logits a function of its own tokens only (padding keys are masked)."""
         plan = self.plan
-        if (self.num_rows < 2 or (self.backend not in STOCK_BACKENDS and self.backend != "torch") or plan.layers
+        if ((self.backend not in STOCK_BACKENDS and self.backend != "torch") or plan.layers
                 or plan.has_custom_mask or plan.position_ids is not None or plan.stats.segment_mass
                 or plan.stats.last_row or plan.capture_layer is not None or any(e.installed for e in self.entries)
                 or self.lvlm.adapter.has_forward_hooks()
                 or set(batch) - {"input_ids", "attention_mask", "pixel_values"} or position_ids.ndim != 2):
             return None
+        mask = batch["attention_mask"]
+        lengths = mask.sum(1)
+        width = mask.shape[1]
+        if not bool((mask.cumsum(1) == (torch.arange(1, width + 1, device=mask.device) - (width - lengths)[:, None])
+                     .clamp(min=0)).all()):
+            return None  # not left-padded: a row's keys would not be its last columns
         slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
         pixels = batch.get("pixel_values")
-        seen: dict[bytes, int] = {}
-        kept: list[int] = []
-        kept_slices: list[list[slice]] = []
-        inverse: list[int] = []
+        out = []
         for i, r in enumerate(self.rows):
-            own = [next(slices) for _ in range(_num_images(r))]
-            h = hashlib.sha256()
-            for t in (batch["input_ids"][i], batch["attention_mask"][i], position_ids[i]):
+            n = int(lengths[i])
+            h = hashlib.sha256(self.backend.encode())
+            for t in (batch["input_ids"][i, width - n:], position_ids[i, width - n:]):
                 h.update(t.cpu().numpy().tobytes())
-            for sl in own:
+            for _ in range(_num_images(r)):
                 assert pixels is not None
-                h.update(pixels[sl].cpu().numpy().tobytes())
-            j = seen.setdefault(h.digest(), len(kept))
-            if j == len(kept):
-                kept.append(i)
-                kept_slices.append(own)
-            inverse.append(j)
-        if len(kept) == self.num_rows:
-            return None
-        return kept, torch.tensor(inverse, device=self.lvlm.device), kept_slices
+                px = pixels[next(slices)]
+                h.update(str((px.dtype, tuple(px.shape))).encode())
+                h.update(px.cpu().numpy().tobytes())
+            out.append(h.digest())
+        return out
 
-    def _forward_kept_rows(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor, kept: list[int],
-                           inverse: torch.Tensor, kept_slices: list[list[slice]]) -> None:
-        """Prefill only the kept rows, then give every row its kept row's KV cache and logits."""
-        idx = torch.tensor(kept, device=self.lvlm.device)
+    def _forward_shared(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor, digests: list[bytes],
+                        recent: RecentRows | None) -> None:
+        """Prefill each distinct row once, and none that ``recent`` holds; every row gets its copy of the keys,
+        values and logits, and the rows run here are offered to ``recent`` for later groups."""
+        kept = list(dict.fromkeys(digests))  # the distinct rows, in order of first appearance
+        slot = {d: j for j, d in enumerate(kept)}
+        inverse = [slot[d] for d in digests]
+        rows_of: dict[bytes, int] = {}  # each distinct row's first row in the group
+        for i, d in enumerate(digests):
+            rows_of.setdefault(d, i)
+        stored = [recent.get(d) if recent is not None else None for d in kept]
+        run = [rows_of[d] for d, s in zip(kept, stored) if s is None]
+        width, lengths = self.num_keys, self.mask.sum(1).tolist()
+        if len(run) == self.num_rows:
+            self._forward(batch["input_ids"], position_ids, self.lvlm.adapter.forward_inputs(batch))
+        else:
+            if run:
+                self._forward_rows(batch, position_ids, run)
+            fresh = iter(range(len(run)))
+            ran = {rows_of[d]: next(fresh) for d, s in zip(kept, stored) if s is None}
+            layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+            # one layer's keys / values of some row, for the shapes: a row run here, else a stored one
+            shapes = ([(layer.keys[0], layer.values[0]) for layer in self.cache.layers] if run
+                      else next(s for s in stored if s is not None)[0])
+            for li, (k0, v0) in enumerate(shapes):
+                k = k0.new_zeros(len(kept), k0.shape[0], width, k0.shape[2])
+                v = v0.new_zeros(len(kept), v0.shape[0], width, v0.shape[2])
+                for j, d in enumerate(kept):
+                    i = rows_of[d]
+                    if stored[j] is None:
+                        layer = self.cache.layers[li]
+                        k[j], v[j] = layer.keys[ran[i]], layer.values[ran[i]]
+                    else:
+                        sk, sv = stored[j][0][li]
+                        k[j, :, width - sk.shape[1]:], v[j, :, width - sv.shape[1]:] = sk, sv
+                layers.append((k, v))
+            logits = torch.stack([self.logits[ran[rows_of[d]]] if s is None else s[1] for d, s in zip(kept, stored)])
+            idx = torch.tensor(inverse, device=logits.device)
+            self.cache = full_cache()
+            for li, (k, v) in enumerate(layers):
+                self.cache.update(k[idx], v[idx], li)
+            self.logits = logits[idx]
+        if recent is not None:
+            for i in run:
+                n = int(lengths[i])
+                recent.put(digests[i], [(layer.keys[i, :, width - n:].clone(), layer.values[i, :, width - n:].clone())
+                                        for layer in self.cache.layers], self.logits[i].clone())
+
+    def _forward_rows(self, batch: dict[str, torch.Tensor], position_ids: torch.Tensor, rows: list[int]) -> None:
+        """Prefill only ``rows`` of the group (at the group's key width): their keys, values and logits."""
+        idx = torch.tensor(rows, device=self.lvlm.device)
         sub = {"input_ids": batch["input_ids"][idx], "attention_mask": batch["attention_mask"][idx]}
-        parts = [batch["pixel_values"][sl] for own in kept_slices for sl in own]
+        slices = iter(self.lvlm.adapter.image_pixel_slices(batch))
+        own = [[next(slices) for _ in range(_num_images(r))] for r in self.rows]
+        parts = [batch["pixel_values"][sl] for i in rows for sl in own[i]]
         if parts:
             sub["pixel_values"] = torch.cat(parts)
         full_mask, self.mask = self.mask, sub["attention_mask"]
@@ -424,9 +473,6 @@ class Batch:
             self._forward(sub["input_ids"], position_ids[idx], self.lvlm.adapter.forward_inputs(sub))
         finally:
             self.mask = full_mask
-        self.logits = self.logits[inverse]
-        for layer in self.cache.layers:
-            layer.batch_select_indices(inverse)
 
     def _transform_pixels(self, batch: dict[str, torch.Tensor]) -> None:
         """Apply branches' pixel transforms to their own image's processed pixels."""

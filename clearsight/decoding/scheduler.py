@@ -25,6 +25,7 @@ import torch
 
 from clearsight.decoding.batch import Batch, Entry
 from clearsight.decoding.probes import MAX_PROBE_BATCH, MAX_ROUNDS, ProbeDeferred, run_batched
+from clearsight.decoding.recent_rows import RecentRows
 from clearsight.errors import RequestCancelled
 from clearsight.models.loader import LVLM
 
@@ -38,6 +39,7 @@ class Scheduler:
         self.batches: dict[tuple, Batch] = {}
         self.entries: dict[int, Entry] = {}  # every entry added and not yet done (whatever state it is in)
         self._warned: set[tuple[type[Warning], str]] = set()
+        self.recent = RecentRows()  # prefilled rows a later group may repeat (decoding.recent_rows)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -176,7 +178,7 @@ class Scheduler:
             e.timings.setdefault("admitted", time.perf_counter())
         try:
             with torch.inference_mode():
-                batch = Batch.prefill(self.lvlm, group)
+                batch = Batch.prefill(self.lvlm, group, self.recent)
                 events = batch.choose()
         except Exception as exc:
             if len(group) == 1:
@@ -219,6 +221,7 @@ class Scheduler:
         for b in self.batches.values():
             b.fail(exc or RuntimeError("aborted"))
         self.batches.clear()
+        self.recent.clear()
         for e in entries:
             if e.done:
                 continue

@@ -263,7 +263,8 @@ def part_kernels(suite: Suite) -> None:
     """attention_kernels.py, trimmed, in a subprocess killed at the part's budget (its lines stream through)."""
     script = Path(__file__).with_name("attention_kernels.py")
     if suite.args.smoke:
-        cmd = [sys.executable, str(script), "--smoke", "--edits", "var", "--no-flex"]
+        # every launch path at tiny shapes, ours vs flex vs eager (tests/test_gpu_suite.py checks its output)
+        cmd = [sys.executable, str(script), "--smoke", "--edits", "var", "cf_shuffled", "cca_mask"]
     elif not torch.cuda.is_available():
         print("  no CUDA GPU: the kernels part runs on GPUs only (--smoke runs its CPU path)")
         suite.row(skipped="no CUDA GPU")

@@ -19,7 +19,10 @@ def test_gpu_suite_smoke(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["failed"] == [] and doc["skipped"] == []
     assert set(doc["parts"]) == {"kernels", "llava-7b", "qwen2-vl-7b", "engine"}
-    assert doc["parts"]["kernels"]["rows"][0]["returncode"] == 0
+    kernels = doc["parts"]["kernels"]["rows"][0]  # attention_kernels.py --smoke: every launch path, 3 edit kinds
+    assert kernels["returncode"] == 0
+    assert any(line.startswith("smoke: ") for line in kernels["output"])
+    assert not any("FAILED" in line for line in kernels["output"])
 
     def table(part: str, name: str) -> list[dict]:
         return [r for r in doc["parts"][part]["rows"] if r.get("table") == name]

@@ -70,10 +70,10 @@ def test_mixed_batch_equals_solo_runs(builtin, monkeypatch):
     groups: list[int] = []  # the prefill groups' sizes
     failed: list[BaseException] = []  # a group whose prefill fails is retried request by request: solo runs
 
-    def prefill(cls, lv, entries, _prefill=Batch.prefill.__func__):
+    def prefill(cls, lv, entries, recent=None, _prefill=Batch.prefill.__func__):
         groups.append(len(entries))
         try:
-            return _prefill(cls, lv, entries)
+            return _prefill(cls, lv, entries, recent)
         except Exception as exc:
             failed.append(exc)
             raise

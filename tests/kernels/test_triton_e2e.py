@@ -17,7 +17,7 @@ if not ta.INTERPRET:
 
 from clearsight import DecodeSpec, generate  # noqa: E402
 
-DECODE = DecodeSpec(max_new_tokens=3)  # the prefill and two decode steps: each interpreted step costs seconds
+DECODE = DecodeSpec(max_new_tokens=2)  # the prefill and a decode step: each interpreted step costs seconds
 
 
 @pytest.mark.parametrize(

@@ -263,3 +263,31 @@ def test_caption_files_and_sampling_edges(coco, tmp_path):
     assert sample_image_ids(ip, n=3) == sample_image_ids(ip, n=3, seed=0) != sample_image_ids(ip, n=3, seed=1)
     with pytest.raises(EvalInputError, match="COCO annotation file"):
         sample_image_ids(tmp_path / "none.json")
+
+
+def test_vocabulary_load_from_a_file_none_and_bad_files(tmp_path):
+    """``ChairVocabulary.load``: None is the COCO package data; a file is read with its entries normalised;
+    a missing, malformed or wrongly shaped file is a one-line error naming the file and the fix."""
+    assert ChairVocabulary.load(None).model_dump() == ChairVocabulary.coco().model_dump()
+    assert ChairVocabulary.load().name == ChairVocabulary.coco().name
+    good = tmp_path / "vocab.json"
+    good.write_text(json.dumps({"name": "mine", "categories": [{"name": " Hot  Dog", "synonyms": ["Frank"]}],
+                                "compounds": ["Fire  Truck"], "extra key": 1}))
+    v = ChairVocabulary.load(good)
+    assert (v.name, v.description, v.compounds, v.rewrites) == ("mine", "", ["fire truck"], {})
+    assert [(c.name, c.synonyms) for c in v.categories] == [("hot dog", ["frank"])]
+    assert ChairVocabulary.load(str(good)).model_dump() == v.model_dump()
+    with pytest.raises(EvalInputError) as err:
+        ChairVocabulary.load(tmp_path / "none.json")
+    assert str(err.value) == f"CHAIR vocabulary file not found: {tmp_path / 'none.json'}; check the path"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x",\n "categories": [}')
+    with pytest.raises(EvalInputError, match=r"bad.json: malformed JSON at line 2 column"):
+        ChairVocabulary.load(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(EvalInputError) as err:
+        ChairVocabulary.load(wrong)
+    assert str(err.value) == (f"{wrong}: not a CHAIR vocabulary (categories); see "
+                              "clearsight/evals/data/coco_chair_vocab.json for the schema")
+    assert "\n" not in str(err.value)

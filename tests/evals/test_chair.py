@@ -13,6 +13,7 @@ from clearsight.evals import (
     load_captions_file,
     sample_image_ids,
 )
+from clearsight.evals.metrics.chair import chair_measures
 
 CATS = {1: "person", 3: "car", 5: "airplane", 7: "train", 18: "dog", 22: "elephant", 32: "tie",
         46: "wine glass", 67: "dining table", 70: "toilet"}
@@ -291,3 +292,43 @@ def test_vocabulary_load_from_a_file_none_and_bad_files(tmp_path):
     assert str(err.value) == (f"{wrong}: not a CHAIR vocabulary (categories); see "
                               "clearsight/evals/data/coco_chair_vocab.json for the schema")
     assert "\n" not in str(err.value)
+
+
+def test_chair_measures_per_caption_by_hand():
+    """The per-caption outcomes the statistics use (no runner), from hand-made ``per_caption`` rows (not
+    from ``compute_chair``): CHAIR_s, CHAIR_i, recall and, with a partner map, the partner measures."""
+    def row(mentions, gt, recalled):
+        return {"mentions": mentions, "hallucinated": [m for m in mentions if m[1] not in gt],
+                "recalled": recalled, "gt_objects": gt}
+
+    per = {
+        # a: one of three mentions hallucinated; two "star"s where the circle's partner is absent (both partner
+        #    mentions); nothing at all. b: nothing hallucinated; hourglass (the square's partner) and ring (no
+        #    partner); a cat in an empty image (no ground truth, so no partner either)
+        "a": [row([("dog", "dog"), ("cats", "cat"), ("man", "person")], ["dog", "person"], ["dog", "person"]),
+              row([("star", "star"), ("star", "star")], ["circle", "square"], []),
+              row([], [], [])],
+        "b": [row([("dog", "dog")], ["dog", "person"], ["dog"]),
+              row([("hourglass", "hourglass"), ("ring", "ring")], ["circle", "square"], []),
+              row([("cat", "cat")], [], [])],
+    }
+    partners = {"square": "hourglass", "hourglass": "square", "circle": "star", "star": "circle"}
+    got = [(m.benchmark, m.metric, m.split, m.kind, m.label, m.higher_is_better,
+            {k: v.tolist() for k, v in m.num.items()}, {k: v.tolist() for k, v in m.den.items()})
+           for m in chair_measures(per, partners, benchmark="shapes-chair")]
+    ones = {"a": [1.0] * 3, "b": [1.0] * 3}
+    assert got == [
+        ("shapes-chair", "chair_s", None, "proportion", "CHAIR_s", False, {"a": [1.0, 1.0, 0.0], "b": [0.0, 1.0, 1.0]},
+         ones),
+        ("shapes-chair", "chair_i", None, "ratio", "CHAIR_i", False, {"a": [1.0, 2.0, 0.0], "b": [0.0, 2.0, 1.0]},
+         {"a": [3.0, 2.0, 0.0], "b": [1.0, 2.0, 1.0]}),
+        ("shapes-chair", "recall", None, "ratio", "recall", True, {"a": [2.0, 0.0, 0.0], "b": [1.0, 0.0, 0.0]},
+         {"a": [2.0, 2.0, 0.0], "b": [2.0, 2.0, 0.0]}),
+        ("shapes-chair", "partner_share", None, "ratio", "partner share of hallucinations", False,
+         {"a": [0.0, 2.0, 0.0], "b": [0.0, 1.0, 0.0]}, {"a": [1.0, 2.0, 0.0], "b": [0.0, 2.0, 1.0]}),
+        ("shapes-chair", "partner_captions", None, "proportion", "captions naming an absent partner", False,
+         {"a": [0.0, 1.0, 0.0], "b": [0.0, 1.0, 0.0]}, ones),
+    ]
+    plain = chair_measures(per)
+    assert [(m.benchmark, m.metric) for m in plain] == [("chair", "chair_s"), ("chair", "chair_i"), ("chair", "recall")]
+    assert [m.num["b"].tolist() for m in plain] == [g[6]["b"] for g in got[:3]]

@@ -10,7 +10,13 @@ import pytest
 from clearsight.evals.datasets.amber import build_shapes_amber, load_amber
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.job import parse_job
-from clearsight.evals.metrics.amber import AmberAnnotation, AmberVocabulary, amber_measures, score_amber
+from clearsight.evals.metrics.amber import (
+    AmberAnnotation,
+    AmberVocabulary,
+    amber_measures,
+    score_amber,
+    score_generative,
+)
 from clearsight.evals.runner import score_outputs
 
 RELATION = {"dog": ["puppy"], "cat": ["kitten", "animal"], "car": ["vehicle"], "tree": [], "grass": [], "frisbee": []}
@@ -181,3 +187,22 @@ def test_amber_measures_per_sample_by_hand():
     # one part only: only its measures
     assert [m.metric for m in amber_measures(anns[:1], {"a": texts["a"][:1]}, vocab)] == ["chair", "hal", "cover"]
     assert [m.metric for m in amber_measures(anns[1:2], {"a": ["No"]}, vocab)] == ["accuracy", "f1"]
+
+
+def test_generative_edges_objects_outside_the_vocabulary_and_messages():
+    """An annotated object missing from relation.json covers only itself (no associated words); a generative
+    query whose truth is not a list has no truth objects; the two input errors in full."""
+    vocab = AmberVocabulary({"dog": ["puppy"]})
+    # "unicorn" is no vocabulary word: it is never found, and is not covered
+    assert vocab.check("A puppy.", ["unicorn", "dog"], ["dragon"]) == (["puppy"], [False], [False, True], [False])
+    odd = AmberAnnotation(id=1, type="generative", truth="no", hallu=["dog"])
+    g = score_generative([odd], ["A puppy."], vocab)
+    # no truth objects: cover 0 / 0 -> 0; puppy covers the hallu dog: hallucinated, Cog 1 / 1
+    assert (g.chair, g.cover, g.hal, g.cog) == (1.0, 0.0, 1.0, 1.0)
+    assert (g.per_response[0]["truth"], g.per_response[0]["truth_covered"]) == (0, 0)
+    with pytest.raises(EvalInputError) as err:
+        score_generative([odd], [], vocab)
+    assert str(err.value) == "AMBER: 1 generative queries but 0 responses"
+    with pytest.raises(EvalInputError) as err:
+        score_generative([], [], vocab)
+    assert str(err.value) == "AMBER: no generative queries to score"

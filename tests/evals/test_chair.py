@@ -80,6 +80,11 @@ def test_chair_hand_computed(coco):
     assert per[3]["recalled"] == ["train"] and per[8]["gt_objects"] == []
     assert {i: p["hallucinated_words"] for i, p in per.items() if p["hallucinated_words"]} == {
         1: ["cat"], 2: ["jet"], 3: ["traffic light"], 4: ["sink"], 7: ["hot dog"], 8: ["car"]}
+    # a whole row, as results.json keeps it (every key: a renamed one loses the field for its readers)
+    assert per[2] == {"image_id": 2, "caption": GENERATED[2],
+                      "mentions": [("elephant", "elephant"), ("elephant", "elephant"), ("jet", "airplane")],
+                      "hallucinated": [("jet", "airplane")], "hallucinated_words": ["jet"], "recalled": ["elephant"],
+                      "gt_objects": ["elephant"], "n_words": 11}
 
 
 def test_special_rules_and_plurals():
@@ -157,6 +162,14 @@ def test_bad_inputs(coco, tmp_path):
     broken.write_text('{"images": [')
     with pytest.raises(EvalInputError, match=r"broken\.json: malformed JSON at line 1"):
         build_ground_truth([broken], [cp])
+    not_coco = tmp_path / "not_coco.json"
+    not_coco.write_text(json.dumps({"images": []}))
+    empty = tmp_path / "empty_instances.json"  # a valid file with no images (ip now has a bad category)
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for files in ([not_coco], [cp]), ([empty], [not_coco]):
+        with pytest.raises(EvalInputError) as err:
+            build_ground_truth(*files)
+        assert str(err.value) == f"{not_coco}: not a COCO annotation file (needs 'images' and 'annotations')"
 
 
 def test_caption_file_and_image_sampling(coco, tmp_path):

@@ -140,4 +140,6 @@ def test_partner_file_provenance_and_measure_fields(tmp_path):
         kind = m.metric.removesuffix("_yes")
         n = kinds.count(kind)
         assert (m.benchmark, m.split, m.kind, m.label) == ("pope", "partner", "proportion", PARTNER_LABELS[kind])
+        # an absent object (partner, control) should get "no": a lower yes-rate is better; a present one "yes"
+        assert m.higher_is_better is {"partner": False, "control": False, "present": True}[kind]
         assert m.num["a"].dtype == float and m.den["a"].tolist() == [1.0] * n

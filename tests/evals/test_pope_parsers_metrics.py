@@ -88,6 +88,11 @@ def test_score_pope_strict_reports_unparsed():
 def test_score_pope_mismatched_ids():
     with pytest.raises(EvalInputError, match="question ids do not match.*1 missing, 1 unknown"):
         score_pope([_set("random", ["yes", "no"])], {"random": {1: "yes", 7: "no"}})
+    # only unknown ids: the first is the smallest (as text), none missing
+    with pytest.raises(EvalInputError) as err:
+        score_pope([_set("random", ["yes"])], {"random": {1: "yes", 9: "no", 10: "no"}})
+    assert str(err.value) == ("answers for split 'random': question ids do not match the questions (0 missing, "
+                              "2 unknown; first: '10'); answer exactly the loaded questions")
 
 
 def test_score_pope_unknown_split_and_empty():

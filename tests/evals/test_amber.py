@@ -199,7 +199,11 @@ def test_generative_edges_objects_outside_the_vocabulary_and_messages():
     g = score_generative([odd], ["A puppy."], vocab)
     # no truth objects: cover 0 / 0 -> 0; puppy covers the hallu dog: hallucinated, Cog 1 / 1
     assert (g.chair, g.cover, g.hal, g.cog) == (1.0, 0.0, 1.0, 1.0)
-    assert (g.per_response[0]["truth"], g.per_response[0]["truth_covered"]) == (0, 0)
+    # a whole row, as results.json keeps it (every key: a renamed one loses the field for its readers)
+    assert g.per_response == [{"id": 1, "words": ["puppy"], "hallucinated": ["puppy"], "truth_covered": 0,
+                               "truth": 0, "hallu_covered": 1, "hallu": 1}]
+    cover = next(m for m in amber_measures([odd], {"a": ["A puppy."]}, vocab) if m.metric == "cover")
+    assert (cover.num["a"].tolist(), cover.den["a"].tolist()) == ([0.0], [0.0])
     with pytest.raises(EvalInputError) as err:
         score_generative([odd], [], vocab)
     assert str(err.value) == "AMBER: 1 generative queries but 0 responses"

@@ -345,3 +345,112 @@ def test_chair_measures_per_caption_by_hand():
     plain = chair_measures(per)
     assert [(m.benchmark, m.metric) for m in plain] == [("chair", "chair_s"), ("chair", "chair_i"), ("chair", "recall")]
     assert [m.num["b"].tolist() for m in plain] == [g[6]["b"] for g in got[:3]]
+
+
+def test_ground_truth_image_list_filters_annotations_and_messages(tmp_path):
+    """``build_ground_truth`` with an image list: only those images' annotations are read (another image's
+    category outside the vocabulary is no error, and an unwanted image's annotation before a wanted one's
+    does not end the scan); an image with nothing gets an empty set; files without categories; the messages
+    in full. Small hand-made files: the captions name nothing, so the objects come from the instances."""
+    inst = {"images": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 2, "category_id": 99}, {"image_id": 1, "category_id": 18}],
+            "categories": [{"id": 18, "name": "dog"}, {"id": 99, "name": "spaceship"}]}
+    caps = {"images": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 1, "caption": "An empty street."}]}
+    ip, cp = tmp_path / "instances.json", tmp_path / "captions.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps(caps))
+    assert build_ground_truth([ip], [cp], image_ids=[3, 1]) == {1: {"dog"}, 3: set()}
+    with pytest.raises(EvalInputError) as err:  # the whole file: image 2's spaceship
+        build_ground_truth([ip], [cp])
+    assert str(err.value) == (f"{ip}: annotation 0 has category 99 ('spaceship') that is not in CHAIR "
+                              "vocabulary 'coco'; use the matching vocabulary")
+    bare = tmp_path / "bare.json"  # no "categories" and no annotations: nothing from the instances
+    bare.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+    assert build_ground_truth([bare], [cp]) == {1: set(), 2: set(), 3: set()}  # the captions' images count too
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([ip], [cp], image_ids=[1, 7])
+    assert str(err.value) == (f"image id 7 (1 in all) is not in the annotation files {ip}, {cp}; "
+                              "check the image list")
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([], [cp])
+    assert str(err.value) == "build_ground_truth: no instance annotation files given; pass at least one"
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([tmp_path / "i.json"], [cp])
+    assert str(err.value) == (f"COCO instance annotation file not found: {tmp_path / 'i.json'}; "
+                              "pass instances_*2014.json paths")
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([ip], [tmp_path / "c.json"])
+    assert str(err.value) == (f"COCO caption annotation file not found: {tmp_path / 'c.json'}; "
+                              "pass captions_*2014.json paths")
+    only_annotations = tmp_path / "only_annotations.json"
+    only_annotations.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([only_annotations], [cp])
+    assert str(err.value) == f"{only_annotations}: not a COCO annotation file (needs 'images' and 'annotations')"
+
+
+def test_ground_truth_cache_depends_on_the_vocabulary(tmp_path):
+    """The cache key holds the vocabulary's digest: another vocabulary recomputes (its own objects)."""
+    inst = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 1}],
+            "categories": [{"id": 1, "name": "dog"}]}
+    ip, cp = tmp_path / "instances.json", tmp_path / "captions.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "A pup."}]}))
+    mine = ChairVocabulary.model_validate({"name": "mine", "categories": [{"name": "dog", "synonyms": ["pup"]}]})
+    other = ChairVocabulary.model_validate({"name": "mine", "categories": [{"name": "dog", "synonyms": []},
+                                                                           {"name": "pup"}]})
+    assert mine.sha256() != other.sha256()
+    assert mine.sha256() == ChairVocabulary.model_validate(mine.model_dump()).sha256()
+    cache = tmp_path / "gt.json"
+    assert build_ground_truth([ip], [cp], vocab=mine, cache_path=cache) == {1: {"dog"}}
+    assert build_ground_truth([ip], [cp], vocab=other, cache_path=cache) == {1: {"dog", "pup"}}
+
+
+def test_compute_chair_edges_and_messages():
+    """Captions as (id, text) pairs (what the benchmark passes) score as the mapping; no mentions and no
+    ground truth give CHAIR_i 0 and recall 0 (no division by zero); the messages in full."""
+    gt = {1: {"dog"}, 2: {"cat"}}
+    pairs = compute_chair([(1, "A dog and a cat."), (2, "A cat.")], gt)
+    assert pairs.model_dump() == compute_chair({1: "A dog and a cat.", 2: "A cat."}, gt).model_dump()
+    assert (pairs.chair_i, pairs.recall) == (pytest.approx(1 / 3), 1.0)
+    empty = compute_chair({1: "An empty street."}, {1: set()})
+    assert (empty.chair_s, empty.chair_i, empty.recall, empty.n_mentions) == (0.0, 0.0, 0.0, 0)
+    with pytest.raises(EvalInputError) as err:
+        compute_chair({}, gt)
+    assert str(err.value) == "compute_chair: no captions given; generate captions first"
+    with pytest.raises(EvalInputError) as err:
+        compute_chair({5: "A dog."}, gt)
+    assert str(err.value) == "compute_chair: image id 5 has no ground truth; build it for the same image list"
+
+
+def test_truncation_keeps_the_last_sentence_end_and_nothing_after():
+    assert drop_incomplete_sentence("A dog. A cat. A bird") == "A dog. A cat."  # the last end, not the first
+    assert drop_incomplete_sentence("  A dog. A") == "  A dog."  # only the end is cut
+    assert drop_incomplete_sentence(". a dog") == "."  # an end at position 0
+    assert drop_incomplete_sentence("A dog. An XL shirt") == "A dog."  # only . ! ? end a sentence
+
+
+def test_vocabulary_words_are_never_singularised():
+    """The module docstring: inflect would turn "bus" into "bu"; a vocabulary word stays as it is."""
+    v = ChairVocabulary.coco()
+    assert (v.singularize("bus"), v.singularize("glass"), v.singularize("dogs"), v.singularize("3d")) == (
+        "bus", "glass", "dog", "3d")
+    assert v.objects("A bus.") == ["bus"]
+
+
+def test_sample_image_ids_messages(tmp_path):
+    with pytest.raises(EvalInputError) as err:
+        sample_image_ids(tmp_path / "none.json", n=1)
+    assert str(err.value) == f"COCO annotation file not found: {tmp_path / 'none.json'}; check the path"
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"images": []}))
+    with pytest.raises(EvalInputError) as err:
+        sample_image_ids(odd, n=1)
+    assert str(err.value) == f"{odd}: not a COCO annotation file (needs 'images' and 'annotations')"
+
+
+def test_caption_file_not_found_message(tmp_path):
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(tmp_path / "caps.jsonl")
+    assert str(err.value) == f"caption file not found: {tmp_path / 'caps.jsonl'}; check the path"

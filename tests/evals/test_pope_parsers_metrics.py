@@ -4,7 +4,7 @@ import pytest
 
 from clearsight.evals import EvalInputError, parse_negation, parse_pope, parse_strict, pope_metrics
 from clearsight.evals.datasets.pope import PopeQuestion, PopeSet
-from clearsight.evals.metrics.pope import pope_measures, score_pope
+from clearsight.evals.metrics.pope import match_answers, pope_measures, score_pope
 from clearsight.evals.parsers import get_parser
 
 # (output, POPE/LLaVA, OPERA-style "negation", lmms-eval-style "strict") from reference/evals.md 1.5.
@@ -88,6 +88,10 @@ def test_score_pope_strict_reports_unparsed():
 def test_score_pope_mismatched_ids():
     with pytest.raises(EvalInputError, match="question ids do not match.*1 missing, 1 unknown"):
         score_pope([_set("random", ["yes", "no"])], {"random": {1: "yes", 7: "no"}})
+    with pytest.raises(EvalInputError) as err:  # the default place named
+        match_answers(_set("random", ["yes"]).questions, {})
+    assert str(err.value) == ("answers: question ids do not match the questions (1 missing, 0 unknown; first: 1); "
+                              "answer exactly the loaded questions")
     # only unknown ids: the first is the smallest (as text), none missing
     with pytest.raises(EvalInputError) as err:
         score_pope([_set("random", ["yes"])], {"random": {1: "yes", 9: "no", 10: "no"}})

@@ -210,3 +210,17 @@ def test_generative_edges_objects_outside_the_vocabulary_and_messages():
     with pytest.raises(EvalInputError) as err:
         score_generative([], [], vocab)
     assert str(err.value) == "AMBER: no generative queries to score"
+
+
+def test_discriminative_only_lopsided_truths_and_non_alphabetic_tokens():
+    """Only discriminative queries: no AMBER score (it needs CHAIR); more "no" truths than "yes" (recall's
+    denominator); a token with a hyphen is not singularised (as CHAIR's tokens), so "t-shirts" is no word."""
+    anns = [AmberAnnotation(id=i, type="discriminative-hallucination", truth=t)
+            for i, t in enumerate(["no", "no", "yes"], start=1)]
+    r = score_amber(anns, ["No", "Yes", "Yes"], AmberVocabulary({}))
+    # said No 1 (right), truth No 2: P 1, R 1/2, F1 2/3; right 2 of 3
+    d = r.discriminative["all"]
+    assert (d.accuracy, d.precision, d.recall, d.f1) == pytest.approx((2 / 3, 1.0, 0.5, 2 / 3))
+    assert r.generative is None and r.amber_score is None
+    vocab = AmberVocabulary({"t-shirt": [], "dog": []})
+    assert vocab.nouns("Two t-shirts, a t-shirt and dogs.") == ["t-shirt", "dog"]

@@ -10,7 +10,13 @@ import pytest
 from clearsight.evals.datasets.amber import build_shapes_amber, load_amber
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.job import parse_job
-from clearsight.evals.metrics.amber import AmberVocabulary, score_amber
+from clearsight.evals.metrics.amber import (
+    AmberAnnotation,
+    AmberVocabulary,
+    amber_measures,
+    score_amber,
+    score_generative,
+)
 from clearsight.evals.runner import score_outputs
 
 RELATION = {"dog": ["puppy"], "cat": ["kitten", "animal"], "car": ["vehicle"], "tree": [], "grass": [], "frisbee": []}
@@ -129,3 +135,92 @@ def test_shapes_world_amber_files(shapes_cache):
     assert {"discriminative-hallucination", "discriminative-attribute-state", "discriminative-attribute-number",
             "discriminative-relation"} <= kinds
     assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))  # entry id - 1 is its index, as official
+
+
+def _measure_table(measures):
+    """Each Measure as plain lists, so a comparison shows every field that differs."""
+    return [(m.benchmark, m.metric, m.split, m.kind, m.label, m.higher_is_better,
+             {k: v.tolist() for k, v in m.num.items()}, {k: v.tolist() for k, v in m.den.items()})
+            for m in measures]
+
+
+def test_amber_measures_per_sample_by_hand():
+    """The per-sample outcomes the statistics use (no runner): generative and discriminative queries
+    interleaved, two systems, every Measure field worked out by hand in the comments."""
+    vocab = AmberVocabulary({"dog": ["puppy"], "cat": ["kitten", "animal"], "car": [], "tree": []}, ["animal"])
+    anns = [AmberAnnotation.model_validate(a) for a in (
+        {"id": 1, "type": "generative", "truth": ["dog", "tree"], "hallu": ["cat"]},
+        {"id": 2, "type": "discriminative-hallucination", "truth": "no"},
+        {"id": 3, "type": "generative", "truth": ["car"], "hallu": ["dog"]},
+        {"id": 4, "type": "discriminative-relation", "truth": "yes"},
+        {"id": 5, "type": "discriminative-attribute-state", "truth": "no"},
+    )]
+    texts = {
+        # 1: puppy covers dog; kitten hallucinated (covers the hallu cat); animal safe; car hallucinated:
+        #    2 hallucinated of 4 words, 1 of 2 truth objects covered. 3: tree is no object of query 3:
+        #    hallucinated, 1 of 1 word, car not covered. 2 "No" right (a true No); 4 "Yes" right;
+        #    5 "no" is no exact "No": wrong, a missed No.
+        "a": ["A puppy and a kitten and an animal and a car.", "No", "A tree.", "Yes", "no"],
+        # 1: dog covers dog, nothing hallucinated; 3: no words; 2 "Yes" for a no (missed No);
+        #    4 "No" for a yes (a false No); 5 "No" right
+        "b": ["A dog.", "Yes", "", "No", "No"],
+    }
+    got = _measure_table(amber_measures(anns, texts, vocab))
+    assert got == [
+        ("amber", "chair", "generative", "ratio", "AMBER CHAIR", False,
+         {"a": [2.0, 1.0], "b": [0.0, 0.0]}, {"a": [4.0, 1.0], "b": [1.0, 0.0]}),
+        ("amber", "hal", "generative", "proportion", "Hal", False,
+         {"a": [1.0, 1.0], "b": [0.0, 0.0]}, {"a": [1.0, 1.0], "b": [1.0, 1.0]}),
+        ("amber", "cover", "generative", "ratio", "Cover", True,
+         {"a": [1.0, 0.0], "b": [1.0, 0.0]}, {"a": [2.0, 1.0], "b": [2.0, 1.0]}),
+        ("amber", "accuracy", "discriminative", "proportion", "accuracy", True,
+         {"a": [1.0, 1.0, 0.0], "b": [0.0, 0.0, 1.0]}, {"a": [1.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0]}),
+        # F1 with No positive: num 2 TP, den 2 TP + FP + FN per query
+        ("amber", "f1", "discriminative", "ratio", "F1 (No positive)", True,
+         {"a": [2.0, 0.0, 0.0], "b": [0.0, 0.0, 2.0]}, {"a": [2.0, 0.0, 1.0], "b": [1.0, 1.0, 2.0]}),
+    ]
+    # the POPE parser reads "no" as No: query 5 right for system a; another benchmark name is kept
+    pope = _measure_table(amber_measures(anns, texts, vocab, parser="pope", benchmark="shapes-amber"))
+    assert [m[:2] for m in pope] == [("shapes-amber", x) for x in ("chair", "hal", "cover", "accuracy", "f1")]
+    assert pope[3][6]["a"] == [1.0, 1.0, 1.0] and pope[4][6]["a"] == [2.0, 0.0, 2.0]
+    assert pope[4][7]["a"] == [2.0, 0.0, 2.0]
+    # one part only: only its measures
+    assert [m.metric for m in amber_measures(anns[:1], {"a": texts["a"][:1]}, vocab)] == ["chair", "hal", "cover"]
+    assert [m.metric for m in amber_measures(anns[1:2], {"a": ["No"]}, vocab)] == ["accuracy", "f1"]
+
+
+def test_generative_edges_objects_outside_the_vocabulary_and_messages():
+    """An annotated object missing from relation.json covers only itself (no associated words); a generative
+    query whose truth is not a list has no truth objects; the two input errors in full."""
+    vocab = AmberVocabulary({"dog": ["puppy"]})
+    # "unicorn" is no vocabulary word: it is never found, and is not covered
+    assert vocab.check("A puppy.", ["unicorn", "dog"], ["dragon"]) == (["puppy"], [False], [False, True], [False])
+    odd = AmberAnnotation(id=1, type="generative", truth="no", hallu=["dog"])
+    g = score_generative([odd], ["A puppy."], vocab)
+    # no truth objects: cover 0 / 0 -> 0; puppy covers the hallu dog: hallucinated, Cog 1 / 1
+    assert (g.chair, g.cover, g.hal, g.cog) == (1.0, 0.0, 1.0, 1.0)
+    # a whole row, as results.json keeps it (every key: a renamed one loses the field for its readers)
+    assert g.per_response == [{"id": 1, "words": ["puppy"], "hallucinated": ["puppy"], "truth_covered": 0,
+                               "truth": 0, "hallu_covered": 1, "hallu": 1}]
+    cover = next(m for m in amber_measures([odd], {"a": ["A puppy."]}, vocab) if m.metric == "cover")
+    assert (cover.num["a"].tolist(), cover.den["a"].tolist()) == ([0.0], [0.0])
+    with pytest.raises(EvalInputError) as err:
+        score_generative([odd], [], vocab)
+    assert str(err.value) == "AMBER: 1 generative queries but 0 responses"
+    with pytest.raises(EvalInputError) as err:
+        score_generative([], [], vocab)
+    assert str(err.value) == "AMBER: no generative queries to score"
+
+
+def test_discriminative_only_lopsided_truths_and_non_alphabetic_tokens():
+    """Only discriminative queries: no AMBER score (it needs CHAIR); more "no" truths than "yes" (recall's
+    denominator); a token with a hyphen is not singularised (as CHAIR's tokens), so "t-shirts" is no word."""
+    anns = [AmberAnnotation(id=i, type="discriminative-hallucination", truth=t)
+            for i, t in enumerate(["no", "no", "yes"], start=1)]
+    r = score_amber(anns, ["No", "Yes", "Yes"], AmberVocabulary({}))
+    # said No 1 (right), truth No 2: P 1, R 1/2, F1 2/3; right 2 of 3
+    d = r.discriminative["all"]
+    assert (d.accuracy, d.precision, d.recall, d.f1) == pytest.approx((2 / 3, 1.0, 0.5, 2 / 3))
+    assert r.generative is None and r.amber_score is None
+    vocab = AmberVocabulary({"t-shirt": [], "dog": []})
+    assert vocab.nouns("Two t-shirts, a t-shirt and dogs.") == ["t-shirt", "dog"]

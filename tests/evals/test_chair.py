@@ -13,6 +13,7 @@ from clearsight.evals import (
     load_captions_file,
     sample_image_ids,
 )
+from clearsight.evals.metrics.chair import chair_measures
 
 CATS = {1: "person", 3: "car", 5: "airplane", 7: "train", 18: "dog", 22: "elephant", 32: "tie",
         46: "wine glass", 67: "dining table", 70: "toilet"}
@@ -79,6 +80,11 @@ def test_chair_hand_computed(coco):
     assert per[3]["recalled"] == ["train"] and per[8]["gt_objects"] == []
     assert {i: p["hallucinated_words"] for i, p in per.items() if p["hallucinated_words"]} == {
         1: ["cat"], 2: ["jet"], 3: ["traffic light"], 4: ["sink"], 7: ["hot dog"], 8: ["car"]}
+    # a whole row, as results.json keeps it (every key: a renamed one loses the field for its readers)
+    assert per[2] == {"image_id": 2, "caption": GENERATED[2],
+                      "mentions": [("elephant", "elephant"), ("elephant", "elephant"), ("jet", "airplane")],
+                      "hallucinated": [("jet", "airplane")], "hallucinated_words": ["jet"], "recalled": ["elephant"],
+                      "gt_objects": ["elephant"], "n_words": 11}
 
 
 def test_special_rules_and_plurals():
@@ -156,6 +162,14 @@ def test_bad_inputs(coco, tmp_path):
     broken.write_text('{"images": [')
     with pytest.raises(EvalInputError, match=r"broken\.json: malformed JSON at line 1"):
         build_ground_truth([broken], [cp])
+    not_coco = tmp_path / "not_coco.json"
+    not_coco.write_text(json.dumps({"images": []}))
+    empty = tmp_path / "empty_instances.json"  # a valid file with no images (ip now has a bad category)
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    for files in ([not_coco], [cp]), ([empty], [not_coco]):
+        with pytest.raises(EvalInputError) as err:
+            build_ground_truth(*files)
+        assert str(err.value) == f"{not_coco}: not a COCO annotation file (needs 'images' and 'annotations')"
 
 
 def test_caption_file_and_image_sampling(coco, tmp_path):
@@ -263,3 +277,180 @@ def test_caption_files_and_sampling_edges(coco, tmp_path):
     assert sample_image_ids(ip, n=3) == sample_image_ids(ip, n=3, seed=0) != sample_image_ids(ip, n=3, seed=1)
     with pytest.raises(EvalInputError, match="COCO annotation file"):
         sample_image_ids(tmp_path / "none.json")
+
+
+def test_vocabulary_load_from_a_file_none_and_bad_files(tmp_path):
+    """``ChairVocabulary.load``: None is the COCO package data; a file is read with its entries normalised;
+    a missing, malformed or wrongly shaped file is a one-line error naming the file and the fix."""
+    assert ChairVocabulary.load(None).model_dump() == ChairVocabulary.coco().model_dump()
+    assert ChairVocabulary.load().name == ChairVocabulary.coco().name
+    good = tmp_path / "vocab.json"
+    good.write_text(json.dumps({"name": "mine", "categories": [{"name": " Hot  Dog", "synonyms": ["Frank"]}],
+                                "compounds": ["Fire  Truck"], "extra key": 1}))
+    v = ChairVocabulary.load(good)
+    assert (v.name, v.description, v.compounds, v.rewrites) == ("mine", "", ["fire truck"], {})
+    assert [(c.name, c.synonyms) for c in v.categories] == [("hot dog", ["frank"])]
+    assert ChairVocabulary.load(str(good)).model_dump() == v.model_dump()
+    with pytest.raises(EvalInputError) as err:
+        ChairVocabulary.load(tmp_path / "none.json")
+    assert str(err.value) == f"CHAIR vocabulary file not found: {tmp_path / 'none.json'}; check the path"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x",\n "categories": [}')
+    with pytest.raises(EvalInputError, match=r"bad.json: malformed JSON at line 2 column"):
+        ChairVocabulary.load(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(EvalInputError) as err:
+        ChairVocabulary.load(wrong)
+    assert str(err.value) == (f"{wrong}: not a CHAIR vocabulary (categories); see "
+                              "clearsight/evals/data/coco_chair_vocab.json for the schema")
+    assert "\n" not in str(err.value)
+
+
+def test_chair_measures_per_caption_by_hand():
+    """The per-caption outcomes the statistics use (no runner), from hand-made ``per_caption`` rows (not
+    from ``compute_chair``): CHAIR_s, CHAIR_i, recall and, with a partner map, the partner measures."""
+    def row(mentions, gt, recalled):
+        return {"mentions": mentions, "hallucinated": [m for m in mentions if m[1] not in gt],
+                "recalled": recalled, "gt_objects": gt}
+
+    per = {
+        # a: one of three mentions hallucinated; two "star"s where the circle's partner is absent (both partner
+        #    mentions); nothing at all. b: nothing hallucinated; hourglass (the square's partner) and ring (no
+        #    partner); a cat in an empty image (no ground truth, so no partner either)
+        "a": [row([("dog", "dog"), ("cats", "cat"), ("man", "person")], ["dog", "person"], ["dog", "person"]),
+              row([("star", "star"), ("star", "star")], ["circle", "square"], []),
+              row([], [], [])],
+        "b": [row([("dog", "dog")], ["dog", "person"], ["dog"]),
+              row([("hourglass", "hourglass"), ("ring", "ring")], ["circle", "square"], []),
+              row([("cat", "cat")], [], [])],
+    }
+    partners = {"square": "hourglass", "hourglass": "square", "circle": "star", "star": "circle"}
+    got = [(m.benchmark, m.metric, m.split, m.kind, m.label, m.higher_is_better,
+            {k: v.tolist() for k, v in m.num.items()}, {k: v.tolist() for k, v in m.den.items()})
+           for m in chair_measures(per, partners, benchmark="shapes-chair")]
+    ones = {"a": [1.0] * 3, "b": [1.0] * 3}
+    assert got == [
+        ("shapes-chair", "chair_s", None, "proportion", "CHAIR_s", False, {"a": [1.0, 1.0, 0.0], "b": [0.0, 1.0, 1.0]},
+         ones),
+        ("shapes-chair", "chair_i", None, "ratio", "CHAIR_i", False, {"a": [1.0, 2.0, 0.0], "b": [0.0, 2.0, 1.0]},
+         {"a": [3.0, 2.0, 0.0], "b": [1.0, 2.0, 1.0]}),
+        ("shapes-chair", "recall", None, "ratio", "recall", True, {"a": [2.0, 0.0, 0.0], "b": [1.0, 0.0, 0.0]},
+         {"a": [2.0, 2.0, 0.0], "b": [2.0, 2.0, 0.0]}),
+        ("shapes-chair", "partner_share", None, "ratio", "partner share of hallucinations", False,
+         {"a": [0.0, 2.0, 0.0], "b": [0.0, 1.0, 0.0]}, {"a": [1.0, 2.0, 0.0], "b": [0.0, 2.0, 1.0]}),
+        ("shapes-chair", "partner_captions", None, "proportion", "captions naming an absent partner", False,
+         {"a": [0.0, 1.0, 0.0], "b": [0.0, 1.0, 0.0]}, ones),
+    ]
+    plain = chair_measures(per)
+    assert [(m.benchmark, m.metric) for m in plain] == [("chair", "chair_s"), ("chair", "chair_i"), ("chair", "recall")]
+    assert [m.num["b"].tolist() for m in plain] == [g[6]["b"] for g in got[:3]]
+
+
+def test_ground_truth_image_list_filters_annotations_and_messages(tmp_path):
+    """``build_ground_truth`` with an image list: only those images' annotations are read (another image's
+    category outside the vocabulary is no error, and an unwanted image's annotation before a wanted one's
+    does not end the scan); an image with nothing gets an empty set; files without categories; the messages
+    in full. Small hand-made files: the captions name nothing, so the objects come from the instances."""
+    inst = {"images": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 2, "category_id": 99}, {"image_id": 1, "category_id": 18}],
+            "categories": [{"id": 18, "name": "dog"}, {"id": 99, "name": "spaceship"}]}
+    caps = {"images": [{"id": 1}, {"id": 2}, {"id": 3}],
+            "annotations": [{"image_id": 1, "caption": "An empty street."}]}
+    ip, cp = tmp_path / "instances.json", tmp_path / "captions.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps(caps))
+    assert build_ground_truth([ip], [cp], image_ids=[3, 1]) == {1: {"dog"}, 3: set()}
+    with pytest.raises(EvalInputError) as err:  # the whole file: image 2's spaceship
+        build_ground_truth([ip], [cp])
+    assert str(err.value) == (f"{ip}: annotation 0 has category 99 ('spaceship') that is not in CHAIR "
+                              "vocabulary 'coco'; use the matching vocabulary")
+    bare = tmp_path / "bare.json"  # no "categories" and no annotations: nothing from the instances
+    bare.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+    assert build_ground_truth([bare], [cp]) == {1: set(), 2: set(), 3: set()}  # the captions' images count too
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([ip], [cp], image_ids=[1, 7])
+    assert str(err.value) == (f"image id 7 (1 in all) is not in the annotation files {ip}, {cp}; "
+                              "check the image list")
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([], [cp])
+    assert str(err.value) == "build_ground_truth: no instance annotation files given; pass at least one"
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([tmp_path / "i.json"], [cp])
+    assert str(err.value) == (f"COCO instance annotation file not found: {tmp_path / 'i.json'}; "
+                              "pass instances_*2014.json paths")
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([ip], [tmp_path / "c.json"])
+    assert str(err.value) == (f"COCO caption annotation file not found: {tmp_path / 'c.json'}; "
+                              "pass captions_*2014.json paths")
+    only_annotations = tmp_path / "only_annotations.json"
+    only_annotations.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(EvalInputError) as err:
+        build_ground_truth([only_annotations], [cp])
+    assert str(err.value) == f"{only_annotations}: not a COCO annotation file (needs 'images' and 'annotations')"
+
+
+def test_ground_truth_cache_depends_on_the_vocabulary(tmp_path):
+    """The cache key holds the vocabulary's digest: another vocabulary recomputes (its own objects)."""
+    inst = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 1}],
+            "categories": [{"id": 1, "name": "dog"}]}
+    ip, cp = tmp_path / "instances.json", tmp_path / "captions.json"
+    ip.write_text(json.dumps(inst))
+    cp.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "A pup."}]}))
+    mine = ChairVocabulary.model_validate({"name": "mine", "categories": [{"name": "dog", "synonyms": ["pup"]}]})
+    other = ChairVocabulary.model_validate({"name": "mine", "categories": [{"name": "dog", "synonyms": []},
+                                                                           {"name": "pup"}]})
+    assert mine.sha256() != other.sha256()
+    assert mine.sha256() == ChairVocabulary.model_validate(mine.model_dump()).sha256()
+    cache = tmp_path / "gt.json"
+    assert build_ground_truth([ip], [cp], vocab=mine, cache_path=cache) == {1: {"dog"}}
+    assert build_ground_truth([ip], [cp], vocab=other, cache_path=cache) == {1: {"dog", "pup"}}
+
+
+def test_compute_chair_edges_and_messages():
+    """Captions as (id, text) pairs (what the benchmark passes) score as the mapping; no mentions and no
+    ground truth give CHAIR_i 0 and recall 0 (no division by zero); the messages in full."""
+    gt = {1: {"dog"}, 2: {"cat"}}
+    pairs = compute_chair([(1, "A dog and a cat."), (2, "A cat.")], gt)
+    assert pairs.model_dump() == compute_chair({1: "A dog and a cat.", 2: "A cat."}, gt).model_dump()
+    assert (pairs.chair_i, pairs.recall) == (pytest.approx(1 / 3), 1.0)
+    empty = compute_chair({1: "An empty street."}, {1: set()})
+    assert (empty.chair_s, empty.chair_i, empty.recall, empty.n_mentions) == (0.0, 0.0, 0.0, 0)
+    with pytest.raises(EvalInputError) as err:
+        compute_chair({}, gt)
+    assert str(err.value) == "compute_chair: no captions given; generate captions first"
+    with pytest.raises(EvalInputError) as err:
+        compute_chair({5: "A dog."}, gt)
+    assert str(err.value) == "compute_chair: image id 5 has no ground truth; build it for the same image list"
+
+
+def test_truncation_keeps_the_last_sentence_end_and_nothing_after():
+    assert drop_incomplete_sentence("A dog. A cat. A bird") == "A dog. A cat."  # the last end, not the first
+    assert drop_incomplete_sentence("  A dog. A") == "  A dog."  # only the end is cut
+    assert drop_incomplete_sentence(". a dog") == "."  # an end at position 0
+    assert drop_incomplete_sentence("A dog. An XL shirt") == "A dog."  # only . ! ? end a sentence
+
+
+def test_vocabulary_words_are_never_singularised():
+    """The module docstring: inflect would turn "bus" into "bu"; a vocabulary word stays as it is."""
+    v = ChairVocabulary.coco()
+    assert (v.singularize("bus"), v.singularize("glass"), v.singularize("dogs"), v.singularize("3d")) == (
+        "bus", "glass", "dog", "3d")
+    assert v.objects("A bus.") == ["bus"]
+
+
+def test_sample_image_ids_messages(tmp_path):
+    with pytest.raises(EvalInputError) as err:
+        sample_image_ids(tmp_path / "none.json", n=1)
+    assert str(err.value) == f"COCO annotation file not found: {tmp_path / 'none.json'}; check the path"
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"images": []}))
+    with pytest.raises(EvalInputError) as err:
+        sample_image_ids(odd, n=1)
+    assert str(err.value) == f"{odd}: not a COCO annotation file (needs 'images' and 'annotations')"
+
+
+def test_caption_file_not_found_message(tmp_path):
+    with pytest.raises(EvalInputError) as err:
+        load_captions_file(tmp_path / "caps.jsonl")
+    assert str(err.value) == f"caption file not found: {tmp_path / 'caps.jsonl'}; check the path"

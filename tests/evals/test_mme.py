@@ -11,7 +11,7 @@ import pytest
 from clearsight.evals.datasets.mme import build_shapes_mme, load_mme
 from clearsight.evals.errors import EvalInputError
 from clearsight.evals.job import parse_job
-from clearsight.evals.metrics.mme import MmeQuestion, parse_mme, score_mme_subset
+from clearsight.evals.metrics.mme import MmeQuestion, mme_measures, parse_mme, score_mme, score_mme_subset
 from clearsight.evals.runner import score_outputs
 
 Q = " Please answer yes or no."
@@ -148,3 +148,42 @@ def test_answer_rule_edges_and_messages():
     with pytest.raises(EvalInputError) as err:
         score_mme_subset([], [])
     assert str(err.value) == "score_mme_subset: no questions"
+
+
+def _q(subset, image, answer):
+    return MmeQuestion(subset=subset, image=image, question=f"Is it {image}?{Q}", answer=answer)
+
+
+def test_score_mme_and_mme_measures_by_hand():
+    """``score_mme`` over two subsets and the per-question / per-image outcomes of ``mme_measures`` (no
+    runner), worked by hand; an image's two questions need not be adjacent (grouped by image)."""
+    count = [_q("count", "a", "yes"), _q("count", "b", "no"), _q("count", "a", "no"),
+             _q("count", "b", "yes"), _q("count", "c", "yes"), _q("count", "c", "no")]
+    existence = [_q("existence", "x", "yes"), _q("existence", "x", "no"),
+                 _q("existence", "y", "yes"), _q("existence", "y", "no")]
+    # "Yes." yes (right), "No" right, "no" right, "Not sure" no (wrong), "yes" right, "maybe" other (wrong):
+    # right 1 1 1 0 1 0; images a (questions 0, 2) both right, b (1, 3) and c (4, 5) not
+    sys_a = ["Yes.", "No", "no", "Not sure", "yes", "maybe"]
+    sys_b = ["No", "No", "No", "Yes", "Yes", "No"]  # right 0 1 1 1 1 1: a wrong, b and c right
+    res = score_mme({"existence": existence, "count": count},
+                    {"existence": ["yes", "no", "yes", "yes"], "count": sys_a})
+    # existence: 3 / 4 right, 1 / 2 images: 75 + 50; count: 4 / 6, 1 / 3: 66.67 + 33.33 = 100
+    assert res.subsets["existence"].score == pytest.approx(125.0)
+    c = res.subsets["count"]
+    assert (c.n_questions, c.n_images, c.other) == (6, 3, 1)
+    assert (c.accuracy, c.accuracy_plus, c.score) == (pytest.approx(4 / 6), pytest.approx(1 / 3), pytest.approx(100.0))
+    assert res.total == pytest.approx(225.0) and list(res.subsets) == ["existence", "count"]
+
+    got = [(m.benchmark, m.metric, m.split, m.kind, m.label, m.higher_is_better,
+            {k: v.tolist() for k, v in m.num.items()}, {k: v.tolist() for k, v in m.den.items()})
+           for m in mme_measures("count", count, {"a": sys_a, "b": sys_b})]
+    assert got == [
+        ("mme", "accuracy", "count", "proportion", "accuracy", True,
+         {"a": [1.0, 1.0, 1.0, 0.0, 1.0, 0.0], "b": [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]},
+         {"a": [1.0] * 6, "b": [1.0] * 6}),
+        ("mme", "accuracy_plus", "count", "proportion", "accuracy+", True,
+         {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 1.0]}, {"a": [1.0] * 3, "b": [1.0] * 3}),
+    ]
+    assert {m.benchmark for m in mme_measures("count", count, {"a": sys_a}, benchmark="shapes-mme")} == {"shapes-mme"}
+    with pytest.raises(EvalInputError, match="image 'a' has 1 questions"):
+        mme_measures("count", count[:1], {"a": sys_a[:1]})

@@ -140,4 +140,38 @@ def test_partner_file_provenance_and_measure_fields(tmp_path):
         kind = m.metric.removesuffix("_yes")
         n = kinds.count(kind)
         assert (m.benchmark, m.split, m.kind, m.label) == ("pope", "partner", "proportion", PARTNER_LABELS[kind])
+        # an absent object (partner, control) should get "no": a lower yes-rate is better; a present one "yes"
+        assert m.higher_is_better is {"partner": False, "control": False, "present": True}[kind]
         assert m.num["a"].dtype == float and m.den["a"].tolist() == [1.0] * n
+
+
+def test_partner_seed_member_and_messages(tmp_path):
+    """The control draw is seeded (default seed 0; another seed draws other controls), a control question
+    has no member, measures for a kind after a missing one, the unparsed count and the messages in full."""
+    many = [{"image": f"{i}.png", "objects": ["square"]} for i in range(30)]  # controls from 4 shapes each
+    first = build_partner_questions(many, PAIRS, VOCAB, seed=0)
+    controls = [q.object for q in first if q.kind == "control"]
+    assert controls == [q.object for q in build_partner_questions(many, PAIRS, VOCAB) if q.kind == "control"]
+    assert controls == [q.object for q in build_partner_questions(many, PAIRS, VOCAB, seed=0) if q.kind == "control"]
+    assert controls != [q.object for q in build_partner_questions(many, PAIRS, VOCAB, seed=1) if q.kind == "control"]
+    assert {q.member for q in first if q.kind == "control"} == {""}
+    assert set(controls) == {"ring", "diamond", "star", "moon"}  # absent and nobody's partner, all drawn
+    # no "partner" question: the control and present measures are still made
+    assert [m.metric for m in partner_measures(["control", "present"], {"a": ["no", "yes"]})] == [
+        "control_yes", "present_yes"]
+    res, preds = score_partner(first[:3], {1: "Yes", 2: "Maybe", 3: "Perhaps"}, parser="strict")
+    assert (res.unparsed, preds) == (2, ["yes", None, None])
+    with pytest.raises(EvalInputError) as err:
+        score_partner(first[:1], {2: "Yes"})
+    assert str(err.value) == ("answers for the partner questions: question ids do not match the questions (1 missing, "
+                              "1 unknown; first: 1); answer exactly the loaded questions")
+    with pytest.raises(EvalInputError) as err:
+        load_partner_file(tmp_path / "none.jsonl")
+    assert str(err.value) == (f"partner question file not found: {tmp_path / 'none.jsonl'}; rebuild the shapes world "
+                              "(delete its cache folder)")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "image": "a.png", "text": "q", "label": "no", "kind": "other", "object": "x"}\n')
+    with pytest.raises(EvalInputError) as err:
+        load_partner_file(bad)
+    assert str(err.value) == (f"{bad}: line 1 is not a partner question (question_id, image, text, label, kind in "
+                              "partner, control, present, object); rebuild the shapes world")

@@ -4,7 +4,7 @@ import pytest
 
 from clearsight.evals import EvalInputError, parse_negation, parse_pope, parse_strict, pope_metrics
 from clearsight.evals.datasets.pope import PopeQuestion, PopeSet
-from clearsight.evals.metrics.pope import score_pope
+from clearsight.evals.metrics.pope import match_answers, pope_measures, score_pope
 from clearsight.evals.parsers import get_parser
 
 # (output, POPE/LLaVA, OPERA-style "negation", lmms-eval-style "strict") from reference/evals.md 1.5.
@@ -88,6 +88,15 @@ def test_score_pope_strict_reports_unparsed():
 def test_score_pope_mismatched_ids():
     with pytest.raises(EvalInputError, match="question ids do not match.*1 missing, 1 unknown"):
         score_pope([_set("random", ["yes", "no"])], {"random": {1: "yes", 7: "no"}})
+    with pytest.raises(EvalInputError) as err:  # the default place named
+        match_answers(_set("random", ["yes"]).questions, {})
+    assert str(err.value) == ("answers: question ids do not match the questions (1 missing, 0 unknown; first: 1); "
+                              "answer exactly the loaded questions")
+    # only unknown ids: the first is the smallest (as text), none missing
+    with pytest.raises(EvalInputError) as err:
+        score_pope([_set("random", ["yes"])], {"random": {1: "yes", 9: "no", 10: "no"}})
+    assert str(err.value) == ("answers for split 'random': question ids do not match the questions (0 missing, "
+                              "2 unknown; first: '10'); answer exactly the loaded questions")
 
 
 def test_score_pope_unknown_split_and_empty():
@@ -122,3 +131,29 @@ def test_metrics_asymmetric_counts_and_messages():
                               "load_llava_pope")
     with pytest.raises(EvalInputError, match="answers for split 'random'"):
         score_pope([_set("random", ["yes"])], {"random": {2: "yes"}})
+
+
+def test_pope_measures_per_question_by_hand():
+    """The per-question outcomes the statistics use (no runner), by hand: an unparsed answer is wrong, and a
+    miss (FN) when the gold is yes; F1 per question is num 2 TP over den 2 TP + FP + FN."""
+    labels = ["yes", "no", "yes", "no", "yes", "no"]
+    preds = {"a": ["yes", "yes", None, "no", "no", None],  # TP, FP, unparsed (FN), TN, FN, unparsed (nothing)
+             "b": ["no", "no", "yes", "yes", "yes", "yes"]}  # FN, TN, TP, FP, TP, FP
+    got = [(m.benchmark, m.metric, m.split, m.kind, m.label, m.higher_is_better,
+            {k: v.tolist() for k, v in m.num.items()}, {k: v.tolist() for k, v in m.den.items()})
+           for m in pope_measures("adversarial", labels, preds)]
+    ones = {"a": [1.0] * 6, "b": [1.0] * 6}
+    assert got == [
+        ("pope", "accuracy", "adversarial", "proportion", "accuracy", True,
+         {"a": [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], "b": [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]}, ones),
+        ("pope", "f1", "adversarial", "ratio", "F1", True,
+         {"a": [2.0, 0.0, 0.0, 0.0, 0.0, 0.0], "b": [0.0, 0.0, 2.0, 0.0, 2.0, 0.0]},
+         {"a": [2.0, 1.0, 1.0, 0.0, 1.0, 0.0], "b": [1.0, 0.0, 2.0, 1.0, 2.0, 1.0]}),
+        ("pope", "yes_ratio", "adversarial", "proportion", "yes-ratio", None,
+         {"a": [1.0, 1.0, 0.0, 0.0, 0.0, 0.0], "b": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]}, ones),
+    ]
+    # summed, they are the split's figures: a has TP 1, FP 1, FN 2: F1 = 2 / (2 + 1 + 2) = 0.4
+    f1 = got[1]
+    assert sum(f1[6]["a"]) / sum(f1[7]["a"]) == pytest.approx(0.4)
+    assert {m.benchmark for m in pope_measures("random", ["no"], {"a": ["no"]}, benchmark="shapes-pope")} == {
+        "shapes-pope"}

@@ -4,9 +4,11 @@ In a packed eval the requests of one sample arrive over several admission rounds
 is the main row of every logits-level system (none, VCD, M3ID, AGLA, INTER) and a branch row of others; within
 one group ``Batch`` already runs such a repeat once. This store carries the rows across groups: by content
 (tokens, positions, pixels, backend; see ``Batch._row_digests``), each row's keys and values without padding and
-its last logits, least recently used first out, bounded in bytes. A scheduler owns one, so the weights cannot
-change under it; only forwards that nothing can tell apart (no plan edit, hook or statistics) read or write it.
-The bytes are outside the scheduler's ``max_tokens`` (KV columns in flight): set ``max_bytes`` to 0 to turn it off.
+its last logits, least recently used first out, bounded in bytes. A scheduler owns one (``Scheduler.recent``),
+so the weights cannot change under it; only forwards that nothing can tell apart (no plan edit, hook or
+statistics) read or write it. The bytes are outside the scheduler's ``max_tokens`` (KV columns in flight);
+``RecentRows(max_bytes=0)`` keeps nothing. A reused row's keys were computed beside other padding, so they can
+differ from a fresh run's in the last bits (as any row's do between batches of other shapes).
 """
 
 from __future__ import annotations

@@ -429,8 +429,7 @@ class Batch:
         else:
             if run:
                 self._forward_rows(batch, position_ids, run)
-            fresh = iter(range(len(run)))
-            ran = {rows_of[d]: next(fresh) for d, s in zip(kept, stored) if s is None}
+            ran = {i: n for n, i in enumerate(run)}  # a row run here -> its row in the forward's output
             layers: list[tuple[torch.Tensor, torch.Tensor]] = []
             # one layer's keys / values of some row, for the shapes: a row run here, else a stored one
             shapes = ([(layer.keys[0], layer.values[0]) for layer in self.cache.layers] if run

@@ -7,7 +7,7 @@ LOCK := requirements/lock.txt
 PYTEST_ARGS ?=
 LATEST := .venv-latest
 
-.PHONY: setup demo test test-latest lock bench lint mutation clean
+.PHONY: setup demo test test-latest lock bench lint mutation organism-card clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,12 @@ bench: setup
 	cd benchmarks && ../$(BIN)/python kv_join.py
 	cd benchmarks && ../$(BIN)/python serve_load.py
 	cd benchmarks && OMP_NUM_THREADS=1 ../$(BIN)/python eval_throughput.py
+
+# The organism's model card and the README's organism tables: diagnostics on 400 held-out scenes + the demo job
+# (every mitigation) on builtin:shapes-organism, written to its MODEL_CARD.md (docs/demo-model.md).
+organism-card: setup
+	$(BIN)/python -m clearsight.evals.organism --model builtin:shapes-organism --world organism --scenes 400 \
+		--card clearsight/models/weights/shapes-organism/MODEL_CARD.md --demo runs/organism
 
 lint: setup
 	$(BIN)/ruff check .

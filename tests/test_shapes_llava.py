@@ -160,18 +160,20 @@ def test_quick_training_smoke(tmp_path):
 
 
 def test_quick_training_organism_smoke(tmp_path):
-    """Issue 17's recipe flags: the organism world (long captions: their words are in the vocabulary), a deeper
-    language model, text-only caption rows; --quick, no evaluation."""
+    """builtin:shapes-organism's recipe (--recipe organism): the organism world (long captions: their words are in
+    the vocabulary), a deeper language model, one image token per grid cell, text-only caption rows; --quick, no
+    evaluation; a flag given on the command line overrides the recipe's."""
     spec = importlib.util.spec_from_file_location("train_shapes_llava", ROOT / "scripts" / "train_shapes_llava.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "org"
-    argv = ["--quick", "--no-eval", "--world", "organism", "--lm-layers", "8", "--stage2-caption-text-prob", "0.5",
-            "--out", str(out)]
+    argv = ["--recipe", "organism", "--quick", "--stage2-caption-text-prob", "0.5", "--out", str(out)]
     assert mod.main(argv) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["text_config"]["num_hidden_layers"] == 8
+    assert cfg["vision_config"]["patch_size"] == 24 and cfg["image_seq_length"] == 16  # 4 x 4 image tokens
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
     assert {"far", "upper", "small", "large", "with"} <= set(vocab)
     tr = json.loads((out / "scores.json").read_text())["training"]
     assert tr["world"] == "organism" and tr["lm_layers"] == 8 and tr["stage2_caption_text_prob"] == 0.5
+    assert tr["patch_size"] == 24 and tr["noise_fraction"] == 0.0 and tr["recipe"] == "organism"

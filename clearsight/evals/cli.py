@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clearsight.cli import extra_command
-from clearsight.evals.demo import DEMO_MODEL, N_IMAGES, PARTNER, PER_SPLIT
+from clearsight.evals.demo import DEMO_MODELS, N_IMAGES, PARTNER, PER_SPLIT
 from clearsight.evals.runner import _tqdm_progress
 
 
@@ -230,13 +230,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from clearsight.evals.demo import demo_job
+    from clearsight.evals.demo import demo_data, demo_job
     from clearsight.evals.runner import run_job
 
     _check_ranges(args)
     job = demo_job(output=args.out, model=args.model, per_split=args.per_split, n_images=args.n_images,
                    partner=args.partner, executor=args.executor, workers=args.workers)
-    print(f"demo: {len(job.systems)} systems on builtin:shapes with {job.systems[0].model} "
+    print(f"demo: {len(job.systems)} systems on {demo_data(job.systems[0].model)} with {job.systems[0].model} "
           f"(POPE {args.per_split} questions x 3 splits + {args.partner} partner questions, "
           f"CHAIR {args.n_images} images)", file=sys.stderr)
     run_job(job, progress=None if args.no_progress else _tqdm_progress)
@@ -392,7 +392,8 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="the main job: POPE + CHAIR of the demo model, unmitigated and mitigated")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--model", default=None, help=f"default: {DEMO_MODEL}")
+    demo.add_argument("--model", default=None,
+                      help=f"default: the first installed of {', '.join(DEMO_MODELS)} (each on its own world)")
     demo.add_argument("--per-split", type=int, default=PER_SPLIT, help="POPE questions per split")
     demo.add_argument("--n-images", type=int, default=N_IMAGES, help="CHAIR images")
     demo.add_argument("--partner", type=int, default=PARTNER,

@@ -124,6 +124,13 @@ class YesRates:
     rates: dict[str, dict[str, Proportion]]
     mean_p_yes: dict[str, dict[str, float]]
     noise_step: int
+    answers: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> yes per question (paired)
+    kinds: np.ndarray = field(default_factory=lambda: np.array([]))  # the kind of each question
+
+    def paired_p(self, a: str, b: str, kind: str) -> float:
+        """Exact McNemar p of condition ``a`` vs ``b`` on the same questions of ``kind``."""
+        sel = self.kinds == kind
+        return mcnemar_exact(self.answers[a][sel], self.answers[b][sel])[0]
 
 
 def scene_questions(scenes: Sequence[Scene], spec: ShapesWorldSpec, seed: int = 0
@@ -147,6 +154,7 @@ def yes_rates(lvlm: Any, scenes: Sequence[Scene], spec: ShapesWorldSpec,
     images = {s.file_name: render_scene(s, spec) for s in {id(s): s for s, _, _ in items}.values()}
     rates: dict[str, dict[str, Proportion]] = {}
     means: dict[str, dict[str, float]] = {}
+    answers: dict[str, np.ndarray] = {}
     kinds = np.array([k for _, k, _ in items])
     for cond in conditions:
         has_image = cond != "no image"
@@ -160,7 +168,8 @@ def yes_rates(lvlm: Any, scenes: Sequence[Scene], spec: ShapesWorldSpec,
         rates[cond] = {k: Proportion(int((p[kinds == k] > 0.5).sum()), int((kinds == k).sum()))
                        for k in KINDS if (kinds == k).any()}
         means[cond] = {k: float(p[kinds == k].mean()) for k in KINDS if (kinds == k).any()}
-    return YesRates(rates, means, step)
+        answers[cond] = p > 0.5
+    return YesRates(rates, means, step, answers, kinds)
 
 
 # ----------------------------------------------------------------------------------- (b) caption continuation
@@ -377,14 +386,92 @@ class OrganismReport:
         return "\n".join(lines)
 
 
+# VAR's sink threshold for the organism's hidden size 192. VAR's tau = 20 (Kang et al. 2025) is for hidden sizes of
+# ~4096, where one dimension above it holds >= 400 / 4096 ~ 10% of a token's squared norm; here |x_d / rms(x)| <=
+# sqrt(192) = 13.9, so 20 cannot be reached. tau = 8 means one dimension holds >= 64 / 192 = 1/3 of the token's
+# squared norm (a Gaussian vector's largest |x_d| / rms is ~3.2 at this size): stricter than the 10% equivalent.
+SINK_TAU = 8.0
+
+# The organism's pass marks (issue 17), fixed from the issue's words before the model was measured: the noised
+# partner yes-rate "clearly above" the clean one (>= 10 points, paired exact McNemar p < 0.01); the text-only
+# partner continuation "well above its base rate" (>= 2x the control's, paired p < 0.01); at least one VAR
+# sink dimension at the documented tau; >= 8 language-model layers.
+THRESHOLDS: dict[str, float] = {
+    "noised_minus_clean_partner_min": 0.10,
+    "noised_vs_clean_p_max": 0.01,
+    "continuation_partner_over_control_min": 2.0,
+    "continuation_p_max": 0.01,
+    "sink_dims_min": 1,
+    "layers_min": 8,
+}
+
+
+CHECKED = ("noised partner yes-rate above clean", "text-only continuation names the partner above its base rate",
+           "VAR finds sink dimensions", "language-model layers")
+
+
+def check(report: OrganismReport, thresholds: dict[str, float] = THRESHOLDS) -> dict[str, tuple[bool, str]]:
+    """Each diagnostic against its threshold: name -> (passed, measured value in words)."""
+    r = report.rates
+    out: dict[str, tuple[bool, str]] = {}
+    if "clean" in r.rates and "noised" in r.rates:
+        gain = r.rates["noised"]["partner"].rate - r.rates["clean"]["partner"].rate
+        p = r.paired_p("clean", "noised", "partner")
+        out["noised partner yes-rate above clean"] = (
+            gain >= thresholds["noised_minus_clean_partner_min"] and p < thresholds["noised_vs_clean_p_max"],
+            f"{100 * gain:+.1f} points, p = {p:.2g} (needs >= "
+            f"{100 * thresholds['noised_minus_clean_partner_min']:.0f}, p < {thresholds['noised_vs_clean_p_max']:g})")
+    c = report.continuation
+    ratio = c.partner.k / c.control.k if c.control.k else (math.inf if c.partner.k else math.nan)
+    said = f"{ratio:.1f}x the control" if c.control.k else f"partner named {c.partner.k} times, control never"
+    out["text-only continuation names the partner above its base rate"] = (
+        ratio >= thresholds["continuation_partner_over_control_min"] and c.p_value < thresholds["continuation_p_max"],
+        f"{said}, p = {c.p_value:.2g} (needs >= "
+        f"{thresholds['continuation_partner_over_control_min']:g}x, p < {thresholds['continuation_p_max']:g})")
+    out["VAR finds sink dimensions"] = (
+        len(report.sinks.dims) >= thresholds["sink_dims_min"],
+        f"{len(report.sinks.dims)} at tau {report.sinks.tau:g} (needs >= {thresholds['sink_dims_min']:g})")
+    out["language-model layers"] = (report.layers >= thresholds["layers_min"],
+                                    f"{report.layers} (needs >= {thresholds['layers_min']:g})")
+    return out
+
+
+def check_table(results: dict[str, tuple[bool, str]]) -> str:
+    lines = ["| diagnostic | measured | passes |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, (ok, value) in results.items()]
+    return "\n".join(lines)
+
+
 def diagnose(lvlm: Any, spec: ShapesWorldSpec, n_scenes: int = 200, sink_requests: int = 8,
-             tau: float = 20.0, model_name: str = "") -> OrganismReport:
+             tau: float = SINK_TAU, model_name: str = "") -> OrganismReport:
     """All four diagnostics on ``n_scenes`` scenes of ``spec`` (use a seed the model was not trained on)."""
     spec = spec.model_copy(update={"n_images": n_scenes})
     scenes = generate_scenes(spec)
     reqs = [{"prompt": CAPTION_PROMPT, "image": render_scene(s, spec)} for s in scenes[:sink_requests]]
     return OrganismReport(model_name, spec.name, n_scenes, lvlm.adapter.num_layers, yes_rates(lvlm, scenes, spec),
                           caption_continuation(lvlm, scenes, spec), sink_diagnostics(lvlm, reqs, tau))
+
+
+def model_card(report: OrganismReport, checks: dict[str, tuple[bool, str]], command: str,
+               training: dict[str, Any] | None = None, demo_report: str | None = None) -> str:
+    """The organism's model card: what was trained, each diagnostic with its figure and pass mark, then the
+    demo job's report (unmitigated POPE / CHAIR / partner rates and each mitigation's effect with its CI)."""
+    lines = [f"# {report.model}: model card", "",
+             f"Generated by `{command}` (rerun it to regenerate this file; do not edit by hand).", ""]
+    if training:
+        keys = ("world", "lm_layers", "patch_size", "params_m", "safetensors_mb", "seed", "threads",
+                "train_seconds", "stage1_steps", "routing_steps", "stage2_steps", "stage3_steps",
+                "stage2_caption_text_prob", "noise_fraction", "recipe", "timing_note", "torch", "transformers")
+        lines += ["## Training (from scores.json, written by scripts/train_shapes_llava.py)", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {training[k]} |" for k in keys if k in training]
+        lines.append("")
+    lines += [report.table(), "", "## Pass marks (`clearsight.evals.organism.THRESHOLDS`, checked by "
+              "tests/evals/test_organism_model.py on the shipped weights)", "", check_table(checks), ""]
+    if demo_report:
+        lines += ["## Unmitigated and mitigated (the demo job on this model and its world)", "",
+                  ("\n" + demo_report).replace("\n# ", "\n### ").replace("\n## ", "\n### ").strip(), ""]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,8 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the world of the held-out scenes: the shipped one or organism_spec's")
     ap.add_argument("--scenes", type=int, default=200, help="held-out scenes")
     ap.add_argument("--seed", type=int, default=1000, help="scene seed (held out: not a training seed)")
-    ap.add_argument("--tau", type=float, default=20.0, help="VAR's sink threshold for the calibration")
+    ap.add_argument("--tau", type=float, default=SINK_TAU,
+                    help=f"VAR's sink threshold for the calibration (default {SINK_TAU:g}: see SINK_TAU)")
+    ap.add_argument("--card", default=None, help="also write the model card (diagnostics, pass marks, and with "
+                    "--demo the demo job's report) to this file")
+    ap.add_argument("--demo", default=None, metavar="DIR",
+                    help="with --card: run the demo job (every mitigation, POPE + partner + CHAIR) into DIR")
     args = ap.parse_args(argv)
+    if args.demo and not args.card:
+        print("error: --demo only feeds the model card: give --card FILE too", file=sys.stderr)
+        return 2
     if args.scenes < 1:
         print("error: --scenes must be >= 1", file=sys.stderr)
         return 2
@@ -408,8 +503,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     spec = (organism_spec if args.world == "organism" else ShapesWorldSpec)(seed=args.seed)
-    print(diagnose(lvlm, spec, args.scenes, tau=args.tau, model_name=args.model).table())
+    report = diagnose(lvlm, spec, args.scenes, tau=args.tau, model_name=args.model)
+    print(report.table())
+    checks = check(report)
+    print()
+    print(check_table(checks))
+    if args.card:
+        _write_card(args, report, checks, argv)
     return 0
+
+
+def _write_card(args: argparse.Namespace, report: OrganismReport, checks: dict[str, tuple[bool, str]],
+                argv: Sequence[str] | None) -> None:
+    import json
+    import shlex
+    from pathlib import Path
+
+    from clearsight.evals._io import atomic_write_text
+    from clearsight.models.shipped import shipped_model_path
+
+    folder = shipped_model_path(args.model) or Path(args.model).expanduser()
+    scores = folder / "scores.json"
+    training = json.loads(scores.read_text(encoding="utf-8")).get("training") if scores.is_file() else None
+    demo_md = None
+    if args.demo:
+        from clearsight.evals.demo import demo_job
+        from clearsight.evals.runner import run_job
+
+        job = demo_job(output=args.demo, model=args.model)
+        run_job(job)
+        demo_md = (Path(job.output) / "report.md").read_text(encoding="utf-8")
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m clearsight.evals.organism " + shlex.join(words)
+    atomic_write_text(args.card, model_card(report, checks, command, training, demo_md))
+    print(f"wrote {args.card}")
 
 
 if __name__ == "__main__":

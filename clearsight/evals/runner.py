@@ -45,10 +45,11 @@ def model_identity(system: SystemSpec) -> str:
     from clearsight import __version__
 
     src = system.model
-    if src == "builtin:shapes-llava":  # shipped weights: a retrained checkpoint must not reuse old generations
-        from clearsight.models.shipped import shapes_llava_path
+    from clearsight.models.shipped import shipped_model_path
 
-        return f"{src}#{_folder_hash(shapes_llava_path(), contents=True)}"
+    shipped = shipped_model_path(src)
+    if shipped is not None:  # shipped weights: a retrained checkpoint must not reuse old generations
+        return f"{src}#{_folder_hash(shipped, contents=True)}"
     if src.startswith("builtin:"):  # built in code, seeded: the version identifies them
         return f"{src}@clearsight-{__version__}"
     path = Path(src).expanduser()

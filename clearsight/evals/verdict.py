@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 
 def _model_config(model: str) -> dict[str, Any] | None:
     """The model's config.json, where it can be read without loading weights (shipped or local folder)."""
-    path: Path | None = None
-    if model == "builtin:shapes-llava":
-        from clearsight.models.shipped import shapes_llava_path
+    from clearsight.models.shipped import shipped_model_path
 
-        path = shapes_llava_path() / "config.json"
+    path: Path | None = None
+    if (shipped := shipped_model_path(model)) is not None:
+        path = shipped / "config.json"
     elif not model.startswith("builtin:"):
         path = Path(model).expanduser() / "config.json"
     if path is None or not path.is_file():

@@ -372,4 +372,6 @@ BUILTINS: dict[str, tuple[str, Callable[[], tuple[PreTrainedModel, ProcessorMixi
                     tiny_gemma3),
     "tiny-llama": ("random-weight text-only Llama (no vision tower)", tiny_llama),
     "shapes-llava": ("LLaVA trained on the shapes world (the demo model)", None),
+    "shapes-organism": ("LLaVA trained on the organism shapes world (issue 17: small faint partners, long "
+                        "captions, 8 layers; docs/demo-model.md)", None),
 }

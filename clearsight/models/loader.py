@@ -19,7 +19,7 @@ from clearsight.kernels.registry import attn_implementation, default_backend, di
 from clearsight.models.adapters import Adapter, adapter_for
 from clearsight.models.builtin import BUILTINS
 from clearsight.models.processors import TextOnlyProcessor
-from clearsight.models.shipped import shapes_llava_path
+from clearsight.models.shipped import shipped_path
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -304,11 +304,11 @@ def load_model(spec: ModelSpec | str, **overrides: Any) -> LVLM:
                                      + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
         build = BUILTINS[name][1]
         if build is None:
-            path = shapes_llava_path()
+            path = shipped_path(name)
             if not (path / "config.json").exists():
                 raise ModelNotFoundError(
                     f"builtin:{name} weights are not in this install ({path}): "
-                    "train them with `python scripts/train_shapes_llava.py`"
+                    "train them with `python scripts/train_shapes_llava.py` (docs/demo-model.md)"
                 )
             model, processor = _from_pretrained(str(path), dtype)
         else:

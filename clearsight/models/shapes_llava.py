@@ -63,21 +63,28 @@ def build_tokenizer(extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor(tok: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
+def build_processor(tok: PreTrainedTokenizerFast | None = None, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     tok = tok or build_tokenizer()
     ip = CLIPImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False)
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH_SIZE,
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=LLAVA_TEMPLATE)
 
 
-def build_config(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"]) -> LlavaConfig:
+def build_config(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"],
+                 patch_size: int = PATCH_SIZE) -> LlavaConfig:
     """``text_layers``: language-model depth (4 shipped; the model organism of issue 17 uses 8 so that the
-    methods' layer ranges, e.g. VAR's 2..L-2, span more than a couple of layers)."""
+    methods' layer ranges, e.g. VAR's 2..L-2, span more than a couple of layers). ``patch_size``: 12 shipped
+    (8 x 8 image tokens); the organism uses 24, one token per grid cell (4 x 4), which makes its longer rows
+    affordable on 2 cores."""
+    if IMAGE_SIZE % patch_size:
+        raise ValueError(f"patch_size must divide {IMAGE_SIZE}, got {patch_size}")
+    side = IMAGE_SIZE // patch_size
     cfg = LlavaConfig(
-        vision_config=dict(VISION), text_config=dict(TEXT, vocab_size=len(tok), num_hidden_layers=text_layers),
+        vision_config=dict(VISION, patch_size=patch_size),
+        text_config=dict(TEXT, vocab_size=len(tok), num_hidden_layers=text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_seq_length=GRID * GRID,
+        vision_feature_select_strategy="default", image_seq_length=side * side,
         projector_hidden_act="gelu", tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
@@ -86,9 +93,9 @@ def build_config(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidd
     return cfg
 
 
-def build_model(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"]
-                ) -> LlavaForConditionalGeneration:
-    model = LlavaForConditionalGeneration(build_config(tok, text_layers))
+def build_model(tok: PreTrainedTokenizerFast, text_layers: int = TEXT["num_hidden_layers"],
+                patch_size: int = PATCH_SIZE) -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(build_config(tok, text_layers, patch_size))
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

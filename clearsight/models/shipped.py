@@ -5,6 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# builtin name -> folder under weights/ (each a plain save_pretrained checkpoint)
+SHIPPED = ("shapes-llava", "shapes-organism")
+
+
+def shipped_path(name: str) -> Path:
+    """The folder of the shipped checkpoint ``builtin:<name>`` (``name`` one of ``SHIPPED``)."""
+    if name not in SHIPPED:
+        raise KeyError(f"no shipped checkpoint named {name!r}; shipped: {', '.join(SHIPPED)}")
+    return Path(__file__).parent / "weights" / name
+
+
+def shipped_model_path(model: str) -> Path | None:
+    """The folder of a ``builtin:`` model reference when it names shipped weights, else None."""
+    name = model.removeprefix("builtin:")
+    return shipped_path(name) if model.startswith("builtin:") and name in SHIPPED else None
+
 
 def shapes_llava_path() -> Path:
-    return Path(__file__).parent / "weights" / "shapes-llava"
+    return shipped_path("shapes-llava")

@@ -30,10 +30,18 @@ def test_demo_job_sizes_give_the_partner_yes_rate_a_ci_within_4_points():
     assert 1.959964 * (0.25 / n) ** 0.5 <= 0.0405 and n == PARTNER
 
 
+def test_demo_runs_the_organism_on_its_world():
+    job = demo_job(per_split=5, n_images=3)
+    assert {s.model for s in job.systems} == {"builtin:shapes-organism"}
+    assert {b.data for b in job.benchmarks} == {"builtin:shapes-organism"}
+    assert {b.data for b in demo_job(model="builtin:shapes-llava").benchmarks} == {"builtin:shapes"}
+
+
 def test_demo_command_runs_small_and_leads_with_the_verdict_of_results_json(tmp_path, capsys):
     out = tmp_path / "demo"
+    # the shapes-llava model on the session's shapes world (the organism's world is built by the card's command)
     assert main(["demo", "--out", str(out), "--per-split", "2", "--n-images", "2", "--partner", "2",
-                 "--no-progress"]) == 0
+                 "--model", "builtin:shapes-llava", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "## POPE" in printed and "## CHAIR" in printed and "## Prior-driven hallucination" in printed
     data = json.loads((out / "results.json").read_text())

@@ -157,3 +157,35 @@ def test_cli_prints_the_table_and_refuses_bad_input(capsys):
     assert org.main(["--scenes", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --scenes must be >= 1"]
+
+
+def _report(clean_yes: int, noised_yes: int, n: int = 100, partner_hits: int = 30, control_hits: int = 5,
+            dims: tuple[int, ...] = (7,), layers: int = 8) -> org.OrganismReport:
+    """A hand-built report: ``n`` partner questions, the first ``clean_yes`` / ``noised_yes`` answered yes."""
+    import numpy as np
+
+    answers = {"clean": np.arange(n) < clean_yes, "noised": np.arange(n) < noised_yes}
+    rates = org.YesRates({c: {"partner": org.Proportion(int(a.sum()), n)} for c, a in answers.items()},
+                         {}, 500, answers, np.array(["partner"] * n))
+    cont = org.Continuation(org.Proportion(partner_hits, 400), org.Proportion(control_hits, 400), 400,
+                            0.001 if partner_hits > 3 * control_hits else 0.5)
+    sinks = org.Sinks(list(dims), "", org.SINK_TAU, [1.0] * layers, [0] * layers, 13.9, layers)
+    return org.OrganismReport("m", "w", n, layers, rates, cont, sinks)
+
+
+def test_pass_marks_by_hand():
+    # noised 40/100 vs clean 20/100, the noised yeses a superset: McNemar b = 0, c = 20, p = 2 * 0.5^20
+    ok = org.check(_report(20, 40))
+    assert all(passed for passed, _ in ok.values()) and set(ok) == set(org.CHECKED)
+    assert ok["noised partner yes-rate above clean"][1].startswith("+20.0 points, p = 1.9e-06")
+    # 9 points more is below the 10-point mark, however significant
+    assert not org.check(_report(20, 29))["noised partner yes-rate above clean"][0]
+    # noised below clean fails
+    assert not org.check(_report(40, 20))["noised partner yes-rate above clean"][0]
+    cont = org.check(_report(20, 40, partner_hits=9, control_hits=5))
+    assert not cont["text-only continuation names the partner above its base rate"][0]  # 1.8x < 2x
+    assert not org.check(_report(20, 40, dims=()))["VAR finds sink dimensions"][0]
+    assert not org.check(_report(20, 40, layers=4))["language-model layers"][0]
+    none = org.check(_report(20, 40, partner_hits=0, control_hits=0))
+    assert not none["text-only continuation names the partner above its base rate"][0]
+    assert "| VAR finds sink dimensions | 1 at tau 8 (needs >= 1) | yes |" in org.check_table(ok)

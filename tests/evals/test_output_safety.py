@@ -446,10 +446,12 @@ def test_system_flag_forms():
 
 
 def test_one_default_model():
-    from clearsight.evals.demo import DEMO_MODEL
+    from clearsight.evals.demo import DEMO_MODELS
     from clearsight.evals.job import SystemSpec
 
-    assert SystemSpec().model == DEFAULT_MODEL == DEMO_MODEL == "builtin:shapes-llava"
+    assert SystemSpec().model == DEFAULT_MODEL == "builtin:shapes-llava"
+    # the demo runs the model organism (issue 17) on its world, falling back to the default model
+    assert DEMO_MODELS == ("builtin:shapes-organism", DEFAULT_MODEL)
     for command in ("pope", "chair", "crosscheck"):
         assert build_parser().parse_args(["eval", command]).model == DEFAULT_MODEL
 

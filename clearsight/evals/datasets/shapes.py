@@ -556,11 +556,17 @@ def load_builtin_shapes(cache_dir: str | os.PathLike[str] | None = None,
     return ShapesWorldFiles(target, spec)
 
 
-BUILTIN_DATASETS = {"builtin:shapes": load_builtin_shapes}
+def load_builtin_organism(cache_dir: str | os.PathLike[str] | None = None) -> ShapesWorldFiles:
+    """``builtin:shapes-organism``: the model-organism world (:func:`organism_spec`, held-out seed 1234),
+    generated once like ``builtin:shapes``; the data ``builtin:shapes-organism`` (the model) is measured on."""
+    return load_builtin_shapes(cache_dir, organism_spec())
+
+
+BUILTIN_DATASETS = {"builtin:shapes": load_builtin_shapes, "builtin:shapes-organism": load_builtin_organism}
 
 
 def resolve_builtin(ref: str, cache_dir: str | os.PathLike[str] | None = None) -> ShapesWorldFiles:
-    """Resolve a ``builtin:<name>`` data reference (currently only ``builtin:shapes``)."""
+    """Resolve a ``builtin:<name>`` data reference (``builtin:shapes`` or ``builtin:shapes-organism``)."""
     if ref not in BUILTIN_DATASETS:
         raise EvalInputError(f"unknown built-in dataset {ref!r}; use one of {', '.join(BUILTIN_DATASETS)}")
     return BUILTIN_DATASETS[ref](cache_dir)

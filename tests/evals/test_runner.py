@@ -267,7 +267,7 @@ def test_model_identity_follows_the_weights(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
-    monkeypatch.setattr(shipped, "shapes_llava_path", lambda: folder)
+    monkeypatch.setattr(shipped, "shipped_path", lambda name: folder)  # every shipped checkpoint reads this folder
     shipped_before = model_identity(SystemSpec(model="builtin:shapes-llava"))
     local_before = model_identity(SystemSpec(model=str(folder)))
     (folder / "model.safetensors").write_bytes(b"\x01" * 64)  # same size, new weights
@@ -276,6 +276,9 @@ def test_model_identity_follows_the_weights(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"\x01" * 65)
     assert model_identity(SystemSpec(model=str(folder))) != local_before
     assert model_identity(SystemSpec(model="builtin:tiny-llava")).startswith("builtin:tiny-llava@clearsight-")
+    # the organism is shipped weights too: keyed by their contents, not the version
+    assert model_identity(SystemSpec(model="builtin:shapes-organism")) == \
+        model_identity(SystemSpec(model="builtin:shapes-llava")).replace("shapes-llava", "shapes-organism")
 
 
 def test_statistics_and_partner_rows_are_recomputed_from_the_cache_alone(tmp_path, monkeypatch):

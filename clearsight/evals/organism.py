@@ -501,6 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenes < 1:
         print("error: --scenes must be >= 1", file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    if args.card and not Path(args.card).expanduser().resolve().parent.is_dir():
+        print(f"error: --card {args.card}: its folder does not exist; create it or give another path", file=sys.stderr)
+        return 2
     from clearsight.errors import InputError
     from clearsight.models.loader import load_model
 
@@ -516,7 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(check_table(checks))
     if args.card:
-        _write_card(args, report, checks, argv)
+        try:
+            _write_card(args, report, checks, argv)
+        except InputError as e:  # e.g. --demo DIR holds another job's results
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -48,6 +48,12 @@ from clearsight.mitigations.vcd import VCD, diffuse
 CAPTION_PROMPT = "Please describe this image in detail."  # CHAIR's prompt, as the shapes models were trained
 CONDITIONS = ("clean", "noised", "no image")
 
+# VAR's sink threshold for the organism's hidden size 192. VAR's tau = 20 (Kang et al. 2025) is for hidden sizes of
+# ~4096, where one dimension above it holds >= 400 / 4096 ~ 10% of a token's squared norm; here |x_d / rms(x)| <=
+# sqrt(192) = 13.9, so 20 cannot be reached. tau = 8 means one dimension holds >= 64 / 192 = 1/3 of the token's
+# squared norm (a Gaussian vector's largest |x_d| / rms is ~3.2 at this size): stricter than the 10% equivalent.
+SINK_TAU = 8.0
+
 
 @dataclass(frozen=True)
 class Proportion:
@@ -296,7 +302,7 @@ class Sinks:
 
 
 @torch.no_grad()
-def sink_diagnostics(lvlm: Any, requests: Sequence[dict[str, Any]], tau: float = 20.0) -> Sinks:
+def sink_diagnostics(lvlm: Any, requests: Sequence[dict[str, Any]], tau: float = SINK_TAU) -> Sinks:
     """VAR's ``calibrate_sink_dims`` on ``requests`` (its default layers 2..L-2), and per layer the largest
     ``|x_d| / rms(x)`` over the prefill tokens of the layer input (``var.normalized_abs``), over all requests."""
     import clearsight.decoding  # noqa: F401  (registers the default probe that calibrate_sink_dims runs)
@@ -385,12 +391,6 @@ class OrganismReport:
                   "Rates: P(Yes) > P(No) at the first answer token, Wilson 95% intervals."]
         return "\n".join(lines)
 
-
-# VAR's sink threshold for the organism's hidden size 192. VAR's tau = 20 (Kang et al. 2025) is for hidden sizes of
-# ~4096, where one dimension above it holds >= 400 / 4096 ~ 10% of a token's squared norm; here |x_d / rms(x)| <=
-# sqrt(192) = 13.9, so 20 cannot be reached. tau = 8 means one dimension holds >= 64 / 192 = 1/3 of the token's
-# squared norm (a Gaussian vector's largest |x_d| / rms is ~3.2 at this size): stricter than the 10% equivalent.
-SINK_TAU = 8.0
 
 # The organism's pass marks (issue 17), fixed from the issue's words before the model was measured: the noised
 # partner yes-rate "clearly above" the clean one (>= 10 points, paired exact McNemar p < 0.01); the text-only

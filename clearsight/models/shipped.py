@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# builtin name -> folder under weights/ (each a plain save_pretrained checkpoint)
+# the builtins whose weights ship in weights/<name>/ (plain save_pretrained folders); models.builtin lists them
+# with no builder
 SHIPPED = ("shapes-llava", "shapes-organism")
 
 

@@ -37,6 +37,13 @@ def test_shipped_weights_pass(checks, name):
     assert ok, f"{name}: {measured}"
 
 
+def test_shipped_builtins_are_the_ones_without_a_builder():
+    from clearsight.models.builtin import BUILTINS
+    from clearsight.models.shipped import SHIPPED
+
+    assert {name for name, (_, build) in BUILTINS.items() if build is None} == set(SHIPPED)
+
+
 def test_size_depth_and_card():
     assert (FOLDER / "model.safetensors").stat().st_size <= 60e6
     cfg = json.loads((FOLDER / "config.json").read_text())
